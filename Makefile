@@ -1,0 +1,30 @@
+# BioFP developer entry points. Every target creates .venv on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench clean
+
+$(BIN)/biofp: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0   # local CPU wheel: install it before anything pulls a CUDA build
+	$(BIN)/pip install -q -e ".[test]"
+	@touch $@
+
+## run: install BioFP and run the main job on the embedded default
+run: $(BIN)/biofp
+	$(BIN)/biofp demo
+
+## test: install BioFP with test dependencies and run lint + the whole test suite
+test: $(BIN)/biofp
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+bench: $(BIN)/biofp
+	$(BIN)/python bench/signals.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

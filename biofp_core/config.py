@@ -1,0 +1,54 @@
+"""Pydantic configs shared across biofp_core: preprocessing and channel aliases."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Channel names are compared after lower-casing and stripping everything but letters and digits,
+# so 'II,' == 'ii' and 'PLETH' == 'pleth' == 'Pleth.'.
+DEFAULT_ECG_ALIASES: tuple[str, ...] = (
+    "ii", "ecgii", "leadii", "ecg2", "mlii",  # lead II first: it is preferred
+    "ecg", "ecg1", "i", "iii", "avr", "avl", "avf", "v", "v1", "v2", "v3", "v4", "v5", "v6",
+    "mcl", "mcl1", "ml", "ekg",
+)  # fmt: skip
+DEFAULT_PPG_ALIASES: tuple[str, ...] = ("pleth", "ppg", "pulse", "plethysmogram", "spo2wave", "pl")
+LEAD_II_ALIASES: frozenset[str] = frozenset({"ii", "ecgii", "leadii", "ecg2", "mlii"})
+
+
+class Frozen(BaseModel):
+    """Base for configs: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """Stable short hash of the config, for cache keys."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ChannelAliases(Frozen):
+    """Ordered alias lists (normalised names); the first match in list order wins."""
+
+    ecg: tuple[str, ...] = DEFAULT_ECG_ALIASES
+    ppg: tuple[str, ...] = DEFAULT_PPG_ALIASES
+
+
+class PreprocessConfig(Frozen):
+    """How records become windows. Defaults follow DESIGN.md §3."""
+
+    fs_hz: float = Field(125.0, gt=0, description="target sampling rate")
+    window_s: float = Field(10.0, gt=0, description="window length")
+    hop_s: float = Field(10.0, gt=0, description="hop between window starts")
+    ecg_band_hz: tuple[float, float] = (0.5, 40.0)
+    ppg_band_hz: tuple[float, float] = (0.5, 12.0)
+    filter_order: int = Field(2, ge=1, le=8, description="Butterworth order (doubled by filtfilt)")
+    max_gap_s: float = Field(1.0, ge=0, description="NaN gaps up to this long are interpolated")
+    max_flat_frac: float = Field(0.25, ge=0, le=1, description="windows flatter than this drop")
+    aliases: ChannelAliases = ChannelAliases()
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.fs_hz * self.window_s)

@@ -1,0 +1,45 @@
+"""Errors a user can cause, each with a one-line message the CLI prints without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class BioFPError(Exception):
+    """Base class of every error caused by user input or environment, not by a bug."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class ConfigError(BioFPError):
+    """A config file or option is invalid."""
+
+
+class DataError(BioFPError):
+    """A data directory, manifest or labels file is unusable."""
+
+
+class RecordError(BioFPError):
+    """One WFDB record cannot be used; other records go on.
+
+    Parameters
+    ----------
+    path
+        The record (header path or record name) at fault.
+    problem
+        What is wrong, in a few words.
+    """
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+class ArtifactError(BioFPError):
+    """A model artifact or checkpoint is missing, corrupt or does not match the code."""
+
+
+class PrivacyBudgetError(BioFPError):
+    """An action would exceed the site's privacy budget."""

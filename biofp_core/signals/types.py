@@ -1,0 +1,78 @@
+"""Plain data types passed between the signal stages (read → preprocess → window store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+TARGET_FS_HZ = 125.0
+WINDOW_S = 10.0
+WINDOW_SAMPLES = int(TARGET_FS_HZ * WINDOW_S)  # 1250
+
+
+class Modality(StrEnum):
+    ECG = "ecg"
+    PPG = "ppg"
+
+
+MODALITIES: tuple[Modality, ...] = (Modality.ECG, Modality.PPG)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One physical channel at its own sampling rate, in physical units (NaN marks missing)."""
+
+    name: str  # name as written in the header, e.g. "PLETH,"
+    fs_hz: float
+    samples: np.ndarray  # (T,) float64
+    units: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.fs_hz
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A record reduced to the channels BioFP uses: ECG and/or PPG (at least one is present)."""
+
+    record_id: str  # record name relative to the data directory, e.g. "bidmc01" or "041s/041s"
+    ecg: Channel | None
+    ppg: Channel | None
+    comments: tuple[str, ...] = ()
+    all_channels: tuple[str, ...] = ()  # every channel name in the header, for reports
+
+    @property
+    def duration_s(self) -> float:
+        return max(c.duration_s for c in (self.ecg, self.ppg) if c is not None)
+
+
+@dataclass
+class QualityIndex:
+    """Per-window, per-modality signal quality (arrays of shape (N,); NaN where modality absent)."""
+
+    flat_frac: np.ndarray  # fraction of samples in flat runs
+    clip_frac: np.ndarray  # fraction of samples at the window's extremes (saturation)
+    skewness: (
+        np.ndarray
+    )  # PPG: skewness of the filtered pulse (higher = cleaner); ECG: kurtosis-free skew
+    template_corr: np.ndarray  # ECG/PPG: mean correlation of beats with the window's beat template
+    score: np.ndarray  # combined SQI in [0, 1]
+
+
+@dataclass
+class Windows:
+    """Preprocessed 10 s windows of one record, z-scored per window and modality."""
+
+    record_id: str
+    ecg: np.ndarray  # (N, 1250) float32, zeros where the modality is absent
+    ppg: np.ndarray  # (N, 1250) float32, zeros where the modality is absent
+    mask: np.ndarray  # (N, 2) bool, [has_ecg, has_ppg]
+    start_s: np.ndarray  # (N,) float64, window start in seconds from record start
+    quality: dict[Modality, QualityIndex]
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count of windows dropped
+
+    def __len__(self) -> int:
+        return len(self.start_s)

@@ -1,0 +1,1 @@
+"""BioFP server package."""

@@ -1,0 +1,1 @@
+"""BioFP strategies package."""
