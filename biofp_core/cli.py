@@ -11,15 +11,17 @@ import sys
 import typer
 from rich.console import Console
 
+from biofp_core.commands.demo import demo
+from biofp_core.commands.site import site_app
 from biofp_core.errors import BioFPError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="BioFP: federated biosignal fingerprints."
 )
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic cohort, public downloads.")
-site_app = typer.Typer(no_args_is_help=True, help="Site tools: validate data, inspect the ledger.")
 app.add_typer(data_app, name="data")
 app.add_typer(site_app, name="site")
+app.command("demo")(demo)
 
 err_console = Console(stderr=True)
 

@@ -29,3 +29,23 @@ def bidmc_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def samples_dir(shared_data: Path) -> Path:
     return shared_data / "wfdb-samples"
+
+
+def copy_records(src: Path, dst: Path, names: list[str]) -> Path:
+    """Copy the header and signal files of the named records into `dst`."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for f in src.glob(f"{name}.*"):
+            if f.suffix in (".hea", ".dat", ".mat"):
+                shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def bidmc_store(bidmc_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The window store of the whole BIDMC folder, built once per test session."""
+    from biofp_core.store import build_store
+
+    return build_store(bidmc_dir, cache_dir=tmp_path_factory.mktemp("bidmc-cache"))

@@ -1,0 +1,1 @@
+"""CLI subcommand groups, one module per user (site IT, researchers, coordinators)."""

@@ -1,0 +1,154 @@
+"""A site's configuration (`site.toml`) and its labels file, parsed once at the boundary."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from biofp_core.config import ChannelAliases, PreprocessConfig
+from biofp_core.errors import ConfigError, DataError
+from biofp_core.signals.channels import normalise_name
+
+LABEL_KEYS = ("subject", "record")
+
+
+def default_cache_dir() -> Path:
+    """Where window stores live unless a site says otherwise (`$BIOFP_CACHE_DIR` overrides)."""
+    env = os.environ.get("BIOFP_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "biofp" / "windows"
+
+
+class AliasOverrides(BaseModel):
+    """Extra channel names for this site; they are tried before the built-in aliases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ecg: list[str] = []
+    ppg: list[str] = []
+
+
+class PrivacyBudget(BaseModel):
+    """The site's own privacy budget; the server can never raise it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float = Field(8.0, gt=0, description="total ε this site will ever spend")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is reported")
+
+
+class SiteConfig(BaseModel):
+    """Everything a site decides for itself. Relative paths are resolved against the TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "site"
+    data_dir: Path
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    state_dir: Path | None = Field(
+        None, description="ledger, audit log, secrets (default: beside data)"
+    )
+    labels_csv: Path | None = None
+    subject_map_csv: Path | None = Field(None, description="CSV with columns record,subject")
+    aliases: AliasOverrides = AliasOverrides()
+    preprocess: dict = Field(default_factory=dict, description="PreprocessConfig overrides")
+    privacy: PrivacyBudget = PrivacyBudget()
+
+    @model_validator(mode="after")
+    def _check_preprocess(self) -> SiteConfig:
+        self.preprocess_config()  # fail at parse time, not mid-run
+        return self
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The preprocessing config with this site's channel aliases first."""
+        base = ChannelAliases()
+        aliases = ChannelAliases(
+            ecg=_merge(self.aliases.ecg, base.ecg), ppg=_merge(self.aliases.ppg, base.ppg)
+        )
+        return PreprocessConfig(**{**self.preprocess, "aliases": aliases})
+
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or self.data_dir.parent / f".biofp-{self.name}"
+
+
+def _merge(extra: list[str], base: tuple[str, ...]) -> tuple[str, ...]:
+    names = [normalise_name(n) for n in extra] + list(base)
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) -> SiteConfig:
+    """Read `site.toml` (if given); `data_dir` overrides the file's `data_dir`."""
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: site config not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raw = raw.get("site", raw)
+        base = path.parent
+    if data_dir is not None:
+        raw["data_dir"] = str(data_dir)
+    if "data_dir" not in raw:
+        raise ConfigError(f"{path or 'site config'}: data_dir is not set (give --data DIR)")
+    for key in ("data_dir", "cache_dir", "state_dir", "labels_csv", "subject_map_csv"):
+        if raw.get(key) is not None:
+            raw[key] = (base / Path(raw[key]).expanduser()).resolve()
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"{path or 'site config'}: {where}: {err['msg']}") from None
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV file, with a one-line error if it cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            return [c.strip() for c in reader.fieldnames or []], rows
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable CSV: {exc}") from None
+
+
+def read_subject_map(path: Path) -> dict[str, str]:
+    """record id -> subject id from a CSV with columns `record` and `subject`."""
+    columns, rows = read_csv_rows(path)
+    missing = [c for c in LABEL_KEYS if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(columns)})"
+        )
+    return {r["record"].strip(): r["subject"].strip() for r in rows}
+
+
+def read_labels(
+    path: Path, *, subjects: set[str] | None = None, records: set[str] | None = None
+) -> tuple[str, list[dict[str, str]]]:
+    """Rows of a labels CSV keyed by `subject` (preferred) or `record`.
+
+    Raises DataError when the key column is missing or a row names an unknown subject/record.
+    """
+    columns, rows = read_csv_rows(path)
+    key = next((k for k in LABEL_KEYS if k in columns), None)
+    if key is None:
+        raise DataError(
+            f"{path}: missing key column 'subject' or 'record' (has: {', '.join(columns)})"
+        )
+    known = subjects if key == "subject" else records
+    if known is not None:
+        unknown = sorted({r[key].strip() for r in rows} - known)
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:3])
+            raise DataError(f"{path}: {len(unknown)} unknown {key}(s) in labels, e.g. {shown}")
+    return key, rows
