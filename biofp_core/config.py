@@ -14,7 +14,8 @@ DEFAULT_ECG_ALIASES: tuple[str, ...] = (
     "ecg", "ecg1", "i", "iii", "avr", "avl", "avf", "v", "v1", "v2", "v3", "v4", "v5", "v6",
     "mcl", "mcl1", "ml", "ekg",
 )  # fmt: skip
-DEFAULT_PPG_ALIASES: tuple[str, ...] = ("pleth", "ppg", "pulse", "plethysmogram", "spo2wave", "pl")
+# Not "pulse": in MIMIC/BIDMC monitor numerics PULSE is the pulse rate (bpm), not a waveform.
+DEFAULT_PPG_ALIASES: tuple[str, ...] = ("pleth", "ppg", "plethysmogram", "spo2wave", "pl")
 LEAD_II_ALIASES: frozenset[str] = frozenset({"ii", "ecgii", "leadii", "ecg2", "mlii"})
 
 
