@@ -1,0 +1,176 @@
+"""The one naming convention for what travels between server and sites.
+
+Every key put into or read from a Flower ``RecordDict``, ``ConfigRecord`` or ``MetricRecord`` is
+defined here and nowhere else. Keys are lower-case and hyphenated, like the keys Flower itself
+injects (``"num-examples"``, ``"server-round"``, ``"proximal-mu"``), so one convention holds for
+every key, ours and Flower's. This module does not import ``flwr``: it is plain data, and the
+client builds its training reply metrics with :class:`TrainReplyMetrics`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# --- Records inside a Message's RecordDict (Flower's strategy defaults) ---------------------
+ARRAYS_KEY = "arrays"  # ArrayRecord: global weights (server -> site) or update (site -> server)
+CONFIG_KEY = "config"  # ConfigRecord: instructions for this round (server -> site)
+METRICS_KEY = "metrics"  # MetricRecord: scalar results (site -> server)
+
+# --- Config keys sent by the server (ConfigRecord under CONFIG_KEY) -------------------------
+SERVER_ROUND = "server-round"  # int, from 1; injected by Flower's FedAvg.configure_train
+PROXIMAL_MU = "proximal-mu"  # float; injected by Flower's FedProx.configure_train
+LOCAL_STEPS = "local-steps"  # int, optimiser steps per round at the site
+LR = "lr"  # float, local learning rate
+COMPRESSION = "compression"  # str, one of compression.SCHEMES: how to encode the update
+
+# --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
+SCALE_SUFFIX = "::scale"  # f"{tensor}{SCALE_SUFFIX}": 0-d float32 scale of an int8 tensor
+
+# --- Metric keys of a training reply (MetricRecord under METRICS_KEY) ------------------------
+NUM_EXAMPLES = "num-examples"  # int: subject bags trained on; Flower's default weighting key
+TRAIN_LOSS = "train-loss"  # float: mean local training loss of the round
+LOSS_TERM_PREFIX = "loss-"  # f"{LOSS_TERM_PREFIX}{term}": mean of one named loss term
+EPSILON = "epsilon"  # float: total ε spent by the site (inf when it trains without DP)
+DELTA = "delta"  # float: the site's δ (0 when it trains without DP)
+PAYLOAD_BYTES = "payload-bytes"  # int: bytes of the numeric payload of the update
+BUDGET_EXHAUSTED = "budget-exhausted"  # 0/1: the site cannot afford another round
+REFUSED = "refused"  # 0/1: the site refused this round (no arrays, weight 0)
+
+ALLOWED_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
+    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, PAYLOAD_BYTES, BUDGET_EXHAUSTED, REFUSED}
+)  # plus any loss_term_key(term)
+
+# --- Metric keys the server adds to each round's aggregated train MetricRecord ---------------
+NODES_SAMPLED = "nodes-sampled"  # sites sent a training instruction
+REPLIES_OK = "replies-ok"  # sites whose update went into the aggregate
+REPLIES_FAILED = "replies-failed"  # error replies (ClientApp raised) and invalid replies
+REPLIES_REFUSED = "replies-refused"  # sites that refused the round
+REPLIES_MISSING = "replies-missing"  # sampled sites that did not answer before the timeout
+NODES_EXCLUDED = "nodes-excluded"  # sites no longer sampled (budget-aware strategies)
+BYTES_RECEIVED = "bytes-received"  # array bytes of all training replies of the round
+
+MetricValue = int | float | list[int] | list[float]  # what a MetricRecord holds
+
+_TERM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+
+def loss_term_key(term: str) -> str:
+    """Metric key of one named loss term, e.g. ``"loss-recon_ecg"``."""
+    if not _TERM_PATTERN.match(term):
+        raise ValueError(f"loss term name {term!r} must match {_TERM_PATTERN.pattern}")
+    return f"{LOSS_TERM_PREFIX}{term}"
+
+
+def is_allowed_reply_metric_key(key: str) -> bool:
+    """True for the keys a site may put in a training reply's MetricRecord."""
+    if key in ALLOWED_REPLY_METRIC_KEYS:
+        return True
+    term = key.removeprefix(LOSS_TERM_PREFIX)
+    return term != key and bool(_TERM_PATTERN.match(term))
+
+
+class TrainReplyMetrics(BaseModel):
+    """The scalar metrics of one site's training reply, validated in one place.
+
+    The client builds it and sends :meth:`to_metrics`; the server parses replies back with
+    :meth:`from_metrics`. A contributing reply has ``num_examples > 0`` and a finite loss; a
+    refusal (:meth:`refusal`) has neither and carries no arrays.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_examples: int = Field(..., ge=0, description="subject bags trained on; the FedAvg weight")
+    train_loss: float | None = Field(None, description="mean local loss; None only if refused")
+    loss_terms: dict[str, float] = Field(default_factory=dict, description="mean of each term")
+    epsilon: float = Field(math.inf, ge=0, description="total ε spent; inf without DP")
+    delta: float = Field(0.0, ge=0, lt=1, description="the site's δ; 0 without DP")
+    payload_bytes: int = Field(0, ge=0, description="numeric bytes of the update sent")
+    budget_exhausted: bool = Field(False, description="the site cannot afford another round")
+    refused: bool = Field(False, description="the site refused this round")
+
+    @field_validator("train_loss")
+    @classmethod
+    def _finite_loss(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"train_loss must be finite, got {value}")
+        return value
+
+    @field_validator("loss_terms")
+    @classmethod
+    def _valid_terms(cls, terms: dict[str, float]) -> dict[str, float]:
+        for term, value in terms.items():
+            loss_term_key(term)  # validates the name
+            if not math.isfinite(value):
+                raise ValueError(f"loss term {term!r} must be finite, got {value}")
+        return terms
+
+    @model_validator(mode="after")
+    def _contribution_or_refusal(self) -> TrainReplyMetrics:
+        if self.refused:
+            if self.num_examples != 0 or self.train_loss is not None or self.loss_terms:
+                raise ValueError("a refused reply carries no examples and no losses")
+        elif self.num_examples == 0 or self.train_loss is None:
+            raise ValueError("a contributing reply needs num_examples > 0 and a train_loss")
+        return self
+
+    @classmethod
+    def refusal(
+        cls, *, budget_exhausted: bool = True, epsilon: float = math.inf, delta: float = 0.0
+    ) -> TrainReplyMetrics:
+        """Metrics of a reply that refuses the round (by default: budget exhausted)."""
+        return cls(
+            num_examples=0,
+            epsilon=epsilon,
+            delta=delta,
+            budget_exhausted=budget_exhausted,
+            refused=True,
+        )
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """Flat metric dict with protocol keys, ready for ``MetricRecord(...)``.
+
+        Flags are sent as 0/1 ints (MetricRecord rejects bools). A contributing reply always
+        has the same keys, as Flower's aggregation requires of all replies in a round.
+        """
+        metrics: dict[str, int | float] = {
+            NUM_EXAMPLES: self.num_examples,
+            EPSILON: float(self.epsilon),
+            DELTA: float(self.delta),
+            PAYLOAD_BYTES: self.payload_bytes,
+            BUDGET_EXHAUSTED: int(self.budget_exhausted),
+            REFUSED: int(self.refused),
+        }
+        if self.train_loss is not None:
+            metrics[TRAIN_LOSS] = float(self.train_loss)
+        for term, value in sorted(self.loss_terms.items()):
+            metrics[loss_term_key(term)] = float(value)
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, MetricValue]) -> TrainReplyMetrics:
+        """Parse and validate a reply's metrics; raises ValueError on any unknown key."""
+        unknown = sorted(k for k in metrics if not is_allowed_reply_metric_key(k))
+        if unknown:
+            raise ValueError(f"unknown metric key(s) in reply: {', '.join(unknown)}")
+        fields = {field: metrics[key] for key, field in _FIELD_OF_KEY.items() if key in metrics}
+        fields["loss_terms"] = {
+            key.removeprefix(LOSS_TERM_PREFIX): value
+            for key, value in metrics.items()
+            if key.startswith(LOSS_TERM_PREFIX)
+        }
+        return cls.model_validate(fields)  # strict enough: 3.5 examples or a flag of 2 fail
+
+
+_FIELD_OF_KEY: dict[str, str] = {
+    NUM_EXAMPLES: "num_examples",
+    TRAIN_LOSS: "train_loss",
+    EPSILON: "epsilon",
+    DELTA: "delta",
+    PAYLOAD_BYTES: "payload_bytes",
+    BUDGET_EXHAUSTED: "budget_exhausted",
+    REFUSED: "refused",
+}

@@ -1,0 +1,91 @@
+"""FedAvg over compressed updates: sites send encoded deltas, the server averages full weights.
+
+Protocol (keys in :mod:`biofp_core.protocol`):
+
+- ``configure_train`` sends the global weights as usual and ``config["compression"]`` = the
+  scheme (``"none"``, ``"fp16"`` or ``"int8"``).
+- The site replies with ONE ArrayRecord in the layout of
+  :meth:`biofp_core.compression.EncodedUpdate.to_arrays`: for every tensor of the global model,
+  the delta (local - global) under the tensor's name in the scheme's dtype (float32, float16 or
+  int8), and for int8 its float32 scale as a 0-d array under ``f"{name}::scale"``. The site keeps
+  the quantisation residual with :class:`biofp_core.compression.ErrorFeedback`.
+  Build it with :func:`encoded_to_arrayrecord`.
+- ``aggregate_train`` decodes each reply back to full weights (global + delta) and then runs
+  Flower's weighted average. Bytes received per round are in the aggregated metrics under
+  ``"bytes-received"`` (as for every counted strategy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from biofp_core.compression import EncodedUpdate, Scheme, check_scheme, decode_delta
+from biofp_core.protocol import COMPRESSION
+from strategies.base import CountedFedAvg
+
+
+def encoded_to_arrayrecord(encoded: EncodedUpdate) -> ArrayRecord:
+    """The ArrayRecord a site sends for an encoded update (flat layout, numpy arrays)."""
+    return ArrayRecord({name: Array(array) for name, array in encoded.to_arrays().items()})
+
+
+def arrayrecord_to_encoded(arrays: ArrayRecord) -> EncodedUpdate:
+    """Inverse of :func:`encoded_to_arrayrecord`; raises ValueError on a malformed layout."""
+    return EncodedUpdate.from_arrays({name: array.numpy() for name, array in arrays.items()})
+
+
+class CompressedFedAvg(CountedFedAvg):
+    """FedAvg whose sites send compressed deltas instead of full weights.
+
+    Takes the parameters of :class:`flwr.serverapp.strategy.FedAvg`, plus:
+
+    Parameters
+    ----------
+    scheme : {"none", "fp16", "int8"} (default: "int8")
+        How sites encode their update; sent to them in the train config.
+    """
+
+    def __init__(self, *args: Any, scheme: Scheme = "int8", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scheme: Scheme = check_scheme(scheme)
+        self._global_arrays: dict[str, np.ndarray] | None = None
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Compression settings:")
+        log(INFO, "\t│\t└── Scheme: %s", self.scheme)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Keep the global weights to decode deltas against; tell sites the scheme."""
+        self._global_arrays = {name: array.numpy() for name, array in arrays.items()}
+        config[COMPRESSION] = self.scheme
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _decode_reply_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Full weights (global + decoded delta) from a reply's encoded update."""
+        if self._global_arrays is None:
+            raise ValueError("no global weights to decode against: configure_train never ran")
+        encoded = arrayrecord_to_encoded(arrays)
+        if encoded.scheme != self.scheme:
+            raise ValueError(f"update is encoded as {encoded.scheme}, expected {self.scheme}")
+        delta = decode_delta(encoded)
+        if delta.keys() != self._global_arrays.keys():
+            raise ValueError("update tensors do not match the global model's")
+        full: dict[str, Array] = {}
+        for name, weights in self._global_arrays.items():
+            if delta[name].shape != weights.shape:
+                raise ValueError(
+                    f"update of {name!r} has shape {delta[name].shape}, expected {weights.shape}"
+                )
+            full[name] = Array((weights + delta[name]).astype(weights.dtype))
+        return ArrayRecord(full)
