@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from biofp_core.errors import DataError
+from biofp_core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from biofp_core.audit import AuditEntry
+    from biofp_core.privacy.ledger import LedgerEntry, LedgerSummary
     from biofp_core.validate import ValidationReport
 
 site_app = typer.Typer(no_args_is_help=True, help="Site tools: validate data, inspect the ledger.")
@@ -69,4 +73,103 @@ def render_report(report: ValidationReport) -> Table:
         f"{report.subjects} subjects, {report.windows} windows, {report.hours:.2f} h"
         + (f"; labels: {report.labels}" if report.labels else "")
     )
+    return table
+
+
+def _existing_site_dir(site_dir: Path) -> Path:
+    if not site_dir.is_dir():
+        raise ConfigError(f"{site_dir}: site folder not found")
+    return site_dir
+
+
+@site_app.command("ledger")
+def ledger(
+    site_dir: Path = typer.Option(..., "--site-dir", help="the site's state folder"),
+    config: Path | None = typer.Option(None, "--config", help="site.toml (budget from [privacy])"),
+    as_json: bool = typer.Option(False, "--json", help="print summary and entries as JSON"),
+) -> None:
+    """Print the privacy ledger: every charged round, ε spent, the budget and what is left."""
+    import json
+
+    from biofp_core.privacy.ledger import PrivacyLedger
+    from biofp_core.site import PrivacyBudget, load_site_config
+
+    site = load_site_config(config) if config is not None else None
+    budget = site.privacy if site is not None else PrivacyBudget()
+    book = PrivacyLedger.at(_existing_site_dir(site_dir))
+    summary = book.summary(budget=budget, site=site.name if site is not None else None)
+    if as_json:
+        doc = {
+            "summary": summary.model_dump(),
+            "budget_from": "config" if site is not None else "default",
+            "entries": [e.model_dump() for e in book.entries],
+        }
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    if not book.entries:
+        console.print(f"no privacy spent yet ({book.path})", highlight=False, soft_wrap=True)
+        return
+    console.print(render_ledger(book.entries, summary))
+    source = "" if site is not None else " (default: no --config given)"
+    state = " (exhausted)" if summary.exhausted else ""
+    console.print(f"ε spent: {summary.epsilon:.3f} at δ={summary.delta:g}", highlight=False)
+    console.print(f"budget: ε={summary.budget_epsilon:g}{source}", highlight=False)
+    console.print(f"budget left: {summary.budget_left:.3f}{state}", highlight=False)
+
+
+def render_ledger(entries: list[LedgerEntry], summary: LedgerSummary) -> Table:
+    """One row per charged round or release."""
+    title = "privacy ledger" + (f" of site {summary.site}" if summary.site else "")
+    table = Table(title=title)
+    for col in ("time", "run", "round", "kind", "σ", "q", "steps", "ε after"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(
+            e.time,
+            escape(e.run_id),
+            str(e.server_round),
+            e.kind,
+            f"{e.noise_multiplier:.4g}",
+            f"{e.sample_rate:.4g}",
+            str(e.steps),
+            f"{e.epsilon_after:.3f}",
+        )
+    return table
+
+
+@site_app.command("audit")
+def audit(
+    site_dir: Path = typer.Option(..., "--site-dir", help="the site's state folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the entries as JSON"),
+) -> None:
+    """List the audit log: every message this site sent, with its size, sha256 and ε."""
+    import json
+
+    from biofp_core.audit import AuditLog
+
+    entries = AuditLog.at(_existing_site_dir(site_dir)).entries()
+    if as_json:
+        typer.echo(json.dumps([e.model_dump() for e in entries], indent=2))
+    elif not entries:
+        console.print("no outgoing message logged yet", highlight=False)
+    else:
+        console.print(render_audit(entries))
+
+
+def render_audit(entries: list[AuditEntry]) -> Table:
+    """One short row per outgoing message (sha256 cut to 12 hex digits)."""
+    table = Table(title="outgoing messages", box=box.SIMPLE, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("time (UTC)", "run", "round", "type", "bytes", "sha256", "ε", "metrics"):
+        table.add_column(col, no_wrap=col != "metrics")  # only metric names wrap
+    for e in entries:
+        table.add_row(
+            e.time.replace("T", " ").removesuffix("+00:00"),
+            escape(e.run_id),
+            str(e.server_round),
+            escape(e.message_type),
+            str(e.payload_bytes),
+            e.arrays_sha256[:12] if e.arrays_sha256 else "-",
+            f"{e.epsilon:.3f}" if e.epsilon is not None else "-",
+            escape(", ".join(e.metric_keys)) or "-",
+        )
     return table

@@ -1,0 +1,140 @@
+"""The site's audit log: one JSON line per outgoing message, appended and fsync'ed, never rewritten.
+
+The log lives at ``<state_dir>/audit.jsonl``. Each line is an `AuditEntry`: when, which run and
+round, what kind of message, how many bytes, the sha256 of the arrays sent (`arrays_sha256`), the
+names of the metrics sent (never their values) and the ε spent at the time. Appends take an
+exclusive `fcntl.flock` on the log itself, so two processes never interleave a line; a line torn by
+a crash stays alone on its line (and is reported by `AuditLog.entries`), the next entry starts on
+a fresh one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from biofp_core.errors import BioFPError
+
+AUDIT_FILENAME = "audit.jsonl"
+
+
+class AuditLogError(BioFPError):
+    """The audit log cannot be read, or one of its lines is corrupt."""
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class AuditEntry(BaseModel):
+    """One outgoing message, as the site saw it leave."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    time: str = Field(default_factory=_utc_now, description="UTC ISO 8601")
+    run_id: str
+    server_round: int = Field(ge=0)
+    message_type: str = Field(min_length=1, description="e.g. 'train', 'evaluate', 'query'")
+    payload_bytes: int = Field(ge=0)
+    arrays_sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")
+    metric_keys: list[str]
+    epsilon: float | None = Field(ge=0, description="ε spent by the site when it was sent")
+    note: str | None = None
+
+
+class AuditLog:
+    """The append-only audit log at `path` (JSON lines)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def at(cls, state_dir: Path) -> AuditLog:
+        """The audit log in a site's state folder (`SiteConfig.resolved_state_dir()`)."""
+        return cls(Path(state_dir) / AUDIT_FILENAME)
+
+    def append(self, entry: AuditEntry) -> None:
+        """Append one line and fsync it before returning."""
+        line = entry.model_dump_json().encode() + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # the last line was torn by a crash: do not glue onto it
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # also releases the lock
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def entries(self) -> list[AuditEntry]:
+        """Every entry, oldest first; [] when nothing was logged yet.
+
+        Raises
+        ------
+        AuditLogError
+            Naming the file and line of the first line that is not a valid entry.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
+        out = []
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(AuditEntry.model_validate_json(line))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"]) or "line"
+                raise AuditLogError(
+                    f"{self.path}:{lineno}: corrupt audit entry ({where}: {err['msg']})"
+                ) from None
+        return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of named arrays: names in sorted order, each with its dtype, shape and bytes.
+
+    Stable across processes and insertion order; the memory layout does not matter (C order is
+    hashed), byte order does (it is part of the dtype).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        if array.dtype.hasobject:
+            raise ValueError(f"array {name!r} has dtype object: its bytes are not its values")
+        header = json.dumps([name, array.dtype.str, list(array.shape), array.nbytes]).encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def arrays_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Total size of the arrays' data in bytes."""
+    return sum(int(np.asarray(a).nbytes) for a in arrays.values())
