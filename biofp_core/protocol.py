@@ -44,6 +44,11 @@ ALLOWED_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
     {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, PAYLOAD_BYTES, BUDGET_EXHAUSTED, REFUSED}
 )  # plus any loss_term_key(term)
 
+# --- Metric keys of an evaluation reply (MetricRecord under METRICS_KEY) ---------------------
+EVAL_LOSS = "eval-loss"  # float: mean loss on the site's held-out subjects
+
+ALLOWED_EVAL_REPLY_METRIC_KEYS: frozenset[str] = frozenset({NUM_EXAMPLES, EVAL_LOSS})
+
 # --- Metric keys the server adds to each round's aggregated train MetricRecord ---------------
 NODES_SAMPLED = "nodes-sampled"  # sites sent a training instruction
 REPLIES_OK = "replies-ok"  # sites whose update went into the aggregate

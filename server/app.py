@@ -1,0 +1,41 @@
+"""BioFP ServerApp: federated pretraining of the shared encoder, round by round.
+
+Reads the run config, builds the strategy by name, resumes from the run directory's last
+checkpoint (or starts from the seeded initial model), runs the remaining rounds with a checkpoint
+and a metrics report after each, and saves the final model with every site's ε in its card.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from biofp_core.errors import BioFPError
+from server.config import RunConfig
+from server.rounds import run_rounds
+from server.rundir import RunDirectory
+from strategies.registry import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federated run described by the run config."""
+    run = RunConfig.from_run_config(context.run_config)
+    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    run_dir = RunDirectory(run, strategy)
+    done, arrays = run_dir.start()
+    try:
+        arrays = run_rounds(
+            strategy, grid, run, arrays=arrays, first_round=done + 1, on_round=run_dir.record_round
+        )
+    except BioFPError as exc:
+        run_dir.fail(exc)
+        raise
+    path = run_dir.finish(arrays)
+    log.info("final model after %d rounds: %s", run.num_rounds, path)

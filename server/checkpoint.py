@@ -1,0 +1,250 @@
+"""Round checkpoints of the global model and the strategy's state, in the run directory.
+
+After every round the server writes ``<run_dir>/checkpoints/round-NNNN.safetensors``: the global
+arrays under ``global/<name>``, the strategy's array state (e.g. FedAdam's moments) under
+``strategy/<attr>/<name>``, and in the safetensors metadata a :class:`CheckpointMeta` (round,
+strategy, model, the strategy's scalar state and the sha256 of every tensor). A checkpoint is
+written to a temporary file, fsync'ed and renamed into place, so a crash leaves the previous
+checkpoints as they were; the latest ``keep`` checkpoints are kept.
+
+Resuming loads the newest checkpoint that passes every check. A corrupt one (unreadable,
+truncated, or whose tensors no longer match their sha256) is refused with a one-line error, left
+on disk for inspection, and the previous checkpoint is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as save_safetensors
+
+from biofp_core.audit import arrays_sha256
+from biofp_core.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "biofp-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_META_KEY = "biofp"
+_GLOBAL_PREFIX = "global/"
+_STRATEGY_PREFIX = "strategy/"
+_NAME_PATTERN = re.compile(r"^round-(\d{4,})\.safetensors$")
+
+# Strategy attributes that are state across rounds (Flower's FedOpt family, BioFP's budget-aware
+# selection). Everything else about a strategy is rebuilt from the run config.
+_ARRAY_STATE_ATTRS = ("m_t", "v_t")  # dict[str, np.ndarray] | None: FedAdam/FedYogi moments
+_SCALAR_STATE_ATTRS = ("excluded_node_ids",)  # set[int]: BudgetAwareFedAvg
+
+
+class CheckpointMeta(BaseModel):
+    """What a checkpoint file says about itself (stored in its safetensors metadata)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str = CHECKPOINT_FORMAT
+    version: int = CHECKPOINT_VERSION
+    server_round: int = Field(ge=0, description="rounds completed when it was written")
+    strategy: str
+    model: str
+    strategy_state: dict[str, Any] = Field(default_factory=dict, description="scalar state")
+    sha256: str = Field(description="audit.arrays_sha256 of every tensor in the file")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: global arrays, strategy state and where it came from."""
+
+    meta: CheckpointMeta
+    arrays: dict[str, np.ndarray]
+    strategy_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def server_round(self) -> int:
+        return self.meta.server_round
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """``<run_dir>/checkpoints/round-NNNN.safetensors``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:04d}.safetensors"
+
+
+def capture_strategy_state(strategy: object) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """The strategy's state across rounds: (array state by attribute, JSON-able scalar state)."""
+    arrays = {
+        attr: {k: np.asarray(v) for k, v in value.items()}
+        for attr in _ARRAY_STATE_ATTRS
+        if isinstance(value := getattr(strategy, attr, None), dict) and value
+    }
+    scalars = {
+        attr: sorted(value)
+        for attr in _SCALAR_STATE_ATTRS
+        if isinstance(value := getattr(strategy, attr, None), set | frozenset)
+    }
+    return arrays, scalars
+
+
+def restore_strategy_state(strategy: object, checkpoint: Checkpoint) -> None:
+    """Put a checkpoint's strategy state back into a freshly built strategy of the same kind."""
+    for attr, values in checkpoint.strategy_arrays.items():
+        if hasattr(strategy, attr):
+            setattr(strategy, attr, {k: v.copy() for k, v in values.items()})
+    for attr, value in checkpoint.meta.strategy_state.items():
+        if hasattr(strategy, attr):
+            setattr(strategy, attr, set(value))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write via a fsync'ed temporary file in the same folder, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    strategy: object,
+    strategy_name: str,
+    model_name: str,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of `server_round` atomically; prune all but the latest `keep`.
+
+    Returns
+    -------
+    Path
+        The checkpoint file.
+    """
+    state_arrays, state_scalars = capture_strategy_state(strategy)
+    tensors = {f"{_GLOBAL_PREFIX}{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
+    for attr, values in state_arrays.items():
+        for k, v in values.items():
+            tensors[f"{_STRATEGY_PREFIX}{attr}/{k}"] = np.ascontiguousarray(v)
+    meta = CheckpointMeta(
+        server_round=server_round,
+        strategy=strategy_name,
+        model=model_name,
+        strategy_state=state_scalars,
+        sha256=arrays_sha256(tensors),
+    )
+    path = checkpoint_path(run_dir, server_round)
+    blob = save_safetensors(tensors, metadata={_META_KEY: meta.model_dump_json()})
+    try:
+        _write_durably(path, blob)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write checkpoint ({exc.strerror})") from None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint file.
+
+    Raises
+    ------
+    ArtifactError
+        One line naming the file: unreadable, not a BioFP checkpoint, or corrupted.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            raw_meta = (fh.metadata() or {}).get(_META_KEY)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise ArtifactError(f"{path}: corrupted checkpoint, unreadable ({reason})") from None
+    if raw_meta is None:
+        raise ArtifactError(f"{path}: not a BioFP checkpoint (no '{_META_KEY}' metadata)")
+    try:
+        meta = CheckpointMeta.model_validate_json(raw_meta)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise ArtifactError(f"{path}: corrupted checkpoint metadata ({reason})") from None
+    if meta.format != CHECKPOINT_FORMAT or meta.version > CHECKPOINT_VERSION:
+        raise ArtifactError(f"{path}: unsupported checkpoint format {meta.format} v{meta.version}")
+    if arrays_sha256(tensors) != meta.sha256:
+        raise ArtifactError(f"{path}: corrupted checkpoint (tensors do not match their sha256)")
+    arrays = {k[len(_GLOBAL_PREFIX) :]: v for k, v in tensors.items() if k.startswith("global/")}
+    strategy_arrays: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if key.startswith(_STRATEGY_PREFIX):
+            attr, _, name = key[len(_STRATEGY_PREFIX) :].partition("/")
+            strategy_arrays.setdefault(attr, {})[name] = value
+    return Checkpoint(meta=meta, arrays=arrays, strategy_arrays=strategy_arrays, path=path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, oldest round first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest valid checkpoint of a run, or None when it has none.
+
+    A corrupt checkpoint is refused (logged as one line at ERROR and left on disk) and the one
+    before it is tried.
+
+    Raises
+    ------
+    ArtifactError
+        When checkpoints exist but every one of them is corrupt: the run cannot resume safely.
+    """
+    paths = list_checkpoints(run_dir)
+    errors: list[str] = []
+    for path in reversed(paths):
+        try:
+            checkpoint = load_checkpoint(path)
+        except ArtifactError as exc:
+            log.error("%s; trying the previous checkpoint", exc)
+            errors.append(str(exc))
+            continue
+        if errors:
+            log.warning("resuming from %s after refusing %d newer checkpoint(s)", path, len(errors))
+        return checkpoint
+    if errors:
+        raise ArtifactError(
+            f"{errors[0]}; no valid checkpoint left in {Path(run_dir) / CHECKPOINT_DIR} "
+            "(remove them to restart the run from round 1)"
+        )
+    return None
+
+
+def describe_state(checkpoint: Checkpoint) -> str:
+    """A short description for logs: round, strategy and state sizes."""
+    state = {attr: len(v) for attr, v in checkpoint.strategy_arrays.items()}
+    return (
+        f"round {checkpoint.server_round} ({checkpoint.meta.strategy}, "
+        f"{len(checkpoint.arrays)} tensors, strategy state {json.dumps(state)})"
+    )

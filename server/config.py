@@ -1,0 +1,195 @@
+"""The run config: what the server decides for a whole federated run, parsed once per boundary.
+
+Flower hands both apps the same ``context.run_config`` (``[tool.flwr.app.config]`` in
+pyproject.toml, fused with ``flwr run --run-config`` overrides, or the simulation's own). This
+module turns it into one validated :class:`RunConfig`; the ServerApp and the ClientApp both parse
+it with :meth:`RunConfig.from_run_config`, so unknown keys, unknown strategy or model names and
+impossible combinations fail before any round starts, with one line listing the valid choices.
+
+Keys are Flower-style (lower case, hyphenated): the field ``local_steps`` is the key
+``"local-steps"``. What a site decides for itself (its data, its privacy budget and δ) is never
+here: it is in the site's own ``site.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from biofp_core.compression import SCHEMES
+from biofp_core.errors import ConfigError
+from biofp_core.models import MODEL_NAMES, build_model, model_classes
+from biofp_core.models.base import BioFPModel
+from biofp_core.training import TrainConfig
+from strategies.registry import STRATEGIES
+
+RunConfigValue = bool | int | float | str  # what a Flower UserConfig value can be
+
+
+def _hyphenate(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Everything the server decides for a run; every field is a run-config key (hyphenated)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_hyphenate, populate_by_name=True
+    )
+
+    # --- aggregation -------------------------------------------------------------------
+    strategy: str = Field("fedavg", description="a name in strategies.registry.STRATEGIES")
+    strategy_options: str = Field("{}", description="JSON object of extra strategy options")
+    num_rounds: int = Field(3, ge=1, description="federated rounds in total (resume included)")
+    min_sites: int = Field(2, ge=1, description="sites that must be connected to train a round")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of sites sampled to train")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 skips federated evaluation")
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term (fedprox only)")
+    compression: str = Field("none", description="update encoding (strategy 'compressed' only)")
+    # --- model ---------------------------------------------------------------------------
+    model: str = Field("m2ae", description="a name in biofp_core.models.MODEL_NAMES")
+    model_options: str = Field("{}", description="JSON object of architecture overrides")
+    # --- local training (sent to sites each round) ---------------------------------------
+    local_steps: int = Field(8, ge=1, description="optimizer steps per site per round")
+    lr: float = Field(1e-3, gt=0, description="local learning rate")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="local optimizer")
+    batch_subjects: int = Field(4, ge=1, description="expected subjects (bags) per step")
+    bag_size: int = Field(8, ge=1, description="windows of one subject per bag")
+    holdout_fraction: float = Field(0.25, ge=0, lt=1, description="subjects held out at a site")
+    seed: int = Field(0, description="seeds the initial model, sampling and local training")
+    # --- differential privacy (the sites' budgets are their own) -------------------------
+    dp: bool = Field(True, description="subject-level DP-SGD at every site")
+    noise_multiplier: float = Field(1.5, gt=0, description="σ: noise std / clipping norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-subject gradient clipping norm")
+    # --- run directory and timeouts --------------------------------------------------------
+    out_dir: str = Field("biofp-run", description="run directory: checkpoints, metrics, model")
+    keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept on disk")
+    round_timeout_s: float = Field(3600.0, gt=0, description="wait this long for replies")
+    wait_timeout_s: float = Field(120.0, gt=0, description="wait this long for min-sites")
+    # --- simulation only ------------------------------------------------------------------
+    sim_sites: str = Field("", description="simulation: JSON manifest of the emulated sites")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+        return name
+
+    @field_validator("compression")
+    @classmethod
+    def _known_scheme(cls, scheme: str) -> str:
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown compression {scheme!r}; valid: {', '.join(SCHEMES)}")
+        return scheme
+
+    @field_validator("strategy_options", "model_options")
+    @classmethod
+    def _json_object(cls, text: str) -> str:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return text
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.compression != "none" and self.strategy != "compressed":
+            raise ValueError(
+                f"compression {self.compression!r} needs strategy 'compressed', "
+                f"not {self.strategy!r}"
+            )
+        if self.proximal_mu > 0 and self.strategy != "fedprox":
+            raise ValueError(f"proximal-mu needs strategy 'fedprox', not {self.strategy!r}")
+        self.model_architecture()  # unknown or invalid architecture fields fail at parse time
+        return self
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's ``context.run_config``.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the key at fault, with the valid choices where there are some.
+        """
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            raise ConfigError(f"run config: {_first_error(exc)}") from None
+
+    def to_run_config(self) -> dict[str, RunConfigValue]:
+        """The hyphenated key -> value mapping Flower carries (inverse of from_run_config)."""
+        return self.model_dump(by_alias=True)
+
+    def model_architecture(self) -> dict[str, Any]:
+        """The architecture overrides as a dict (validated against the model's config)."""
+        options = json.loads(self.model_options)
+        _, config_cls = model_classes(self.model)
+        try:
+            config_cls.model_validate(options)
+        except ValidationError as exc:
+            raise ValueError(f"model-options: {_first_error(exc)}") from None
+        return options
+
+    def build_model(self) -> BioFPModel:
+        """The model of this run, initialised from ``seed`` (identical at every call)."""
+        import torch
+
+        with torch.random.fork_rng():  # leaves the caller's RNG state alone
+            torch.manual_seed(self.seed)
+            return build_model(self.model, self.model_architecture())
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Options for ``strategies.registry.build_strategy(self.strategy, ...)``."""
+        options: dict[str, Any] = {
+            "fraction_train": self.fraction_train,
+            "fraction_evaluate": self.fraction_evaluate,
+            "min_train_nodes": self.min_sites,
+            "min_evaluate_nodes": self.min_sites if self.fraction_evaluate > 0 else 0,
+            "min_available_nodes": self.min_sites,
+        }
+        if self.strategy == "fedprox":
+            options["proximal_mu"] = self.proximal_mu
+        if self.strategy == "compressed":
+            options["scheme"] = self.compression
+        return {**options, **json.loads(self.strategy_options)}
+
+    def train_config(self, *, steps: int | None = None, lr: float | None = None) -> TrainConfig:
+        """Local training settings; a round's instruction may override steps and lr."""
+        return TrainConfig(
+            steps=steps or self.local_steps,
+            lr=lr or self.lr,
+            optimizer=self.optimizer,
+            batch_subjects=self.batch_subjects,
+            bag_size=self.bag_size,
+            seed=self.seed,
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (relative: to the ServerApp process's working directory)."""
+        return Path(self.out_dir).expanduser()
+
+
+def _first_error(exc: ValidationError) -> str:
+    """'key: message' of the first pydantic error, without pydantic's 'Value error, ' prefix."""
+    err = exc.errors()[0]
+    where = ".".join(_hyphenate(str(p)) for p in err["loc"])
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}" if where else message

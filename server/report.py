@@ -1,0 +1,173 @@
+"""The run report: per-round, per-site metrics as the server saw them, written as JSON each round.
+
+``<run_dir>/metrics.json`` holds a :class:`RunReport`: the status of the run and one
+:class:`RoundMetrics` per completed round, each with one :class:`SiteRound` per sampled site
+(keyed by Flower node id: the server never learns site names). ε is the total a site reported
+for its whole ledger (``None`` when it trains without DP).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from flwr.app import Message
+from pydantic import BaseModel, ConfigDict, Field
+
+from biofp_core.errors import ArtifactError
+from biofp_core.fsutil import atomic_write_text
+from biofp_core.protocol import EVAL_LOSS, NUM_EXAMPLES, TrainReplyMetrics
+from strategies.base import RoundReplies
+
+REPORT_NAME = "metrics.json"
+
+SiteStatus = Literal["ok", "refused", "failed", "missing", "not-sampled"]
+
+
+class SiteRound(BaseModel):
+    """One site's part in one round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: int
+    status: SiteStatus
+    num_examples: int = 0
+    train_loss: float | None = None
+    loss_terms: dict[str, float] = Field(default_factory=dict)
+    eval_loss: float | None = None
+    epsilon: float | None = Field(None, description="total ε of the site; None without DP")
+    delta: float | None = Field(None, description="the site's δ; None without DP")
+    budget_exhausted: bool = False
+    payload_bytes: int = 0
+    reason: str | None = Field(None, description="one line, for failed replies")
+
+
+class RoundMetrics(BaseModel):
+    """One round: counts, aggregated losses, bytes, and every sampled site."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server_round: int
+    sampled: int
+    contributed: int
+    failed: int
+    refused: int
+    missing: int
+    excluded: int = Field(0, description="sites no longer sampled (budget-aware strategies)")
+    bytes_received: int
+    train_loss: float | None = Field(None, description="weighted mean over contributing sites")
+    eval_loss: float | None = Field(None, description="weighted mean over evaluating sites")
+    max_epsilon: float | None = None
+    wall_s: float
+    sites: list[SiteRound]
+
+
+class RunReport(BaseModel):
+    """The whole run so far."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["running", "completed", "failed"] = "running"
+    error: str | None = None
+    resumed_from_round: int | None = None
+    num_rounds: int
+    rounds: list[RoundMetrics] = Field(default_factory=list)
+    model_path: str | None = None
+
+    def site_privacy(self) -> dict[int, tuple[float, float]]:
+        """Latest (total ε, δ) each DP site reported over the run, by node id."""
+        latest: dict[int, tuple[float, float]] = {}
+        for rnd in self.rounds:
+            for site in rnd.sites:
+                if site.epsilon is not None and site.delta:
+                    latest[site.node_id] = (site.epsilon, site.delta)
+        return latest
+
+    def contributors(self) -> set[int]:
+        """Node ids of every site that contributed at least one update."""
+        return {s.node_id for rnd in self.rounds for s in rnd.sites if s.status == "ok"}
+
+    def write(self, run_dir: Path) -> Path:
+        """Write ``<run_dir>/metrics.json`` atomically."""
+        path = Path(run_dir) / REPORT_NAME
+        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunReport | None:
+        """The report of an earlier attempt of this run, or None."""
+        path = Path(run_dir) / REPORT_NAME
+        if not path.exists():
+            return None
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable run report ({exc})") from None
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def site_rounds(train_replies: Iterable[Message], report: RoundReplies) -> list[SiteRound]:
+    """Per-site view of one training round: the strategy's verdict plus each reply's metrics.
+
+    `train_replies` must be read before the strategy aggregates them (it decodes contents).
+    """
+    parsed: dict[int, TrainReplyMetrics] = {}
+    for reply in train_replies:
+        if reply.has_error():
+            continue
+        records = list(reply.content.metric_records.values())
+        try:
+            parsed[reply.metadata.src_node_id] = TrainReplyMetrics.from_metrics(dict(records[0]))
+        except (IndexError, ValueError):
+            continue  # the strategy reports it as failed, with the reason
+    statuses: dict[int, tuple[SiteStatus, str | None]] = {
+        **{n: ("ok", None) for n in report.contributed},
+        **{n: ("refused", None) for n in report.refused},
+        **{n: ("failed", reason) for n, reason in report.failed.items()},
+        **{n: ("missing", None) for n in report.missing},
+    }
+    sites = []
+    for node_id, (status, reason) in sorted(statuses.items()):
+        metrics = parsed.get(node_id)
+        site = SiteRound(node_id=node_id, status=status, reason=reason)
+        if metrics is not None:
+            site.num_examples = metrics.num_examples
+            site.train_loss = metrics.train_loss
+            site.loss_terms = dict(metrics.loss_terms)
+            site.epsilon = _finite(metrics.epsilon)
+            site.delta = metrics.delta if site.epsilon is not None else None
+            site.budget_exhausted = metrics.budget_exhausted
+            site.payload_bytes = metrics.payload_bytes
+        sites.append(site)
+    return sites
+
+
+def add_eval_losses(sites: list[SiteRound], eval_replies: Iterable[Message]) -> float | None:
+    """Put each site's held-out loss into `sites`; return the example-weighted mean."""
+    by_node = {s.node_id: s for s in sites}
+    total, weight = 0.0, 0.0
+    for reply in eval_replies:
+        if reply.has_error():
+            continue
+        for record in reply.content.metric_records.values():
+            loss, n = record.get(EVAL_LOSS), record.get(NUM_EXAMPLES)
+            if not isinstance(loss, int | float) or not isinstance(n, int | float) or n <= 0:
+                continue
+            node_id = reply.metadata.src_node_id
+            by_node.setdefault(node_id, SiteRound(node_id=node_id, status="not-sampled"))
+            by_node[node_id].eval_loss = float(loss)
+            total, weight = total + float(loss) * n, weight + n
+    sites[:] = sorted(by_node.values(), key=lambda s: s.node_id)
+    return total / weight if weight else None
+
+
+def weighted_train_loss(sites: list[SiteRound]) -> float | None:
+    """Mean training loss over contributing sites, weighted by their examples."""
+    ok = [s for s in sites if s.status == "ok" and s.train_loss is not None and s.num_examples]
+    weight = sum(s.num_examples for s in ok)
+    return sum(s.train_loss * s.num_examples for s in ok) / weight if weight else None

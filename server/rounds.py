@@ -1,0 +1,157 @@
+"""The round loop: train, evaluate and record each round, from any round on.
+
+It follows the loop of Flower's ``Strategy.start`` (configure_train, send_and_receive,
+aggregate_train, then the same for evaluation) with what a long federated run needs and
+``start`` does not offer: it can begin at any round (resume after a restart), hands every
+round's result to a callback before the next round (checkpoint, metrics), waits for the minimum
+number of sites with a timeout instead of forever, and fails the run when no site contributed
+to a round instead of carrying on with unchanged weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from biofp_core.errors import BioFPError
+from biofp_core.protocol import LOCAL_STEPS, LR
+from server.config import RunConfig
+from server.report import (
+    RoundMetrics,
+    add_eval_losses,
+    site_rounds,
+    weighted_train_loss,
+)
+from strategies.base import CountedFedAvg
+
+log = logging.getLogger(__name__)
+
+OnRound = Callable[[ArrayRecord | None, RoundMetrics], None]
+
+
+class FederationError(BioFPError):
+    """The federation cannot go on: too few sites connected, or no site contributed a round."""
+
+
+def wait_for_sites(grid: Grid, *, needed: int, timeout_s: float, poll_s: float = 1.0) -> int:
+    """Block until `needed` sites are connected; return how many are.
+
+    Raises
+    ------
+    FederationError
+        When fewer than `needed` sites are connected after `timeout_s` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"timed out after {timeout_s:g} s waiting for sites: {connected} of the "
+                f"{needed} required (min-sites) connected; start more SuperNodes or lower "
+                "min-sites"
+            )
+        log.info("waiting for sites: %d of %d connected", connected, needed)
+        time.sleep(poll_s)
+    return connected
+
+
+def _no_contribution(metrics: RoundMetrics) -> FederationError:
+    """The error of a round in which no site contributed, with the first failure's reason."""
+    first = next((s for s in metrics.sites if s.reason), None)
+    example = f"; node {first.node_id}: {first.reason}" if first else ""
+    if metrics.refused and not metrics.failed:
+        example += "; every site that answered refused the round (its privacy budget)"
+    return FederationError(
+        f"round {metrics.server_round}: no site contributed an update ({metrics.sampled} "
+        f"sampled, {metrics.failed} failed, {metrics.refused} refused, "
+        f"{metrics.missing} missing){example}"
+    )
+
+
+def run_round(
+    strategy: CountedFedAvg,
+    grid: Grid,
+    server_round: int,
+    arrays: ArrayRecord,
+    *,
+    run: RunConfig,
+) -> tuple[ArrayRecord | None, RoundMetrics]:
+    """Train and evaluate one round.
+
+    Returns
+    -------
+    tuple[ArrayRecord | None, RoundMetrics]
+        The new global arrays (None when no site contributed) and the round's metrics.
+    """
+    started = time.monotonic()
+    train_config = ConfigRecord({LOCAL_STEPS: run.local_steps, LR: run.lr})
+    messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)  # counts: round_replies
+    report = strategy.round_replies[server_round]
+    sites = site_rounds(replies, report)
+    eval_loss = None
+    if new_arrays is not None and run.fraction_evaluate > 0:
+        eval_messages = strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), grid)
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout_s))
+        strategy.aggregate_evaluate(server_round, eval_replies)
+        eval_loss = add_eval_losses(sites, eval_replies)
+    epsilons = [s.epsilon for s in sites if s.epsilon is not None]
+    metrics = RoundMetrics(
+        server_round=server_round,
+        sampled=len(report.sampled),
+        contributed=len(report.contributed),
+        failed=len(report.failed),
+        refused=len(report.refused),
+        missing=len(report.missing),
+        excluded=len(getattr(strategy, "excluded_node_ids", ())),
+        bytes_received=report.bytes_received,
+        train_loss=weighted_train_loss(sites),
+        eval_loss=eval_loss,
+        max_epsilon=max(epsilons, default=None),
+        wall_s=time.monotonic() - started,
+        sites=sites,
+    )
+    log.info(
+        "round %d: %d/%d sites contributed, train loss %s, eval loss %s, max ε %s",
+        server_round,
+        metrics.contributed,
+        metrics.sampled,
+        metrics.train_loss,
+        metrics.eval_loss,
+        metrics.max_epsilon,
+    )
+    return new_arrays, metrics
+
+
+def run_rounds(
+    strategy: CountedFedAvg,
+    grid: Grid,
+    run: RunConfig,
+    *,
+    arrays: ArrayRecord,
+    first_round: int,
+    on_round: OnRound,
+) -> ArrayRecord:
+    """Run rounds `first_round` .. ``run.num_rounds``; return the final global arrays.
+
+    `on_round` is called after every round, also after one that no site contributed to (with
+    None instead of arrays), before the run fails.
+
+    Raises
+    ------
+    FederationError
+        Too few sites connect in time, or a round gets no contribution.
+    """
+    for server_round in range(first_round, run.num_rounds + 1):
+        log.info("[ROUND %d/%d]", server_round, run.num_rounds)
+        wait_for_sites(grid, needed=run.min_sites, timeout_s=run.wait_timeout_s)
+        new_arrays, metrics = run_round(strategy, grid, server_round, arrays, run=run)
+        on_round(new_arrays, metrics)
+        if new_arrays is None:
+            raise _no_contribution(metrics)
+        arrays = new_arrays
+    return arrays

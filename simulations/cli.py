@@ -1,0 +1,105 @@
+"""``biofp simulate``: the README's main job, from the command line.
+
+``biofp_core.cli`` forwards ``biofp simulate ...`` here without importing this package's
+dependencies (Flower, Ray) until the command runs, so ``biofp --help`` stays fast. Flags override
+the values of ``--config sim.toml``; unset flags leave them alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from biofp_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from server.report import RoundMetrics
+    from simulations.run import RunSummary
+
+app = typer.Typer(add_completion=False, no_args_is_help=False)
+console = Console()
+
+
+def _run_overrides(**flags: Any) -> dict[str, Any]:
+    """Run-config keys (hyphenated) for the flags that were given."""
+    return {key.replace("_", "-"): v for key, v in flags.items() if v is not None}
+
+
+def _render(summary: RunSummary) -> Table:
+    """One row per emulated site: subjects, ε spent, budget left."""
+    table = Table(title=f"{summary.mode} run in {summary.out_dir}: {summary.status}")
+    for col in ("site", "modality", "train/holdout subjects", "windows", "ε spent", "budget left"):
+        table.add_column(col)
+    for site in summary.sites:
+        ledger = site.ledger
+        table.add_row(
+            site.name, site.modality, f"{site.subjects_train}/{site.subjects_holdout}",
+            str(site.windows), f"{ledger.epsilon:.3g}", f"{ledger.budget_left:.3g}",
+        )  # fmt: skip
+    loss = "-" if summary.eval_loss is None else f"{summary.eval_loss:.4f}"
+    eps = "-" if summary.max_epsilon is None else f"{summary.max_epsilon:.3g}"
+    table.caption = (
+        f"{summary.rounds} rounds in {summary.wall_s:.0f} s; held-out loss {loss}; max ε {eps}; "
+        f"{summary.refused_replies} refused, {summary.failed_replies} failed replies; "
+        f"model: {summary.model_path}"
+    )
+    return table
+
+
+@app.command()
+def simulate(
+    config: Path | None = typer.Option(None, "--config", help="sim.toml (flags override it)"),
+    sites: int | None = typer.Option(None, "--sites", help="emulated hospitals (default: 4)"),
+    rounds: int | None = typer.Option(None, "--rounds", help="federated rounds (default: 3)"),
+    strategy: str | None = typer.Option(None, "--strategy", help="strategy (default: fedavg)"),
+    model: str | None = typer.Option(None, "--model", help="m2ae or siamquality (default: m2ae)"),
+    dp: bool | None = typer.Option(None, "--dp/--no-dp", help="subject-level DP-SGD (default: on)"),
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", help="each site's ε budget (default: 8; none with --no-dp)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: biofp-sim)"),
+    centralized: bool | None = typer.Option(
+        None, "--centralized/--federated", help="pooled-data baseline instead (default: federated)"
+    ),
+) -> None:
+    """Federated pretraining on emulated hospitals with the real ClientApp and ServerApp,
+    in Flower's simulation engine; writes config, per-round metrics, ledgers and the model."""
+    from simulations.run import load_simulation_config
+    from simulations.run import simulate as run_simulation
+
+    cfg = load_simulation_config(
+        config, sites=sites, epsilon=epsilon, out=out, centralized=centralized,
+        run=_run_overrides(num_rounds=rounds, strategy=strategy, model=model, dp=dp),
+    )  # fmt: skip
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        total = 1 if cfg.centralized else cfg.run.num_rounds
+        task = progress.add_task("starting", total=total)
+
+        def on_round(metrics: RoundMetrics) -> None:
+            loss = "-" if metrics.train_loss is None else f"{metrics.train_loss:.4f}"
+            progress.update(
+                task, completed=metrics.server_round,
+                description=f"round {metrics.server_round}: {metrics.contributed}/"
+                f"{metrics.sampled} sites, loss {loss}",
+            )  # fmt: skip
+
+        summary = run_simulation(
+            cfg, on_stage=lambda text: progress.update(task, description=text), on_round=on_round
+        )
+    console.print(_render(summary))
+
+
+def main(args: list[str]) -> None:
+    """Run ``biofp simulate`` with `args`; a usage error becomes a one-line ConfigError."""
+    try:
+        app(args=args, prog_name="biofp simulate", standalone_mode=False)
+    except click.UsageError as exc:
+        raise ConfigError(f"{exc.format_message()} (see 'biofp simulate --help')") from None

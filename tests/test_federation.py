@@ -1,0 +1,440 @@
+"""Federated pretraining end to end: the real ClientApp and ServerApp in Flower's simulation
+engine (Ray), real Opacus DP-SGD, the sites' ledgers and audit logs, checkpoints and resume.
+
+Sizes are tiny (3 sites x 3 subjects x 1 min, a 3k-parameter SiamQuality, 2 local steps) so
+each simulation takes ~20 s on 2 cores, most of it Ray and ClientApp start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from safetensors.numpy import load_file
+
+from biofp_core.artifacts import load_model
+from biofp_core.audit import AuditLog, arrays_sha256
+from biofp_core.errors import ArtifactError, ConfigError
+from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.protocol import (
+    ALLOWED_EVAL_REPLY_METRIC_KEYS,
+    ARRAYS_KEY,
+    COMPRESSION,
+    CONFIG_KEY,
+    LOCAL_STEPS,
+    METRICS_KEY,
+    SCALE_SUFFIX,
+    SERVER_ROUND,
+    TrainReplyMetrics,
+    is_allowed_reply_metric_key,
+)
+from client.app import app as client_app
+from server.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.config import RunConfig
+from server.report import RunReport
+from server.rounds import FederationError
+from server.rundir import RunDirectory, to_arrayrecord
+from simulations.run import RunSummary, SimulationConfig, load_simulation_config, simulate
+from strategies.registry import build_strategy
+
+TINY_MODEL = json.dumps(
+    {"stem_channels": 8, "stage_channels": [8, 8], "groups": 4, "proj_dim": 16,
+     "pred_hidden": 8, "fingerprint_dim": 8}
+)  # fmt: skip
+TINY_RUN = {
+    "model": "siamquality", "model-options": TINY_MODEL, "local-steps": 2, "batch-subjects": 2,
+    "bag-size": 2, "noise-multiplier": 3.0, "wait-timeout-s": 30.0, "round-timeout-s": 300.0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fed-cache")
+
+
+def sim_config(cache_dir: Path, out: Path, sites_dir: Path, **run: object) -> SimulationConfig:
+    """A tiny simulation: 3 sites of 3 one-minute subjects each."""
+    return load_simulation_config(
+        None, sites=3, synth_sites=3, synth_subjects_per_site=3, synth_minutes=1.0,
+        cache_dir=cache_dir, out=out, sites_dir=sites_dir, run={**TINY_RUN, **run},
+    )  # fmt: skip
+
+
+def timed_simulate(cfg: SimulationConfig) -> RunSummary:
+    started = time.monotonic()
+    try:
+        return simulate(cfg)
+    finally:
+        print(f"simulation of {cfg.run.num_rounds} rounds: {time.monotonic() - started:.1f} s")
+
+
+def final_arrays(out: Path) -> dict[str, np.ndarray]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def ledgers(sites_dir: Path) -> dict[str, PrivacyLedger]:
+    return {d.name: PrivacyLedger.at(d / "state") for d in sorted(sites_dir.glob("site_*"))}
+
+
+@pytest.fixture(scope="module")
+def base_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimulationConfig:
+    """3 sites x 2 rounds, uninterrupted."""
+    root = tmp_path_factory.mktemp("base")
+    cfg = sim_config(cache_dir, root / "run", root / "sites", **{"num-rounds": 2})
+    summary = timed_simulate(cfg)
+    assert summary.status == "completed", summary.error
+    return cfg
+
+
+def test_three_sites_two_rounds_change_the_global_weights(base_run: SimulationConfig) -> None:
+    report = RunReport.read(base_run.out)
+    assert report is not None and report.status == "completed"
+    assert [r.server_round for r in report.rounds] == [1, 2]
+    assert all(r.contributed == 3 and r.failed == r.refused == 0 for r in report.rounds)
+    initial = {k: v.numpy() for k, v in base_run.run.build_model().state_dict().items()}
+    round_1 = load_checkpoint(checkpoint_path(base_run.out, 1)).arrays
+    final = final_arrays(base_run.out)
+    assert final.keys() == initial.keys()
+    assert any(not np.allclose(initial[k], round_1[k]) for k in initial)
+    assert any(not np.allclose(round_1[k], final[k]) for k in initial)
+    _, card = load_model(base_run.out / "model")
+    assert card.training.rounds == 2 and card.data.sites == 3 and card.data.subjects == 9
+    assert card.privacy is not None and len(card.privacy.sites) == 3
+
+
+def test_epsilon_grows_across_rounds_runs_and_processes(
+    base_run: SimulationConfig, cache_dir: Path
+) -> None:
+    sites_dir = base_run.site_root
+    first = {name: [e.epsilon_after for e in lg.entries] for name, lg in ledgers(sites_dir).items()}
+    assert len(first) == 3
+    for eps in first.values():
+        assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    report = RunReport.read(base_run.out)
+    assert report is not None
+    card_max = load_model(base_run.out / "model")[1].privacy.max_epsilon
+    assert card_max == pytest.approx(max(e[-1] for e in first.values()))
+    second = sim_config(cache_dir, base_run.out.parent / "run2", sites_dir, **{"num-rounds": 1})
+    assert timed_simulate(second).status == "completed"
+    code = (
+        "import json, sys; from biofp_core.privacy.ledger import PrivacyLedger; "
+        "print(json.dumps({d: PrivacyLedger.at(d + '/state').epsilon(delta=1e-5) "
+        "for d in sys.argv[1:]}))"
+    )
+    dirs = [str(sites_dir / name) for name in first]
+    fresh = json.loads(subprocess.check_output([sys.executable, "-c", code, *dirs], text=True))
+    for name, eps in first.items():
+        ledger = PrivacyLedger.at(sites_dir / name / "state")
+        assert len({e.run_id for e in ledger.entries}) == 2 and len(ledger.entries) == 3
+        assert fresh[str(sites_dir / name)] == pytest.approx(ledger.epsilon(delta=1e-5))
+        assert fresh[str(sites_dir / name)] > eps[-1]
+
+
+def test_every_audited_reply_holds_only_allowed_keys(base_run: SimulationConfig) -> None:
+    for name in ledgers(base_run.site_root):
+        entries = AuditLog.at(base_run.site_root / name / "state").entries()
+        kinds = [e.message_type for e in entries]
+        assert kinds.count("train") == kinds.count("evaluate") >= 2  # one of each per round
+        for entry in entries:
+            if entry.message_type == "train":
+                assert entry.arrays_sha256 and entry.payload_bytes > 0
+                assert all(is_allowed_reply_metric_key(k) for k in entry.metric_keys)
+            else:
+                assert entry.arrays_sha256 is None
+                assert set(entry.metric_keys) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+
+
+def test_resume_continues_at_the_next_round_with_the_same_weights(
+    base_run: SimulationConfig, cache_dir: Path, tmp_path: Path
+) -> None:
+    out, sites_dir = tmp_path / "run", tmp_path / "sites"
+    assert timed_simulate(sim_config(cache_dir, out, sites_dir, **{"num-rounds": 1})).rounds == 1
+    after_round_1 = load_checkpoint(checkpoint_path(out, 1)).arrays
+    base_round_1 = load_checkpoint(checkpoint_path(base_run.out, 1)).arrays
+    for name, value in base_round_1.items():  # same seed: the interrupted run's round 1 matches
+        np.testing.assert_allclose(after_round_1[name], value, rtol=1e-5, atol=1e-6)
+    summary = timed_simulate(sim_config(cache_dir, out, sites_dir, **{"num-rounds": 2}))
+    report = RunReport.read(out)
+    assert report is not None and report.resumed_from_round == 1
+    assert summary.rounds == 2 and [r.server_round for r in report.rounds] == [1, 2]
+    for ledger in ledgers(sites_dir).values():
+        assert [e.server_round for e in ledger.entries] == [1, 2]
+        assert len({e.run_id for e in ledger.entries}) == 2  # two processes, two Flower runs
+    resumed, uninterrupted = final_arrays(out), final_arrays(base_run.out)
+    for name, value in uninterrupted.items():
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_site_over_budget_refuses_while_the_others_finish(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    sites_dir = tmp_path / "sites"
+    spent = PrivacyLedger.at(sites_dir / "site_01" / "state")
+    spent.charge(run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0,
+                 steps=40, delta=1e-5)  # fmt: skip
+    before = spent.epsilon(delta=1e-5)
+    assert before > 8.0
+    summary = timed_simulate(
+        sim_config(cache_dir, tmp_path / "run", sites_dir, **{"num-rounds": 2})
+    )
+    assert summary.status == "completed" and summary.refused_replies == 2
+    report = RunReport.read(tmp_path / "run")
+    assert report is not None
+    assert all(r.contributed == 2 and r.refused == 1 for r in report.rounds)
+    refused = [s for r in report.rounds for s in r.sites if s.status == "refused"]
+    assert all(s.epsilon == pytest.approx(before) and s.budget_exhausted for s in refused)
+    assert len(PrivacyLedger.at(sites_dir / "site_01" / "state").entries) == 1  # nothing charged
+    notes = [e.note for e in AuditLog.at(sites_dir / "site_01" / "state").entries() if e.note]
+    assert len(notes) == 2 and all("budget" in n and "\n" not in n for n in notes)
+    card = load_model(tmp_path / "run" / "model")[1]
+    assert card.privacy is not None and len(card.privacy.sites) == 2  # contributors only
+
+
+def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = sim_config(
+        cache_dir, tmp_path / "run", tmp_path / "sites",
+        **{"num-rounds": 1, "min-sites": 4, "wait-timeout-s": 2.0},
+    )  # fmt: skip
+    with pytest.raises(FederationError, match=r"timed out after 2 s .* 3 of the 4 required"):
+        timed_simulate(cfg)
+    summary = RunSummary.model_validate_json((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary.status == "failed" and "timed out" in (summary.error or "")
+
+
+# ---- the ClientApp called directly on real Messages -----------------------------------------
+
+
+def instruction(run: RunConfig, message_type: str, **config: object) -> Message:
+    """A server instruction carrying the run's initial arrays, as Flower delivers it."""
+    arrays = to_arrayrecord({k: v.numpy() for k, v in run.build_model().state_dict().items()})
+    metadata = Metadata(
+        run_id=7, message_id="instruction-1", src_node_id=1, dst_node_id=11,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
+        message_type=message_type,
+    )  # fmt: skip
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(dict(config))})
+    return Message(content, metadata=metadata)
+
+
+def site_context(run: RunConfig, site_toml: Path) -> Context:
+    return Context(
+        run_id=7, node_id=11, node_config={"site-config": str(site_toml)}, state=RecordDict(),
+        run_config=run.to_run_config(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site_toml(base_run: SimulationConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of one emulated site's config with its own (empty) state folder."""
+    source = base_run.site_root / "site_00"
+    target = tmp_path_factory.mktemp("direct") / "site.toml"
+    text = (source / "site.toml").read_text().replace('"data"', f'"{source / "data"}"')
+    text = text.replace('"labels.csv"', f'"{source / "labels.csv"}"')
+    target.write_text(text)
+    return target
+
+
+def test_a_training_reply_holds_arrays_and_allowed_metrics_only(site_toml: Path) -> None:
+    run = RunConfig.from_run_config({**TINY_RUN, "out-dir": str(site_toml.parent)})
+    msg = instruction(run, MessageType.TRAIN, **{SERVER_ROUND: 1, LOCAL_STEPS: 2})
+    reply = client_app(msg, site_context(run, site_toml))
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {ARRAYS_KEY, METRICS_KEY}
+    assert not reply.content.config_records
+    metrics = dict(reply.content.metric_records[METRICS_KEY])
+    assert all(is_allowed_reply_metric_key(k) for k in metrics)
+    parsed = TrainReplyMetrics.from_metrics(metrics)
+    assert parsed.num_examples > 0 and 0 < parsed.epsilon < 8 and not parsed.refused
+    sent = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_KEY].items()}
+    assert sent.keys() == set(msg.content[ARRAYS_KEY].keys())
+    entry = AuditLog.at(site_toml.parent / "state").entries()[-1]
+    assert entry.arrays_sha256 == arrays_sha256(sent) and entry.run_id == "7"
+    assert entry.payload_bytes == parsed.payload_bytes and set(entry.metric_keys) == set(metrics)
+
+
+def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
+    run = RunConfig.from_run_config(
+        {**TINY_RUN, "strategy": "compressed", "compression": "int8", "dp": False}
+    )
+    ctx = site_context(run, site_toml)
+    infinite = site_toml.with_name("site-nodp.toml")
+    infinite.write_text(site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf"))
+    ctx.node_config["site-config"] = str(infinite)
+    msg = instruction(run, MessageType.TRAIN, **{SERVER_ROUND: 1, COMPRESSION: "int8"})
+    reply = client_app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    sent = reply.content.array_records[ARRAYS_KEY]
+    weights = [k for k in sent if not k.endswith(SCALE_SUFFIX)]
+    assert all(sent[k].numpy().dtype == np.int8 for k in weights)
+    assert len(sent) == 2 * len(weights)
+    full_bytes = sum(a.numpy().nbytes for a in msg.content[ARRAYS_KEY].values())
+    payload = TrainReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).payload_bytes
+    assert payload < 0.3 * full_bytes
+    assert "biofp-error-feedback" in ctx.state.array_records  # residual kept at the site
+
+
+def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> None:
+    run = RunConfig.from_run_config(TINY_RUN)
+    reply = client_app(instruction(run, MessageType.EVALUATE, **{SERVER_ROUND: 1}),
+                       site_context(run, site_toml))  # fmt: skip
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {METRICS_KEY}
+    assert set(reply.content[METRICS_KEY].keys()) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+
+
+def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.hea").write_text("broken 1 125 1250\nbroken.dat 16 200 16 0\n")
+    (tmp_path / "site.toml").write_text(
+        f'name = "empty"\ndata_dir = "data"\ncache_dir = "{tmp_path / "cache"}"\n'
+    )
+    run = RunConfig.from_run_config(TINY_RUN)
+    msg = instruction(run, MessageType.TRAIN, **{SERVER_ROUND: 1})
+    reply = client_app(msg, site_context(run, tmp_path / "site.toml"))
+    assert reply.has_error()
+    reason = reply.error.reason or ""
+    assert "DataError at the site: the site has no usable data" in reason and "\n" not in reason
+    assert str(tmp_path) not in reason and "broken" not in reason  # details stay at the site
+    entry = AuditLog.at(tmp_path / ".biofp-empty").entries()[-1]
+    assert entry.arrays_sha256 is None and entry.note is not None
+    assert entry.note.startswith("error: DataError:") and "no usable record" in entry.note
+
+
+# ---- checkpoints, run directory and configs -----------------------------------------------------
+
+
+def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_kept(tmp_path: Path) -> None:
+    run = RunConfig.from_run_config({**TINY_RUN, "strategy": "fedadam"})
+    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
+    strategy.m_t = {k: np.ones_like(v) for k, v in arrays.items()}
+    for rnd in (1, 2):
+        save_checkpoint(tmp_path, server_round=rnd, arrays=arrays, strategy=strategy,
+                        strategy_name="fedadam", model_name=run.model, keep=2)  # fmt: skip
+    second = checkpoint_path(tmp_path, 2)
+    blob = bytearray(second.read_bytes())
+    blob[-5] ^= 0xFF  # one flipped bit pattern in the last tensor's data
+    second.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError) as exc:
+        load_checkpoint(second)
+    assert "corrupted checkpoint" in str(exc.value) and "\n" not in str(exc.value)
+    resumed = latest_checkpoint(tmp_path)
+    assert resumed is not None and resumed.server_round == 1 and second.exists()
+    assert set(resumed.strategy_arrays) == {"m_t"}
+    checkpoint_path(tmp_path, 1).write_bytes(b"\x00" * 10)  # truncated as well
+    with pytest.raises(ArtifactError, match="no valid checkpoint left"):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None:
+    run = RunConfig.from_run_config({**TINY_RUN, "out-dir": str(tmp_path)})
+    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    done, arrays = RunDirectory(run, strategy).start()
+    assert done == 0 and len(arrays) > 0
+    other = run.model_copy(update={"model": "m2ae", "model_options": "{}"})
+    with pytest.raises(ConfigError, match="other model, model-options"):
+        RunDirectory(other, strategy).start()
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; valid: fedavg, fedprox"),
+        ({"model": "resnet"}, "unknown model 'resnet'; valid: m2ae, siamquality"),
+        ({"compression": "int4"}, "unknown compression 'int4'; valid: none, fp16, int8"),
+        ({"compression": "int8"}, "needs strategy 'compressed'"),
+        ({"num-rounds": 0}, "num-rounds"),
+        ({"rounds": 3}, "rounds: unknown key"),
+    ],
+)
+def test_bad_run_configs_fail_at_parse_time(config: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_run_config(config)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_bad_simulation_config_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text('sites = 2\npartition = "round-robin"\n[run]\nnum-rounds = 1\n')
+    with pytest.raises(ConfigError, match=r"sim\.toml: partition: unknown partitioner"):
+        load_simulation_config(path)
+    path.write_text('[run]\nmodel = "vit"\n')
+    with pytest.raises(ConfigError, match="unknown model 'vit'; valid: m2ae, siamquality"):
+        load_simulation_config(path)
+
+
+BIOFP = [sys.executable, "-m", "biofp_core"]
+
+
+def test_simulate_help_and_a_bad_flag() -> None:
+    help_run = subprocess.run([*BIOFP, "simulate", "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0
+    for flag in ("--sites", "--rounds", "--strategy", "--model", "--no-dp", "--epsilon", "--out"):
+        assert flag in help_run.stdout
+    bad = subprocess.run([*BIOFP, "simulate", "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and "No such option" in bad.stderr
+    code = "import sys, biofp_core.cli; print('flwr' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
+
+
+def test_the_pyproject_run_config_is_the_default_run_config() -> None:
+    import tomllib
+
+    from conftest import ROOT
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert RunConfig.from_run_config(app["config"]) == RunConfig()
+
+
+@pytest.mark.filterwarnings("ignore:DPConfig.seed is set")  # seeded noise: a simulation's choice
+def test_centralized_baseline_trains_the_same_model_on_pooled_data(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    cfg = sim_config(cache_dir, tmp_path / "run", tmp_path / "sites", **{"num-rounds": 1})
+    summary = simulate(cfg.model_copy(update={"centralized": True}))
+    assert summary.mode == "centralized" and summary.status == "completed"
+    assert summary.eval_loss is not None and (summary.max_epsilon or 0) > 0
+    _, card = load_model(tmp_path / "run" / "model")
+    assert card.training.strategy == "centralized" and card.training.local_steps == 3 * 1 * 2
+    assert card.data.subjects == 9 and card.privacy is not None
+    assert all(not site.ledger.entries for site in summary.sites)  # no site was charged
+
+
+def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path: Path) -> None:
+    from conftest import copy_records
+
+    from simulations.cohort import wfdb_cohort, write_sites
+    from simulations.partition import partition_iid
+
+    data = copy_records(bidmc_dir, tmp_path / "bidmc", ["bidmc01", "bidmc02", "bidmc03"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("record,subject,sex\nbidmc01,p1,F\nbidmc02,p1,F\nbidmc03,p2,M\n")
+    cohort = wfdb_cohort(data, labels)
+    assert cohort.subjects == ["p1", "p2"] and cohort.label("sex") == {"p1": "F", "p2": "M"}
+    partition = partition_iid(cohort.subjects, num_sites=2, seed=0)
+    tomls = write_sites(
+        cohort, partition, tmp_path / "sites", cache_dir=tmp_path / "cache", epsilon=5.0,
+        delta=1e-6,
+    )  # fmt: skip
+    from biofp_core.site import load_site_config
+
+    records = {}
+    for toml in tomls:
+        site = load_site_config(toml)
+        assert site.privacy.epsilon == 5.0 and site.privacy.delta == 1e-6
+        records[site.name] = sorted(p.stem for p in site.data_dir.glob("*.hea"))
+    assert sorted(records.values()) == [["bidmc01", "bidmc02"], ["bidmc03"]]
