@@ -1,0 +1,37 @@
+"""`biofp client start`: what hospital IT runs: the site's SuperNode."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+client_app = typer.Typer(no_args_is_help=True, help="Hospital: run this site's SuperNode.")
+console = Console(stderr=True, markup=False)  # paths and [sections] as is
+
+
+@client_app.command("start")
+def start(
+    config: Path = typer.Option(..., "--config", help="site.toml, with its federation section"),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="no TLS, no node key: a local test only"
+    ),
+    check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
+) -> None:
+    """Check site.toml, keys, data and the SuperLink, build the window store, then run the
+    Flower SuperNode (until stopped). Only model weights and scalar metrics leave the site."""
+    from client.launch import prepare_supernode, run_supernode, warm_store
+
+    if insecure:
+        warnings.warn("--insecure: traffic to the SuperLink is not encrypted",
+                      UserWarning, stacklevel=1)  # fmt: skip
+    launch = prepare_supernode(config, insecure=insecure)
+    fed = launch.federation
+    console.print(f"checks passed; site {launch.site.name} -> {fed.superlink}")
+    if check:
+        return
+    subjects = warm_store(launch)
+    console.print(f"window store ready: {subjects} subjects")
+    run_supernode(launch)

@@ -1,0 +1,65 @@
+"""`biofp server ...`: what a coordinator runs: the SuperLink, and the flwr CLI's connection."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+server_app = typer.Typer(no_args_is_help=True, help="Coordinator: run the federation's SuperLink.")
+console = Console(stderr=True, markup=False)  # paths and [sections] as is
+
+INSECURE_HELP = "no TLS, no SuperNode authentication: a local test only"
+
+
+@server_app.command("start")
+def start(
+    config: Path = typer.Option(..., "--config", help="server.toml"),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
+) -> None:
+    """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
+    from server.launch import prepare_superlink, run_superlink
+
+    if insecure:
+        warnings.warn("--insecure: traffic is not encrypted and any SuperNode may join",
+                      UserWarning, stacklevel=1)  # fmt: skip
+    launch = prepare_superlink(config, insecure=insecure)
+    cfg = launch.config
+    console.print(f"checks passed; SuperLink for {cfg.address}")
+    if check:
+        return
+    if not insecure and cfg.auth.supernode_auth:
+        console.print(
+            "register each site's key: flwr supernode register SITE.pub biofp "
+            "(after: biofp server connect --config ...)"
+        )
+    run_superlink(launch)
+
+
+@server_app.command("connect")
+def connect(
+    config: Path = typer.Option(..., "--config", help="server.toml"),
+    name: str = typer.Option("biofp", "--name", help="connection name for the flwr CLI"),
+    default: bool = typer.Option(False, "--default", help="make it flwr's default SuperLink"),
+    insecure: bool = typer.Option(False, "--insecure", help="connect without TLS (local test)"),
+) -> None:
+    """Add this SuperLink to the flwr CLI's config, for `flwr run` and `flwr supernode ...`."""
+    from biofp_core.deployment import load_server_config
+    from server.launch import write_flwr_connection
+
+    cfg = load_server_config(config)
+    path = write_flwr_connection(cfg, name=name, insecure=insecure, default=default)
+    console.print(f"[superlink.{name}] -> {cfg.address} written to {path}")
+    console.print(f"e.g. flwr supernode register SITE.pub {name}; flwr run APP {name}")
+
+
+@server_app.command("app")
+def app(out: Path = typer.Option(..., "--out", help="folder for the app's pyproject.toml")) -> None:
+    """Write a code-free Flower app folder for `flwr run DIR biofp --run-config run.toml`."""
+    from server.launch import write_app_folder
+
+    folder = write_app_folder(out)
+    console.print(f"Flower app (no code, the sites run their installed BioFP): {folder}")

@@ -1,0 +1,165 @@
+"""A real deployment on 127.0.0.1: SuperLink with TLS and SuperNode authentication, two sites.
+
+Everything is started through ``biofp server start`` / ``biofp client start`` (subprocesses, the
+containers' entry points); keys are registered with Flower's ``flwr supernode register`` and runs
+submitted with ``flwr run``. No mocks. The module shares one federation (one SuperLink, two
+SuperNodes); the last test kills the SuperLink mid-run and restarts it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from localfed import (
+    BIOFP,
+    TINY_MODEL,
+    LocalFederation,
+    Site,
+    add_site,
+    kill_tree,
+    make_federation,
+    read_json,
+    wait_until,
+    write_app,
+)
+
+from biofp_core.artifacts import load_model
+from biofp_core.audit import AuditLog
+from biofp_core.certs import init_certificates
+from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.site import load_site_config
+from client.launch import supernode_command
+
+RUN = {  # a tiny model and 2 short rounds, no federated evaluation: seconds of training
+    "num-rounds": 2, "local-steps": 2, "batch-subjects": 2, "bag-size": 4,
+    "model-options": TINY_MODEL, "fraction-evaluate": 0.0, "wait-timeout-s": 60.0,
+    "round-timeout-s": 120.0,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """SuperLink (TLS + node auth) with two registered, connected sites."""
+    root = tmp_path_factory.mktemp("deploy")
+    with make_federation(root, ["north", "south"], cache_dir=root / "cache") as fed:
+        fed.start_server()
+        for site in fed.sites.values():
+            fed.register(site)
+            fed.start_client(site)
+        wait_until(lambda: fed.online() == 2, timeout_s=90, what="two SuperNodes online")
+        yield fed
+
+
+@pytest.fixture(scope="module")
+def app_dir(federation: LocalFederation) -> Path:
+    return write_app(federation, federation.root / "app")
+
+
+def _wait_for_run(fed: LocalFederation, run_dir: Path, *, timeout_s: float) -> dict:
+    def finished() -> dict | None:
+        report = read_json(run_dir / "metrics.json")
+        return report if report and report.get("status") in ("completed", "failed") else None
+
+    report = wait_until(finished, timeout_s=timeout_s, what=f"run in {run_dir}", poll_s=0.5)
+    assert report["status"] == "completed", (report, fed.log("server.log")[-3000:])
+    return report
+
+
+def _train_entries(state_dir: Path) -> list:
+    return [e for e in PrivacyLedger.at(state_dir).entries if e.kind == "train"]
+
+
+def test_two_rounds_with_tls_and_node_auth(federation: LocalFederation, app_dir: Path) -> None:
+    fed = federation
+    run_id = fed.submit(app_dir, {**RUN, "out-dir": "run-2rounds"})
+    run_dir = fed.workdir / "run-2rounds"  # relative out-dir: the SuperLink's workdir
+    report = _wait_for_run(fed, run_dir, timeout_s=240)
+    assert [r["server_round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["contributed"] == 2 and r["failed"] == 0 for r in report["rounds"])
+    model, card = load_model(run_dir / "model")
+    assert card.training.rounds == 2 and card.data.sites == 2
+    assert card.privacy is not None and len(card.privacy.sites) == 2
+    assert sum(p.numel() for p in model.parameters()) > 0
+    for site in fed.sites.values():
+        charged = [e for e in _train_entries(site.state_dir) if e.run_id == run_id]
+        assert [e.server_round for e in charged] == [1, 2]
+        sent = [e for e in AuditLog.at(site.state_dir).entries() if e.run_id == run_id]
+        assert [e.server_round for e in sent if e.message_type.startswith("train")] == [1, 2]
+
+
+def _other_site(fed: LocalFederation, name: str, *, ca_cert: Path | None = None) -> Site:
+    """A site.toml for a new site reading north's data, with its own state and key."""
+    north = fed.sites["north"].toml
+    folder = fed.root / name
+    folder.mkdir(exist_ok=True)
+    toml = folder / "site.toml"
+    text = north.read_text().split("\n[federation]")[0]
+    text = text.replace('data_dir = "data"', f'data_dir = "{north.parent / "data"}"')
+    text = text.replace(
+        'labels_csv = "labels.csv"', f'labels_csv = "{north.parent / "labels.csv"}"'
+    )
+    toml.write_text(text.replace('name = "site_00"', f'name = "{name}"'))
+    return add_site(fed, name, toml, ca_cert=ca_cert)
+
+
+def test_unregistered_node_key_is_refused(federation: LocalFederation) -> None:
+    fed = federation
+    rogue = _other_site(fed, "rogue")
+    done = fed.run([*BIOFP, "client", "start", "--config", str(rogue.toml)], timeout_s=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "refused this SuperNode" in last and "not registered" in last, done.stderr[-2000:]
+    assert fed.online() == 2
+
+
+def test_supernode_with_wrong_ca_cannot_connect(federation: LocalFederation) -> None:
+    fed = federation
+    other_ca = init_certificates(fed.root / "other-ca", server_name="localhost").ca_cert
+    site = _other_site(fed, "wrongca", ca_cert=other_ca)
+    fed.register(site)  # its key is registered: only the CA it trusts is wrong
+    # biofp refuses before starting anything ...
+    done = fed.run([*BIOFP, "client", "start", "--config", str(site.toml)], timeout_s=60)
+    assert done.returncode == 1
+    assert "not trusted" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    # ... and the stock SuperNode, started with the same flags, cannot connect either
+    federation_cfg = load_site_config(site.toml).federation
+    assert federation_cfg is not None
+    argv = [*supernode_command(federation_cfg, site.toml, insecure=False), "--max-retries", "1"]
+    node = fed.start(argv, "wrongca-supernode.log")
+    try:
+        assert node.wait(timeout=90) != 0
+    finally:
+        kill_tree(node)
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("wrongca-supernode.log")
+    assert fed.online() == 2
+
+
+def test_server_crash_resumes_and_completed_rounds_are_not_charged_again(
+    federation: LocalFederation, app_dir: Path
+) -> None:
+    fed = federation
+    first = fed.submit(app_dir, {**RUN, "out-dir": "run-crash"})
+    run_dir = fed.workdir / "run-crash"
+    wait_until(lambda: (run_dir / "checkpoints" / "round-0001.safetensors").exists(),
+               timeout_s=180, what="the round-1 checkpoint", poll_s=0.1)  # fmt: skip
+    server = fed.procs[0]
+    kill_tree(server, sig=signal.SIGKILL)  # the coordinator's machine dies: no clean shutdown
+    fed.procs.remove(server)
+    fed.procs.insert(0, fed.start_server())  # same server.toml: same database, same keys
+    wait_until(lambda: fed.online() == 2, timeout_s=90, what="SuperNodes reconnected")
+    second = fed.submit(app_dir, {**RUN, "out-dir": "run-crash"})
+    report = _wait_for_run(fed, run_dir, timeout_s=240)
+    assert report["resumed_from_round"] == 1
+    assert [r["server_round"] for r in report["rounds"]] == [1, 2]
+    _, card = load_model(run_dir / "model")
+    assert card.training.rounds == 2
+    for site in fed.sites.values():
+        entries = [e for e in _train_entries(site.state_dir) if e.run_id in (first, second)]
+        round_1 = [e for e in entries if e.server_round == 1]
+        assert [e.run_id for e in round_1] == [first]  # not trained again after the restart
+        assert {e.server_round for e in entries if e.run_id == second} == {2}
+        keys = [(e.run_id, e.server_round) for e in entries]
+        assert len(keys) == len(set(keys))
