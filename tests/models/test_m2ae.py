@@ -1,0 +1,164 @@
+"""M2AE: shapes, complementary masking, one fingerprint space, per-subject loss, registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from biofp_core.errors import ConfigError
+from biofp_core.models import MODEL_NAMES, build_model
+from biofp_core.models.base import SubjectWindows
+from biofp_core.models.m2ae import M2AE, M2AEConfig
+
+L = 1250
+TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1}
+
+
+def tiny(**overrides: object) -> M2AE:
+    torch.manual_seed(0)
+    return M2AE(M2AEConfig(**{**TINY, **overrides}))
+
+
+def random_batch(B: int = 3, K: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "ecg": torch.randn(B, K, L, generator=g),
+        "ppg": torch.randn(B, K, L, generator=g),
+        "mask": torch.ones(B, K, 2, dtype=torch.bool),
+        "index": torch.arange(K).expand(B, K).clone(),
+    }
+
+
+def subject(n: int, *, mask: np.ndarray | None = None, quality: np.ndarray | None = None):
+    rng = np.random.default_rng(n)
+    return SubjectWindows(
+        subject_id=f"s{n}",
+        ecg=rng.standard_normal((n, L)).astype(np.float32),
+        ppg=rng.standard_normal((n, L)).astype(np.float32),
+        mask=np.ones((n, 2), bool) if mask is None else mask,
+        quality=np.ones((n, 2), np.float32) if quality is None else quality,
+        start_s=np.arange(n) * 10.0,
+        record_index=np.zeros(n, int),
+    )
+
+
+def test_default_size_and_opacus_compatibility() -> None:
+    model = M2AE()
+    assert 1_000_000 <= model.num_parameters() <= 5_000_000
+    assert ModuleValidator.validate(model, strict=False) == []
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert not any("BatchNorm" in k or "MultiheadAttention" in k for k in kinds)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.1])
+def test_complementary_masks(ratio: float) -> None:
+    model = tiny(mask_ratio=ratio)
+    T, n = model.config.n_patches, model.config.hidden_patches
+    assert n == round(ratio * T)
+    hidden, visible = model.complementary_masks(64, 5, torch.device("cpu"))
+    assert hidden.shape == (64, 5, 2, T) and visible.shape == (64, 5, 2, T - n)
+    assert (hidden.sum(-1) == n).all()  # the configured fraction, in each modality and window
+    assert not (hidden[:, :, 0] & hidden[:, :, 1]).any()  # never hidden in both
+    seen = torch.zeros_like(hidden).scatter_(-1, visible, True)
+    assert torch.equal(seen, ~hidden)  # visible positions are exactly the unhidden ones
+    if 2 * n == T:
+        assert torch.equal(hidden[:, :, 0], ~hidden[:, :, 1])  # exact complements
+
+
+def test_fingerprints_one_space_shapes() -> None:
+    model = tiny().eval()
+    ecg, ppg = torch.randn(5, L), torch.randn(5, 1, L)
+    with torch.inference_mode():
+        outs = [model.fingerprint(ecg=ecg), model.fingerprint(ppg=ppg), model.fingerprint(ecg, ppg)]
+    for fp in outs:
+        assert fp.shape == (5, model.config.fingerprint_dim) and torch.isfinite(fp).all()
+    with pytest.raises(ValueError):
+        model.fingerprint()
+
+
+def test_loss_terms_per_subject() -> None:
+    model = tiny()
+    loss, terms = model.loss(random_batch(B=3, K=4))
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+    assert set(terms) == {"recon", "cross", "align"}
+    assert all(v.shape == (3,) and torch.isfinite(v).all() for v in terms.values())
+    assert (terms["align"] > 0).all()
+
+
+def test_modality_dropout_drives_cross_term() -> None:
+    batch = random_batch(B=2, K=4)
+    assert (tiny(modality_dropout=0.0).loss(batch)[1]["cross"] == 0).all()
+    assert (tiny(modality_dropout=1.0).loss(batch)[1]["cross"] > 0).all()
+
+
+def test_missing_modality_windows() -> None:
+    batch = random_batch(B=2, K=4)
+    batch["mask"][0, :, 1] = False  # subject 0 has no PPG
+    batch["ppg"][0] = 0.0
+    batch["mask"][1, 0, 0] = False  # one window of subject 1 lacks ECG
+    loss, terms = tiny().loss(batch)
+    assert torch.isfinite(loss).all()
+    assert terms["cross"][0] == 0  # nothing dropped: only one modality to begin with
+
+
+def test_loss_never_mixes_subjects() -> None:
+    model = tiny(modality_dropout=0.5)
+    batch = random_batch(B=4, K=3)
+    torch.manual_seed(1)
+    before, _ = model.loss(batch)
+    batch["ecg"][2] = torch.randn(3, L) * 5
+    batch["ppg"][2] = 0.0
+    torch.manual_seed(1)
+    after, _ = model.loss(batch)
+    others = [0, 1, 3]
+    torch.testing.assert_close(before[others], after[others])
+    assert not torch.isclose(before[2], after[2])
+
+
+def test_alignment_negatives_stay_in_bag() -> None:
+    """Duplicate windows of a bag (drawn with replacement) are not negatives of each other."""
+    model = tiny()
+    batch = random_batch(B=1, K=2)
+    batch["ecg"][0, 1], batch["ppg"][0, 1] = batch["ecg"][0, 0], batch["ppg"][0, 0]
+    batch["index"][0] = torch.tensor([7, 7])
+    torch.manual_seed(0)
+    assert model.loss(batch)[1]["align"][0] == 0  # no valid negative left
+
+
+def test_draw_bag_prefers_good_quality() -> None:
+    model = tiny()
+    quality = np.full((20, 2), 0.1, np.float32)
+    quality[[3, 5, 8, 13], :] = 0.9
+    bag = model.draw_bag(subject(20, quality=quality), bag_size=4, rng=np.random.default_rng(0))
+    assert bag is not None and sorted(bag["index"]) == [3, 5, 8, 13]
+    assert bag["ecg"].shape == (4, L) and bag["ppg"].dtype == np.float32
+    assert bag["mask"].shape == (4, 2) and bag["mask"].dtype == bool
+
+
+def test_draw_bag_with_replacement_and_none() -> None:
+    model = tiny()
+    bag = model.draw_bag(subject(3), bag_size=8, rng=np.random.default_rng(0))
+    assert bag is not None and len(bag["index"]) == 8 and set(bag["index"]) == {0, 1, 2}
+    empty = subject(4, mask=np.zeros((4, 2), bool))
+    assert model.draw_bag(empty, bag_size=2, rng=np.random.default_rng(0)) is None
+
+
+def test_registry() -> None:
+    assert set(MODEL_NAMES) == {"m2ae", "siamquality"}
+    model = build_model("m2ae", TINY)
+    assert isinstance(model, M2AE) and model.config.width == 32
+    assert isinstance(build_model("m2ae", M2AEConfig(**TINY)), M2AE)
+    assert build_model("siamquality").name == "siamquality"
+    with pytest.raises(ConfigError, match="m2ae, siamquality"):
+        build_model("resnet")
+    with pytest.raises(ConfigError, match="width"):
+        build_model("m2ae", {"width": 30, "heads": 4})
+    with pytest.raises(ConfigError, match="unknown_field"):
+        build_model("m2ae", {"unknown_field": 1})
+
+
+def test_bad_patching_rejected() -> None:
+    with pytest.raises(ValueError, match="patch_samples"):
+        M2AEConfig(patch_samples=100)

@@ -1,0 +1,178 @@
+"""Per-subject DP-SGD: per-sample grads are per-subject grads, accounting, clean state dicts."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from pydantic import ValidationError
+from torch import nn
+
+from biofp_core.errors import ConfigError
+from biofp_core.models import build_model
+from biofp_core.models.base import SubjectWindows
+from biofp_core.models.layers import Dense
+from biofp_core.models.m2ae import M2AE, M2AEConfig
+from biofp_core.privacy import (
+    DPConfig,
+    PrivateTraining,
+    epsilon_for,
+    epsilon_if,
+    extend_history,
+)
+from biofp_core.training import TrainConfig, collate_bags, train_local
+
+pytestmark = pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
+L = 1250
+TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1}
+
+
+def tiny_m2ae(seed: int = 0) -> M2AE:
+    torch.manual_seed(seed)
+    return M2AE(M2AEConfig(**TINY, modality_dropout=0.5))
+
+
+def subjects(n: int, windows: int = 6) -> list[SubjectWindows]:
+    rng = np.random.default_rng(0)
+    return [
+        SubjectWindows(
+            subject_id=f"s{i}",
+            ecg=rng.standard_normal((windows, L)).astype(np.float32),
+            ppg=rng.standard_normal((windows, L)).astype(np.float32),
+            mask=np.ones((windows, 2), bool),
+            quality=np.ones((windows, 2), np.float32),
+            start_s=np.arange(windows) * 10.0,
+            record_index=np.zeros(windows, int),
+        )
+        for i in range(n)
+    ]
+
+
+def bags(model: M2AE, n: int, K: int) -> list[dict[str, torch.Tensor]]:
+    rng = np.random.default_rng(1)
+    return [
+        {k: torch.as_tensor(v) for k, v in model.draw_bag(s, bag_size=K, rng=rng).items()}
+        for s in subjects(n)
+    ]
+
+
+def test_per_sample_grad_is_per_subject_grad() -> None:
+    """Opacus' per-sample gradient of subject b == gradient of subject b's loss alone."""
+    model = tiny_m2ae()
+    reference = copy.deepcopy(model)
+    data = bags(model, 3, K=3)
+    private = PrivateTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
+        batch_subjects=3, steps=1, collate_fn=collate_bags,
+    )  # fmt: skip
+    batch = collate_bags(data)
+    torch.manual_seed(5)
+    private.backward(model.loss(batch)[0])
+    torch.manual_seed(5)
+    loss, _ = reference.loss(batch)
+    params = dict(reference.named_parameters())
+    for b in range(3):
+        grads = torch.autograd.grad(loss[b], list(params.values()), retain_graph=True)
+        for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad_sample[b], g, atol=1e-5, rtol=1e-4, msg=name)
+    dense = next(m for m in model.modules() if isinstance(m, Dense))
+    assert dense.weight.grad is None  # the batch weight gradient was skipped
+    private.close()
+
+
+def test_dp_training_leaves_a_plain_model() -> None:
+    model = tiny_m2ae()
+    keys = list(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=2, batch_subjects=2, bag_size=3)
+    result = train_local(model, subjects(4), cfg, dp=DPConfig(seed=0))
+    assert list(model.state_dict()) == keys and not any("_module." in k for k in keys)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+        assert not isinstance(module, Dense) or module.batch_weight_grad
+    for p in model.parameters():
+        assert not hasattr(p, "grad_sample") and not hasattr(p, "_forward_counter")
+    assert result.privacy is not None and result.privacy.steps == 2
+
+
+def test_epsilon_grows_and_ledger_composes() -> None:
+    model = tiny_m2ae()
+    cfg = TrainConfig(steps=2, batch_subjects=2, bag_size=2)
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
+    first = train_local(model, subjects(4), cfg, dp=dp).privacy
+    second = train_local(model, subjects(4), cfg, dp=dp, ledger_history=first.history).privacy
+    assert first is not None and second is not None
+    assert 0 < first.epsilon < second.epsilon
+    assert second.history == [(1.0, 0.5, 4)] and first.sample_rate == 0.5
+    assert second.epsilon == pytest.approx(epsilon_for(second.history, delta=1e-5))
+    more = {"extra_steps": 2, "noise_multiplier": 1.0, "sample_rate": 0.5, "delta": 1e-5}
+    assert second.epsilon == pytest.approx(epsilon_if(first.history, **more))
+
+
+def test_ledger_helpers_match_opacus() -> None:
+    history = extend_history([], steps=10, noise_multiplier=1.1, sample_rate=0.1)
+    history = extend_history(history, steps=5, noise_multiplier=1.1, sample_rate=0.1)
+    history = extend_history(history, steps=3, noise_multiplier=2.0, sample_rate=0.2)
+    assert history == [(1.1, 0.1, 15), (2.0, 0.2, 3)]
+    accountant = RDPAccountant()
+    for _ in range(15):
+        accountant.step(noise_multiplier=1.1, sample_rate=0.1)
+    for _ in range(3):
+        accountant.step(noise_multiplier=2.0, sample_rate=0.2)
+    spent = epsilon_for(history, delta=1e-5)
+    assert spent == pytest.approx(accountant.get_epsilon(1e-5))
+    assert epsilon_for([], delta=1e-5) == 0.0
+    step = {"noise_multiplier": 1.0, "sample_rate": 0.1, "delta": 1e-5}
+    assert epsilon_if(history, extra_steps=0, **step) == spent
+    assert epsilon_if(history, extra_steps=10, **step) > spent
+
+
+def test_empty_poisson_batches_take_noise_steps() -> None:
+    model = tiny_m2ae()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=6, batch_subjects=1, bag_size=2, optimizer="sgd", lr=0.1)
+    report = train_local(model, subjects(12, windows=2), cfg, dp=DPConfig(seed=3)).privacy
+    assert report is not None and report.steps == 6 and report.empty_steps >= 1
+    assert report.history == [(1.0, 1 / 12, 6)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+@pytest.mark.filterwarnings("ignore:DP-SGD without noise")
+def test_ghost_clipping_equals_hooks_without_noise() -> None:
+    """Same subjects, masks and clip: ghost clipping and hooks give the same update."""
+    cfg = TrainConfig(steps=1, batch_subjects=3, bag_size=2, optimizer="sgd", lr=1.0)
+    states = []
+    for mode in ("hooks", "ghost"):
+        model = tiny_m2ae()
+        dp = DPConfig(noise_multiplier=0.0, max_grad_norm=0.05, seed=0, grad_sample_mode=mode)
+        train_local(model, subjects(3), cfg, dp=dp)
+        states.append(model.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_dp_works_for_siamquality() -> None:
+    torch.manual_seed(0)
+    model = build_model("siamquality", {"stage_channels": (16, 16), "stem_channels": 16})
+    cfg = TrainConfig(steps=1, batch_subjects=2, bag_size=2)
+    result = train_local(model, subjects(3), cfg, dp=DPConfig(seed=0))
+    assert result.privacy is not None and result.privacy.epsilon > 0
+    assert not any("_module." in k for k in model.state_dict())
+
+
+def test_invalid_settings() -> None:
+    with pytest.raises(ValidationError):
+        DPConfig(noise_multiplier=-1.0)
+    with pytest.raises(ValidationError):
+        DPConfig(grad_sample_mode="ew")
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(ConfigError, match="not DP-compatible"):
+        PrivateTraining(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), [1, 2], dp=DPConfig(),
+            batch_subjects=1, steps=1, collate_fn=collate_bags,
+        )  # fmt: skip
