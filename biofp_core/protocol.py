@@ -26,6 +26,9 @@ PROXIMAL_MU = "proximal-mu"  # float; injected by Flower's FedProx.configure_tra
 LOCAL_STEPS = "local-steps"  # int, optimiser steps per round at the site
 LR = "lr"  # float, local learning rate
 COMPRESSION = "compression"  # str, one of compression.SCHEMES: how to encode the update
+RUN_KEY = "biofp-run"  # str: the run directory's id (run.json), the same after a restart;
+#   sites key ledger charges, cached replies and audit entries by it, not by Flower's run id
+RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a run key is also a file-name part
 
 # --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
 SCALE_SUFFIX = "::scale"  # f"{tensor}{SCALE_SUFFIX}": 0-d float32 scale of an int8 tensor

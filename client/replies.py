@@ -4,7 +4,11 @@ A training reply holds exactly one ArrayRecord (weights or encoded update) and o
 whose keys are all allowed by :mod:`biofp_core.protocol`; an evaluation reply holds only the
 MetricRecord. Nothing else can be sent: :class:`Replies` refuses to build a reply with any other
 key. Each reply, error and refusal is appended to the site's audit log (time, run, round, type,
-bytes, sha256 of the arrays, metric keys, ε) before it is returned to Flower.
+bytes, sha256 of the arrays, metric keys, ε) before it is returned to Flower. The run is the
+server's run key (``protocol.RUN_KEY``, stable across a server restart), the key the ledger charges
+under, or Flower's run id when the server sends none. A training reply the log already records as
+sent (same run, round and arrays: a replayed round answered from the site's cache) is noted as a
+replay.
 
 Error replies say what kind of failure it was (no usable data, bad config...) but not its details:
 paths and record names stay in the site's log and audit note.
@@ -12,16 +16,18 @@ paths and record names stay in the site's log and audit note.
 Refusals: a site that cannot afford a round answers with a *content* reply, metrics only, with
 ``refused = 1`` and ``budget-exhausted = 1`` and no arrays. A content reply (rather than a
 Message carrying an ``Error``) lets the site tell the server its ε and that its budget is spent,
-which the budget-aware strategy uses to stop sampling it; Flower's strategies aggregate only the
-replies BioFP's counted strategies pass on, so a refusal never reaches the average. Real failures
-(no usable data, a broken config, a bug) are ``Error`` replies with a one-line reason, which
-Flower's strategies log and skip; the run goes on with the other sites.
+which the budget-aware strategy uses to stop sampling it (a replay refusal,
+``client.task.ReplayRefusedError``, says ``budget-exhausted = 0``); Flower's strategies aggregate
+only the replies BioFP's counted strategies pass on, so a refusal never reaches the average. Real
+failures (no usable data, a broken config, a bug) are ``Error`` replies with a one-line reason,
+which Flower's strategies log and skip; the run goes on with the other sites.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,11 +43,14 @@ from biofp_core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    RUN_KEY,
+    RUN_KEY_PATTERN,
     SERVER_ROUND,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
 )
 from biofp_core.site import SiteConfig
+from client.task import ReplayRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,28 @@ class Replies:
         value = config.get(SERVER_ROUND, 0) if config is not None else 0
         return int(value) if isinstance(value, int | float) else 0
 
+    @property
+    def run_key(self) -> str:
+        """The run the ledger charges under: the server's run key, else Flower's run id."""
+        config = self.message.content.config_records.get(CONFIG_KEY)
+        value = config.get(RUN_KEY) if config is not None else None
+        if isinstance(value, str) and re.match(RUN_KEY_PATTERN, value):
+            return value
+        return str(self.context.run_id)
+
+    def _replay_note(self, sha256: str) -> str | None:
+        """A note when the audit log already holds this very training reply (a replay)."""
+        assert self.site is not None
+        key = (self.run_key, self.server_round, self.message.metadata.message_type)
+        for entry in _readable_entries(AuditLog.at(self.site.resolved_state_dir())):
+            same = (entry.run_id, entry.server_round, entry.message_type) == key
+            if same and entry.arrays_sha256 == sha256:
+                return (
+                    f"replay: this reply to round {self.server_round} was already sent at "
+                    f"{entry.time}; sent again unchanged, nothing new trained or charged"
+                )
+        return None
+
     def _audit(
         self, arrays: Mapping[str, np.ndarray] | None, metric_keys: list[str], note: str | None
     ) -> None:
@@ -117,13 +148,16 @@ class Replies:
             log.warning("reply not audited (site unknown): %s", note)
             return
         epsilon = self._epsilon()
+        sha256 = arrays_sha256(arrays) if arrays else None
+        if note is None and sha256 is not None:
+            note = self._replay_note(sha256)
         AuditLog.at(self.site.resolved_state_dir()).append(
             AuditEntry(
-                run_id=str(self.context.run_id),
+                run_id=self.run_key,
                 server_round=self.server_round,
                 message_type=self.message.metadata.message_type,
                 payload_bytes=arrays_nbytes(arrays) if arrays else 0,
-                arrays_sha256=arrays_sha256(arrays) if arrays else None,
+                arrays_sha256=sha256,
                 metric_keys=sorted(metric_keys),
                 epsilon=epsilon if math.isfinite(epsilon) else None,
                 note=note,
@@ -143,11 +177,14 @@ class Replies:
         return Message(records, reply_to=self.message)
 
     def refusal(self, reason: BioFPError) -> Message:
-        """A metrics-only reply refusing the round (privacy budget); audited with the reason."""
+        """A metrics-only reply refusing the round (privacy budget, or a replay whose cached
+        reply does not fit); audited with the reason."""
         assert self.site is not None, "a refusal needs a known site"
         log.warning("%s", reason)
         metrics = TrainReplyMetrics.refusal(
-            budget_exhausted=True, epsilon=self._epsilon(), delta=self.site.privacy.delta
+            budget_exhausted=not isinstance(reason, ReplayRefusedError),
+            epsilon=self._epsilon(),
+            delta=self.site.privacy.delta,
         ).to_metrics()
         _check_metric_keys(self.message.metadata.message_type, metrics)
         self._audit(None, list(metrics), note=_one_line(f"refused: {reason}"))
@@ -172,3 +209,19 @@ class Replies:
         reason = f"{public_reason(exc)}; details in the site's log and audit log"
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         return Message(Error(code=code, reason=reason), reply_to=self.message)
+
+
+def _readable_entries(audit: AuditLog) -> list[AuditEntry]:
+    """The entries of the audit log, skipping lines a crash tore (they are reported elsewhere)."""
+    try:
+        raw = audit.path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in raw.split(b"\n"):
+        if line.strip():
+            try:
+                entries.append(AuditEntry.model_validate_json(line))
+            except ValueError:
+                continue
+    return entries

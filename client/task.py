@@ -7,24 +7,40 @@ Privacy, per round (DESIGN.md §5): the round's cost ``(σ, q, steps)`` is known
 (q = batch_subjects / trainable subjects, Poisson-sampled by subject), so the site refuses a round
 that would take its ledger past its own budget before any gradient is computed. After training
 the ledger is charged under its lock with the budget checked again (another process may have
-spent in the meantime), keyed by ``(run id, server round)`` so a replayed message costs nothing.
+spent in the meantime), keyed by ``(run key, server round)``. The run key is the server's
+``protocol.RUN_KEY`` (the run directory's id, unchanged when a crashed run is resubmitted under a
+new Flower run id), or Flower's run id from an older server.
+
+Replays: a round already charged under its key is never trained again, since a second noisy update
+for one charge would be unaccounted privacy loss. When it is charged, the round's reply (arrays
+and metrics, with the sha256 of the global arrays and the instruction it answered) is cached at
+``<state_dir>/replies/<run key>-round-NNNN.safetensors``; a replay with the same global arrays and
+instruction gets that very reply again, anything else is refused (:class:`ReplayRefusedError`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as save_safetensors
 
-from biofp_core.audit import arrays_nbytes
+from biofp_core.audit import arrays_nbytes, arrays_sha256
 from biofp_core.compression import ErrorFeedback, Scheme, check_scheme
 from biofp_core.errors import DataError, PrivacyBudgetError
+from biofp_core.fsutil import atomic_write_bytes
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy import DPConfig, PrivacyReport
 from biofp_core.privacy.ledger import PrivacyLedger
@@ -33,6 +49,8 @@ from biofp_core.protocol import (
     LOCAL_STEPS,
     LR,
     PROXIMAL_MU,
+    RUN_KEY,
+    RUN_KEY_PATTERN,
     SERVER_ROUND,
     TrainReplyMetrics,
 )
@@ -55,6 +73,7 @@ class TrainInstruction(BaseModel):
     lr: float | None = Field(None, alias=LR, gt=0)
     proximal_mu: float = Field(0.0, alias=PROXIMAL_MU, ge=0)
     compression: str | None = Field(None, alias=COMPRESSION)
+    run_key: str | None = Field(None, alias=RUN_KEY, pattern=RUN_KEY_PATTERN)
 
     def scheme(self) -> Scheme | None:
         """The update encoding the server asked for, or None for full weights."""
@@ -184,6 +203,151 @@ def charge_round(
     return entry.epsilon_after, budget.delta, exhausted
 
 
+# ---- replays: a charged round is answered from the site's cache, never trained again --------
+
+REPLIES_DIR = "replies"  # under the site's state folder
+REPLAY_ROUNDS_KEPT = 4  # cached replies kept per run key (the latest rounds)
+_CACHE_META_KEY = "biofp"
+_CACHE_FORMAT = "biofp-reply-cache"
+_CACHE_NAME = re.compile(r"^(?P<key>.+)-round-(?P<round>\d{4,})\.safetensors$")
+
+
+class ReplayRefusedError(PrivacyBudgetError):
+    """A round already charged at this site is asked for again, but its cached reply cannot be
+    sent (other global arrays or instruction, or no valid cache): training it again would release
+    a second noisy update for one charge, so the site refuses the round."""
+
+
+class _CachedReply(BaseModel):
+    """What a cached reply says about itself (its safetensors metadata)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["biofp-reply-cache"] = _CACHE_FORMAT
+    run_key: str
+    server_round: int
+    global_sha256: str = Field(description="sha256 of the global arrays the round trained from")
+    instruction: str = Field(description="the instruction answered, as JSON")
+    metrics: str = Field(description="the reply's metrics, as JSON")
+    reply_sha256: str = Field(description="sha256 of the reply's arrays")
+
+
+def reply_cache_path(state_dir: Path, run_key: str, server_round: int) -> Path:
+    """Where the reply to `server_round` of run `run_key` is cached at a site."""
+    return Path(state_dir) / REPLIES_DIR / f"{run_key}-round-{server_round:04d}.safetensors"
+
+
+def _instruction_json(instruction: TrainInstruction) -> str:
+    return json.dumps(instruction.model_dump(by_alias=True), sort_keys=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cache_reply(
+    state_dir: Path,
+    run_key: str,
+    instruction: TrainInstruction,
+    global_arrays: Arrays,
+    outcome: TrainOutcome,
+) -> Path:
+    """Cache a charged round's reply (atomically, fsync'ed) and drop the run's older ones."""
+    path = reply_cache_path(state_dir, run_key, instruction.server_round)
+    meta = _CachedReply(
+        run_key=run_key,
+        server_round=instruction.server_round,
+        global_sha256=arrays_sha256(global_arrays),
+        instruction=_instruction_json(instruction),
+        metrics=json.dumps(outcome.metrics.to_metrics()),
+        reply_sha256=arrays_sha256(outcome.arrays),
+    )
+    tensors = {name: np.ascontiguousarray(value) for name, value in outcome.arrays.items()}
+    atomic_write_bytes(
+        path, save_safetensors(tensors, metadata={_CACHE_META_KEY: meta.model_dump_json()})
+    )
+    _fsync(path)
+    _fsync(path.parent)
+    for old in path.parent.glob(f"{run_key}-round-*.safetensors"):
+        match = _CACHE_NAME.match(old.name)
+        if match is None or match["key"] != run_key:
+            continue
+        if int(match["round"]) <= instruction.server_round - REPLAY_ROUNDS_KEPT:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _load_cached(path: Path) -> tuple[_CachedReply, Arrays] | None:
+    """The cached reply at `path`; None when it is missing or does not check out."""
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            raw = (fh.metadata() or {}).get(_CACHE_META_KEY)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+        meta = _CachedReply.model_validate_json(raw or "")
+    except FileNotFoundError:
+        return None
+    except (OSError, SafetensorError, ValueError) as exc:
+        log.error("cached reply %s is unusable: %s", path, " ".join(str(exc).split())[:200])
+        return None
+    if arrays_sha256(tensors) != meta.reply_sha256:
+        log.error("cached reply %s does not match its own sha256", path)
+        return None
+    return meta, tensors
+
+
+def replayed_round(
+    site: SiteData, instruction: TrainInstruction, global_arrays: Arrays, *, run_key: str
+) -> TrainOutcome | None:
+    """The cached reply when this round is already charged at the site; None when it is not.
+
+    Raises
+    ------
+    ReplayRefusedError
+        The round is charged but its cached reply answers other global arrays or another
+        instruction, or is missing or corrupt.
+    """
+    server_round = instruction.server_round
+    key = (run_key, server_round, "train")
+    if not any(e.key == key for e in PrivacyLedger.at(site.state_dir).entries):
+        return None
+    path = reply_cache_path(site.state_dir, run_key, server_round)
+    where = f"site {site.config.name}: round {server_round} of run {run_key} is already charged"
+    cached = _load_cached(path)
+    if cached is None:
+        raise ReplayRefusedError(
+            f"{where} but its reply is not cached ({path}); training it again would release a "
+            "second noisy update for one charge; refused"
+        )
+    meta, arrays = cached
+    if meta.global_sha256 != arrays_sha256(global_arrays):
+        raise ReplayRefusedError(
+            f"{where} and the replay carries other global arrays (sha256 "
+            f"{arrays_sha256(global_arrays)[:12]}, charged for {meta.global_sha256[:12]}); "
+            "training it again would release a second noisy update for one charge; refused"
+        )
+    if meta.instruction != _instruction_json(instruction):
+        now, then = json.loads(_instruction_json(instruction)), json.loads(meta.instruction)
+        changed = ", ".join(
+            f"{k} {now.get(k)!r}, charged for {then.get(k)!r}"
+            for k in sorted({*now, *then})
+            if now.get(k) != then.get(k)
+        )
+        raise ReplayRefusedError(
+            f"{where} and the replay carries another instruction ({changed}); training it again "
+            "would release a second noisy update for one charge; refused"
+        )
+    metrics = TrainReplyMetrics.from_metrics(json.loads(meta.metrics))
+    log.info(
+        "%s: replay answered with the cached reply (sha256 %s), nothing trained or charged",
+        where, meta.reply_sha256[:12],
+    )  # fmt: skip
+    return TrainOutcome(arrays=arrays, metrics=metrics)
+
+
 def _encode(
     new: Arrays, start: Arrays, scheme: Scheme | None, feedback: ErrorFeedback
 ) -> tuple[Arrays, int]:
@@ -206,30 +370,43 @@ def train_round(
 ) -> TrainOutcome:
     """Train the global model on the site's training subjects for one round.
 
+    The round is charged under ``instruction.run_key or run_id``; a round already charged under
+    that key is answered with its cached reply (:func:`replayed_round`) and not trained again.
+
     Raises
     ------
     PrivacyBudgetError
         The round is refused (see :func:`check_round_budget`); nothing was trained.
+    ReplayRefusedError
+        The round is already charged and its cached reply does not answer this instruction.
     DataError
         The site has no subject this model can train on, or none was sampled.
     """
+    run_key = instruction.run_key or run_id
+    replayed = replayed_round(site, instruction, global_arrays, run_key=run_key)
+    if replayed is not None:
+        return replayed
     model = model_from_arrays(run, global_arrays)
     plan = plan_round(site, run, instruction, model)
     check_round_budget(site, plan)
     history = PrivacyLedger.at(site.state_dir).history
     result = train_local(model, site.train, plan.cfg, dp=plan.dp, ledger_history=history)
-    epsilon, delta, exhausted = math.inf, 0.0, False
-    if result.privacy is not None:
-        epsilon, delta, exhausted = charge_round(
-            site, result.privacy, run_id=run_id, server_round=instruction.server_round
-        )
     if result.examples == 0:
+        if result.privacy is not None:  # noise was drawn: the round is spent all the same
+            charge_round(
+                site, result.privacy, run_id=run_key, server_round=instruction.server_round
+            )
         raise DataError(
             f"site {site.config.name}: no subject was sampled in {result.steps} steps "
             f"(q={plan.sample_rate:.3g}); raise batch-subjects or local-steps"
         )
     new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     arrays, payload = _encode(new, global_arrays, instruction.scheme(), feedback)
+    epsilon, delta, exhausted = math.inf, 0.0, False
+    if result.privacy is not None:
+        epsilon, delta, exhausted = charge_round(
+            site, result.privacy, run_id=run_key, server_round=instruction.server_round
+        )
     metrics = TrainReplyMetrics(
         num_examples=result.examples,
         train_loss=result.mean_loss,
@@ -239,11 +416,14 @@ def train_round(
         payload_bytes=payload,
         budget_exhausted=exhausted,
     )
+    outcome = TrainOutcome(arrays=arrays, metrics=metrics)
+    if result.privacy is not None:  # charged: a replay of this round gets this very reply
+        cache_reply(site.state_dir, run_key, instruction, global_arrays, outcome)
     log.info(
         "site %s round %d: %d bags, loss %.4f, ε %.3g", site.config.name,
         instruction.server_round, result.examples, result.mean_loss, epsilon,
     )  # fmt: skip
-    return TrainOutcome(arrays=arrays, metrics=metrics)
+    return outcome
 
 
 def evaluate_round(site: SiteData, run: RunConfig, global_arrays: Arrays) -> tuple[int, float]:

@@ -6,6 +6,10 @@ aggregate_train, then the same for evaluation) with what a long federated run ne
 round's result to a callback before the next round (checkpoint, metrics), waits for the minimum
 number of sites with a timeout instead of forever, and fails the run when no site contributed
 to a round instead of carrying on with unchanged weights.
+
+Every instruction carries the run key (``protocol.RUN_KEY``, from ``<out-dir>/run.json``), which
+stays the same when a crashed run is resubmitted: sites key their ledger charges by it, so the
+round in flight during a crash is not charged twice.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from biofp_core.errors import BioFPError
-from biofp_core.protocol import LOCAL_STEPS, LR
+from biofp_core.protocol import LOCAL_STEPS, LR, RUN_KEY
 from server.config import RunConfig
 from server.report import (
     RoundMetrics,
@@ -26,6 +30,7 @@ from server.report import (
     site_rounds,
     weighted_train_loss,
 )
+from server.rundir import read_run_key
 from strategies.base import CountedFedAvg
 
 log = logging.getLogger(__name__)
@@ -78,8 +83,9 @@ def run_round(
     arrays: ArrayRecord,
     *,
     run: RunConfig,
+    run_key: str | None = None,
 ) -> tuple[ArrayRecord | None, RoundMetrics]:
-    """Train and evaluate one round.
+    """Train and evaluate one round; `run_key` goes to the sites with every instruction.
 
     Returns
     -------
@@ -87,7 +93,8 @@ def run_round(
         The new global arrays (None when no site contributed) and the round's metrics.
     """
     started = time.monotonic()
-    train_config = ConfigRecord({LOCAL_STEPS: run.local_steps, LR: run.lr})
+    keyed = {RUN_KEY: run_key} if run_key else {}
+    train_config = ConfigRecord({LOCAL_STEPS: run.local_steps, LR: run.lr, **keyed})
     messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)  # counts: round_replies
@@ -95,7 +102,9 @@ def run_round(
     sites = site_rounds(replies, report)
     eval_loss = None
     if new_arrays is not None and run.fraction_evaluate > 0:
-        eval_messages = strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), grid)
+        eval_messages = strategy.configure_evaluate(
+            server_round, new_arrays, ConfigRecord(dict(keyed)), grid
+        )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout_s))
         strategy.aggregate_evaluate(server_round, eval_replies)
         eval_loss = add_eval_losses(sites, eval_replies)
@@ -135,21 +144,28 @@ def run_rounds(
     arrays: ArrayRecord,
     first_round: int,
     on_round: OnRound,
+    run_key: str | None = None,
 ) -> ArrayRecord:
     """Run rounds `first_round` .. ``run.num_rounds``; return the final global arrays.
 
     `on_round` is called after every round, also after one that no site contributed to (with
-    None instead of arrays), before the run fails.
+    None instead of arrays), before the run fails. `run_key` defaults to the one in the run
+    directory (written by :meth:`server.rundir.RunDirectory.start`); without one, sites key
+    their charges by Flower's run id.
 
     Raises
     ------
     FederationError
         Too few sites connect in time, or a round gets no contribution.
     """
+    if run_key is None:
+        run_key = read_run_key(run.run_dir)
     for server_round in range(first_round, run.num_rounds + 1):
         log.info("[ROUND %d/%d]", server_round, run.num_rounds)
         wait_for_sites(grid, needed=run.min_sites, timeout_s=run.wait_timeout_s)
-        new_arrays, metrics = run_round(strategy, grid, server_round, arrays, run=run)
+        new_arrays, metrics = run_round(
+            strategy, grid, server_round, arrays, run=run, run_key=run_key
+        )
         on_round(new_arrays, metrics)
         if new_arrays is None:
             raise _no_contribution(metrics)

@@ -2,6 +2,7 @@
 
 Layout of ``<out-dir>``::
 
+    run.json                          the run key: a uuid written at the first start, kept on resume
     config.json                       the RunConfig of the run
     checkpoints/round-NNNN.safetensors  global arrays + strategy state after round NNNN
     metrics.json                      RunReport: status and per-round, per-site metrics
@@ -9,17 +10,25 @@ Layout of ``<out-dir>``::
 
 Starting a run in a directory that already holds one resumes it from its last valid checkpoint,
 provided the model and strategy are the same; ``num-rounds`` may grow (to extend a run).
+
+The run key identifies the run to the sites (``protocol.RUN_KEY`` in every instruction): a run
+resubmitted after a server crash gets a new Flower run id but keeps its run key, so a site
+recognises the round that was in flight as one it already trained and was charged for.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import (
     DataSummary,
@@ -29,8 +38,9 @@ from biofp_core.artifacts import (
     TrainingProvenance,
     save_model,
 )
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.fsutil import atomic_write_text
+from biofp_core.protocol import RUN_KEY_PATTERN
 from server.checkpoint import (
     describe_state,
     latest_checkpoint,
@@ -43,6 +53,8 @@ from server.report import RoundMetrics, RunReport
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+RUN_KEY_NAME = "run.json"
+RUN_KEY_FORMAT = "biofp-run-key"
 MODEL_STEM = "model"
 _SAME_FOR_RESUME = ("model", "model_options", "strategy", "strategy_options")
 
@@ -55,6 +67,60 @@ def to_arrayrecord(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """Name -> numpy array of an ArrayRecord."""
     return {name: array.numpy() for name, array in arrays.items()}
+
+
+class RunKeyFile(BaseModel):
+    """``<out-dir>/run.json``: the run key, fixed at the run's first start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["biofp-run-key"] = RUN_KEY_FORMAT
+    run_key: str = Field(pattern=RUN_KEY_PATTERN)
+    created_at: str
+
+
+def read_run_key(run_dir: Path) -> str | None:
+    """The run key stored in `run_dir`, None when the directory has none yet.
+
+    Raises
+    ------
+    ArtifactError
+        ``run.json`` exists but is unreadable: never replaced, since a new key would make the
+        sites charge the round in flight again.
+    """
+    path = Path(run_dir) / RUN_KEY_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the run key: {exc.strerror}") from None
+    try:
+        return RunKeyFile.model_validate_json(raw).run_key
+    except ValueError:
+        raise ArtifactError(
+            f"{path}: corrupt run key file; restore it (a new key would charge the sites "
+            "again for the round in flight) or choose another out-dir"
+        ) from None
+
+
+def ensure_run_key(run_dir: Path) -> str:
+    """The run key of `run_dir`: the stored one, or a new uuid written atomically and fsync'ed."""
+    key = read_run_key(run_dir)
+    if key is None:
+        key = uuid.uuid4().hex
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        text = RunKeyFile(run_key=key, created_at=created).model_dump_json(indent=1)
+        path = Path(run_dir) / RUN_KEY_NAME
+        atomic_write_text(path, text + "\n")
+        for synced in (path, path.parent):  # durable before any site is charged under it
+            fd = os.open(synced, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        log.info("new run key %s in %s", key, run_dir)
+    return key
 
 
 class RunDirectory:
@@ -73,6 +139,7 @@ class RunDirectory:
         self.strategy = strategy
         self.path = run.run_dir
         self.report = RunReport(num_rounds=run.num_rounds)
+        self.run_key: str | None = None  # set by start()
 
     def _check_same_run(self) -> None:
         """Refuse to resume a run directory that holds a different model or strategy."""
@@ -102,10 +169,11 @@ class RunDirectory:
         ConfigError
             The directory holds a run of another model or strategy.
         ArtifactError
-            Checkpoints exist but none is valid.
+            Checkpoints exist but none is valid, or the run key file is corrupt.
         """
         self._check_same_run()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.run_key = ensure_run_key(self.path)
         atomic_write_text(self.path / CONFIG_NAME, self.run.model_dump_json(indent=1) + "\n")
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:

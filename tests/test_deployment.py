@@ -3,7 +3,7 @@
 Everything is started through ``biofp server start`` / ``biofp client start`` (subprocesses, the
 containers' entry points); keys are registered with Flower's ``flwr supernode register`` and runs
 submitted with ``flwr run``. No mocks. The module shares one federation (one SuperLink, two
-SuperNodes); the last test kills the SuperLink mid-run and restarts it.
+SuperNodes); the last test kills the SuperLink in the middle of a round and restarts it.
 """
 
 from __future__ import annotations
@@ -27,14 +27,17 @@ from localfed import (
 )
 
 from biofp_core.artifacts import load_model
-from biofp_core.audit import AuditLog
+from biofp_core.audit import AuditLog, AuditLogError
 from biofp_core.certs import init_certificates
 from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.site import load_site_config
 from client.launch import supernode_command
+from server.rundir import read_run_key
 
 RUN = {  # a tiny model and 2 short rounds, no federated evaluation: seconds of training
-    "num-rounds": 2, "local-steps": 2, "batch-subjects": 2, "bag-size": 4,
+    # 4 steps: a site of 3 training subjects sampled at q = 2/3 samples nobody in every step of a
+    # round (a DataError reply) with p = (1/27)^steps, 1/729 at 2 steps, 2e-6 at 4
+    "num-rounds": 2, "local-steps": 4, "batch-subjects": 2, "bag-size": 4,
     "model-options": TINY_MODEL, "fraction-evaluate": 0.0, "wait-timeout-s": 60.0,
     "round-timeout-s": 120.0,
 }  # fmt: skip
@@ -72,11 +75,27 @@ def _train_entries(state_dir: Path) -> list:
     return [e for e in PrivacyLedger.at(state_dir).entries if e.kind == "train"]
 
 
+def _sent_train(state_dir: Path, run_key: str, server_round: int) -> list:
+    """Audit entries of the training replies (updates, refusals, errors) a site sent for one
+    round of a run."""
+    try:
+        entries = AuditLog.at(state_dir).entries()
+    except AuditLogError:  # a line being appended right now: look again
+        return []
+    return [
+        e for e in entries
+        if (e.run_id, e.server_round) == (run_key, server_round)
+        and e.message_type.startswith("train")
+    ]  # fmt: skip
+
+
 def test_two_rounds_with_tls_and_node_auth(federation: LocalFederation, app_dir: Path) -> None:
     fed = federation
-    run_id = fed.submit(app_dir, {**RUN, "out-dir": "run-2rounds"})
+    fed.submit(app_dir, {**RUN, "out-dir": "run-2rounds"})
     run_dir = fed.workdir / "run-2rounds"  # relative out-dir: the SuperLink's workdir
     report = _wait_for_run(fed, run_dir, timeout_s=240)
+    run_key = read_run_key(run_dir)  # what the sites charge and audit under
+    assert run_key is not None
     assert [r["server_round"] for r in report["rounds"]] == [1, 2]
     assert all(r["contributed"] == 2 and r["failed"] == 0 for r in report["rounds"])
     model, card = load_model(run_dir / "model")
@@ -84,9 +103,9 @@ def test_two_rounds_with_tls_and_node_auth(federation: LocalFederation, app_dir:
     assert card.privacy is not None and len(card.privacy.sites) == 2
     assert sum(p.numel() for p in model.parameters()) > 0
     for site in fed.sites.values():
-        charged = [e for e in _train_entries(site.state_dir) if e.run_id == run_id]
+        charged = [e for e in _train_entries(site.state_dir) if e.run_id == run_key]
         assert [e.server_round for e in charged] == [1, 2]
-        sent = [e for e in AuditLog.at(site.state_dir).entries() if e.run_id == run_id]
+        sent = [e for e in AuditLog.at(site.state_dir).entries() if e.run_id == run_key]
         assert [e.server_round for e in sent if e.message_type.startswith("train")] == [1, 2]
 
 
@@ -137,29 +156,44 @@ def test_supernode_with_wrong_ca_cannot_connect(federation: LocalFederation) -> 
     assert fed.online() == 2
 
 
-def test_server_crash_resumes_and_completed_rounds_are_not_charged_again(
+def test_a_server_killed_mid_round_resumes_and_no_site_is_charged_twice(
     federation: LocalFederation, app_dir: Path
 ) -> None:
+    """Kill the SuperLink (and its ServerApp) after both sites sent their round-1 update but
+    before the server checkpointed round 1, restart it, resubmit: round 1 is sent again with the
+    same global arrays under the same run key, and each site answers with its cached reply."""
     fed = federation
-    first = fed.submit(app_dir, {**RUN, "out-dir": "run-crash"})
     run_dir = fed.workdir / "run-crash"
-    wait_until(lambda: (run_dir / "checkpoints" / "round-0001.safetensors").exists(),
-               timeout_s=180, what="the round-1 checkpoint", poll_s=0.1)  # fmt: skip
+    # Federated evaluation in the first submission only: the round-1 checkpoint is written after
+    # both sites' evaluation replies (each a new ClientApp process), so once both training replies
+    # are in the sites' audit logs there are seconds left to kill the server before it exists.
+    fed.submit(app_dir, {**RUN, "out-dir": "run-crash", "fraction-evaluate": 1.0})
+    run_key = wait_until(lambda: read_run_key(run_dir), timeout_s=120, what="run.json")
+
+    def both_replied() -> list | None:
+        sent = [_sent_train(site.state_dir, run_key, 1) for site in fed.sites.values()]
+        return sent if all(sent) else None
+
+    sent = wait_until(both_replied, timeout_s=180, what="both sites' round-1 replies", poll_s=0.1)
     server = fed.procs[0]
     kill_tree(server, sig=signal.SIGKILL)  # the coordinator's machine dies: no clean shutdown
     fed.procs.remove(server)
+    assert not (run_dir / "checkpoints" / "round-0001.safetensors").exists()  # round 1 in flight
+    replies = [entry for entries in sent for entry in entries]
+    assert len(replies) == 2 and all(e.arrays_sha256 for e in replies), [e.note for e in replies]
     fed.procs.insert(0, fed.start_server())  # same server.toml: same database, same keys
     wait_until(lambda: fed.online() == 2, timeout_s=90, what="SuperNodes reconnected")
-    second = fed.submit(app_dir, {**RUN, "out-dir": "run-crash"})
+    fed.submit(app_dir, {**RUN, "out-dir": "run-crash"})  # a new Flower run id
     report = _wait_for_run(fed, run_dir, timeout_s=240)
-    assert report["resumed_from_round"] == 1
+    assert read_run_key(run_dir) == run_key
+    assert report["resumed_from_round"] is None  # no checkpoint: round 1 again, from the start
     assert [r["server_round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["contributed"] == 2 and r["refused"] == 0 for r in report["rounds"])
     _, card = load_model(run_dir / "model")
     assert card.training.rounds == 2
     for site in fed.sites.values():
-        entries = [e for e in _train_entries(site.state_dir) if e.run_id in (first, second)]
-        round_1 = [e for e in entries if e.server_round == 1]
-        assert [e.run_id for e in round_1] == [first]  # not trained again after the restart
-        assert {e.server_round for e in entries if e.run_id == second} == {2}
-        keys = [(e.run_id, e.server_round) for e in entries]
-        assert len(keys) == len(set(keys))
+        entries = [e for e in _train_entries(site.state_dir) if e.run_id == run_key]
+        assert [e.server_round for e in entries] == [1, 2]  # one charge per (run key, round)
+        first, again = _sent_train(site.state_dir, run_key, 1)  # before and after the crash
+        assert again.arrays_sha256 == first.arrays_sha256
+        assert again.note is not None and again.note.startswith("replay:"), again.note

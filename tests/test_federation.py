@@ -28,13 +28,16 @@ from biofp_core.protocol import (
     COMPRESSION,
     CONFIG_KEY,
     LOCAL_STEPS,
+    LR,
     METRICS_KEY,
+    RUN_KEY,
     SCALE_SUFFIX,
     SERVER_ROUND,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
 )
 from client.app import app as client_app
+from client.task import reply_cache_path
 from server.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -44,7 +47,7 @@ from server.checkpoint import (
 from server.config import RunConfig
 from server.report import RunReport
 from server.rounds import FederationError
-from server.rundir import RunDirectory, to_arrayrecord
+from server.rundir import RunDirectory, read_run_key, to_arrayrecord
 from simulations.run import RunSummary, SimulationConfig, load_simulation_config, simulate
 from strategies.registry import build_strategy
 
@@ -168,9 +171,10 @@ def test_resume_continues_at_the_next_round_with_the_same_weights(
     report = RunReport.read(out)
     assert report is not None and report.resumed_from_round == 1
     assert summary.rounds == 2 and [r.server_round for r in report.rounds] == [1, 2]
-    for ledger in ledgers(sites_dir).values():
-        assert [e.server_round for e in ledger.entries] == [1, 2]
-        assert len({e.run_id for e in ledger.entries}) == 2  # two processes, two Flower runs
+    run_key = read_run_key(out)
+    assert run_key is not None
+    for ledger in ledgers(sites_dir).values():  # two processes, two Flower runs, one run key
+        assert [e.key for e in ledger.entries] == [(run_key, 1, "train"), (run_key, 2, "train")]
     resumed, uninterrupted = final_arrays(out), final_arrays(base_run.out)
     for name, value in uninterrupted.items():
         np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6)
@@ -215,23 +219,39 @@ def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path
 # ---- the ClientApp called directly on real Messages -----------------------------------------
 
 
-def instruction(run: RunConfig, message_type: str, **config: object) -> Message:
-    """A server instruction carrying the run's initial arrays, as Flower delivers it."""
-    arrays = to_arrayrecord({k: v.numpy() for k, v in run.build_model().state_dict().items()})
+def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in run.build_model().state_dict().items()}
+
+
+def instruction(
+    run: RunConfig,
+    message_type: str,
+    *,
+    run_id: int = 7,
+    arrays: dict[str, np.ndarray] | None = None,
+    **config: object,
+) -> Message:
+    """A server instruction carrying `arrays` (default: the run's initial arrays), as Flower
+    delivers it."""
+    record = to_arrayrecord(initial_arrays(run) if arrays is None else arrays)
     metadata = Metadata(
-        run_id=7, message_id="instruction-1", src_node_id=1, dst_node_id=11,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
+        run_id=run_id, message_id=f"instruction-{time.monotonic_ns()}", src_node_id=1,
+        dst_node_id=11, reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
         message_type=message_type,
     )  # fmt: skip
-    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(dict(config))})
+    content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: ConfigRecord(dict(config))})
     return Message(content, metadata=metadata)
 
 
-def site_context(run: RunConfig, site_toml: Path) -> Context:
+def site_context(run: RunConfig, site_toml: Path, *, run_id: int = 7) -> Context:
     return Context(
-        run_id=7, node_id=11, node_config={"site-config": str(site_toml)}, state=RecordDict(),
-        run_config=run.to_run_config(),
+        run_id=run_id, node_id=11, node_config={"site-config": str(site_toml)},
+        state=RecordDict(), run_config=run.to_run_config(),
     )  # fmt: skip
+
+
+def sent_arrays(reply: Message) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_KEY].items()}
 
 
 @pytest.fixture(scope="module")
@@ -256,22 +276,75 @@ def test_a_training_reply_holds_arrays_and_allowed_metrics_only(site_toml: Path)
     assert all(is_allowed_reply_metric_key(k) for k in metrics)
     parsed = TrainReplyMetrics.from_metrics(metrics)
     assert parsed.num_examples > 0 and 0 < parsed.epsilon < 8 and not parsed.refused
-    sent = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_KEY].items()}
+    sent = sent_arrays(reply)
     assert sent.keys() == set(msg.content[ARRAYS_KEY].keys())
     entry = AuditLog.at(site_toml.parent / "state").entries()[-1]
     assert entry.arrays_sha256 == arrays_sha256(sent) and entry.run_id == "7"
     assert entry.payload_bytes == parsed.payload_bytes and set(entry.metric_keys) == set(metrics)
 
 
+def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
+    site_toml: Path, tmp_path: Path
+) -> None:
+    toml = tmp_path / "site.toml"  # the same data, a fresh state folder (ledger, audit, cache)
+    toml.write_text(site_toml.read_text())
+    state = tmp_path / "state"
+    run = RunConfig.from_run_config(TINY_RUN)
+    config = {SERVER_ROUND: 1, LOCAL_STEPS: 2, RUN_KEY: "run-a1"}
+    first = client_app(instruction(run, MessageType.TRAIN, **config), site_context(run, toml))
+    assert not first.has_error(), first.error
+    charged = PrivacyLedger.at(state)
+    assert [e.key for e in charged.entries] == [("run-a1", 1, "train")]
+    epsilon = charged.epsilon(delta=1e-5)
+    assert reply_cache_path(state, "run-a1", 1).exists()
+
+    # the server crashed and the run was resubmitted: a new Flower run id, the same run key,
+    # the same global arrays (its last checkpoint)
+    replay = client_app(instruction(run, MessageType.TRAIN, run_id=8, **config),
+                        site_context(run, toml, run_id=8))  # fmt: skip
+    assert not replay.has_error(), replay.error
+    ledger = PrivacyLedger.at(state)
+    assert [e.key for e in ledger.entries] == [("run-a1", 1, "train")]
+    assert ledger.epsilon(delta=1e-5) == epsilon
+    assert arrays_sha256(sent_arrays(replay)) == arrays_sha256(sent_arrays(first))
+    assert dict(replay.content[METRICS_KEY]) == dict(first.content[METRICS_KEY])
+    audit = AuditLog.at(state).entries()
+    assert [(e.run_id, e.server_round, e.message_type) for e in audit] == [
+        ("run-a1", 1, "train")
+    ] * 2
+    assert audit[0].note is None and audit[0].arrays_sha256 == audit[1].arrays_sha256
+    assert audit[1].note is not None and audit[1].note.startswith("replay:")
+    assert "nothing new trained or charged" in audit[1].note
+
+    # the same (run key, round) with other global arrays, or another instruction: refused
+    other = {k: v + np.ones_like(v) if v.dtype.kind == "f" else v
+             for k, v in initial_arrays(run).items()}  # fmt: skip
+    for msg, why in [
+        (instruction(run, MessageType.TRAIN, run_id=9, arrays=other, **config), "global arrays"),
+        (instruction(run, MessageType.TRAIN, run_id=9, **{**config, LR: 0.5}), "instruction"),
+    ]:
+        refused = client_app(msg, site_context(run, toml, run_id=9))
+        assert not refused.has_error(), refused.error
+        assert set(refused.content.keys()) == {METRICS_KEY}  # metrics only, no arrays
+        parsed = TrainReplyMetrics.from_metrics(dict(refused.content[METRICS_KEY]))
+        assert parsed.refused and not parsed.budget_exhausted and parsed.num_examples == 0
+        assert parsed.epsilon == pytest.approx(epsilon)
+        note = AuditLog.at(state).entries()[-1].note or ""
+        assert note.startswith("refused:") and "already charged" in note and why in note, note
+    ledger.reload()
+    assert [e.key for e in ledger.entries] == [("run-a1", 1, "train")]  # no new charge
+    assert ledger.epsilon(delta=1e-5) == epsilon
+
+
 def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
     run = RunConfig.from_run_config(
         {**TINY_RUN, "strategy": "compressed", "compression": "int8", "dp": False}
     )
-    ctx = site_context(run, site_toml)
+    ctx = site_context(run, site_toml, run_id=17)  # another run: round 1 of run 7 is charged
     infinite = site_toml.with_name("site-nodp.toml")
     infinite.write_text(site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf"))
     ctx.node_config["site-config"] = str(infinite)
-    msg = instruction(run, MessageType.TRAIN, **{SERVER_ROUND: 1, COMPRESSION: "int8"})
+    msg = instruction(run, MessageType.TRAIN, run_id=17, **{SERVER_ROUND: 1, COMPRESSION: "int8"})
     reply = client_app(msg, ctx)
     assert not reply.has_error(), reply.error
     sent = reply.content.array_records[ARRAYS_KEY]
@@ -335,6 +408,22 @@ def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_kept(tmp_path: P
     checkpoint_path(tmp_path, 1).write_bytes(b"\x00" * 10)  # truncated as well
     with pytest.raises(ArtifactError, match="no valid checkpoint left"):
         latest_checkpoint(tmp_path)
+
+
+def test_a_run_directory_keeps_its_run_key_across_restarts(tmp_path: Path) -> None:
+    run = RunConfig.from_run_config({**TINY_RUN, "out-dir": str(tmp_path)})
+    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    first = RunDirectory(run, strategy)
+    first.start()
+    assert first.run_key is not None and read_run_key(tmp_path) == first.run_key
+    again = RunDirectory(run, strategy)
+    again.start()
+    assert again.run_key == first.run_key
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(ArtifactError, match=r"run\.json: corrupt run key file") as exc:
+        RunDirectory(run, strategy).start()
+    assert "\n" not in str(exc.value)
+    assert read_run_key(tmp_path / "elsewhere") is None
 
 
 def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None:
