@@ -10,9 +10,15 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from biofp_core.commands.certs import certs_app
+from biofp_core.commands.client import client_app
 from biofp_core.commands.data import data_app
 from biofp_core.commands.demo import demo
+from biofp_core.commands.evaluate import evaluate
+from biofp_core.commands.fingerprint import fingerprint
+from biofp_core.commands.server import server_app
 from biofp_core.commands.site import site_app
 from biofp_core.errors import BioFPError
 
@@ -21,9 +27,26 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(site_app, name="site")
+app.add_typer(certs_app, name="certs")
+app.add_typer(server_app, name="server")
+app.add_typer(client_app, name="client")
 app.command("demo")(demo)
+app.command("fingerprint")(fingerprint)
+app.command("evaluate")(evaluate)
 
 err_console = Console(stderr=True)
+
+
+@app.command(
+    "simulate",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def simulate(ctx: typer.Context) -> None:
+    """Federated pretraining on emulated hospitals in Flower's simulation engine (--help)."""
+    from simulations.cli import main as simulate_main  # imports Flower only when it runs
+
+    simulate_main(list(ctx.args))
 
 
 def main() -> None:
@@ -32,7 +55,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except BioFPError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
