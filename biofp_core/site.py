@@ -10,7 +10,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from biofp_core.config import ChannelAliases, PreprocessConfig
+from biofp_core.deployment import FederationConfig, resolve_federation_paths
 from biofp_core.errors import ConfigError, DataError
+from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.signals.channels import normalise_name
 
 LABEL_KEYS = ("subject", "record")
@@ -56,6 +58,8 @@ class SiteConfig(BaseModel):
     aliases: AliasOverrides = AliasOverrides()
     preprocess: dict = Field(default_factory=dict, description="PreprocessConfig overrides")
     privacy: PrivacyBudget = PrivacyBudget()
+    release: ReleasePolicy = ReleasePolicy()  # what fingerprint exports may let out
+    federation: FederationConfig | None = Field(None, description="how the SuperNode joins")
 
     @model_validator(mode="after")
     def _check_preprocess(self) -> SiteConfig:
@@ -100,6 +104,8 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
     for key in ("data_dir", "cache_dir", "state_dir", "labels_csv", "subject_map_csv"):
         if raw.get(key) is not None:
             raw[key] = (base / Path(raw[key]).expanduser()).resolve()
+    if isinstance(raw.get("federation"), dict):
+        raw["federation"] = resolve_federation_paths(raw["federation"], base)
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:

@@ -1,0 +1,101 @@
+"""Federated evaluation without moving fingerprints: each site probes its own, the server averages.
+
+A site fits and cross-validates the probe on its own released fingerprints (`site_probe`) and
+reports scalars only (`SiteProbe`); `aggregate_probes` combines the sites' reports weighted by
+their labelled rows. For MAE this is exact: the weighted mean of site MAEs is the MAE of all the
+sites' out-of-fold predictions pooled (sum of absolute errors over rows). For AUROC it is the
+weighted mean of site AUROCs, which is NOT the AUROC of pooled predictions (ranks do not add up
+across sites), and is reported as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from biofp_core.errors import DataError
+from biofp_core.evaluation.labels import TaskKind, TaskLabels, join
+from biofp_core.evaluation.probes import METRIC_OF, cross_validated, score
+from biofp_core.fingerprints.table import FingerprintTable
+
+
+class SiteProbe(BaseModel):
+    """One site's probe of one task: scalars only, safe to send."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str
+    kind: TaskKind
+    metric: str
+    value: float = Field(description="the site's out-of-fold metric")
+    baseline: float = Field(description="chance AUROC, or the fold-mean predictor's MAE")
+    rows: int = Field(ge=1, description="labelled fingerprint rows: the weight")
+    subjects: int = Field(ge=1)
+
+
+class FederatedProbe(BaseModel):
+    """The sites' probes of one task combined."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: str
+    metric: str
+    value: float  # row-weighted mean of the sites' metric
+    baseline: float
+    rows: int
+    subjects: int
+    sites: int
+    pooled_equivalent: bool  # True when `value` equals the metric of the pooled predictions
+
+
+def site_probe(
+    table: FingerprintTable, labels: TaskLabels, *, level: str = "record", folds: int = 5,
+    repeats: int = 5, seed: int = 0,
+) -> SiteProbe:  # fmt: skip
+    """Cross-validate the task's probe on one site's fingerprints (see `probes.probe`)."""
+    X, y, groups = join(table, labels, level=level)
+    n_classes = len(labels.classes)
+    if labels.kind != "regression" and len(np.unique(y)) < 2:
+        raise DataError(f"task {labels.task!r}: a single class at this site")
+    pred, base, _ = cross_validated(
+        X.astype(np.float64), y, groups, kind=labels.kind, n_classes=n_classes, folds=folds,
+        repeats=repeats, seed=seed, task=labels.task,
+    )  # fmt: skip
+    regression = labels.kind == "regression"
+    return SiteProbe(
+        task=labels.task,
+        kind=labels.kind,
+        metric=METRIC_OF[labels.kind],
+        value=score(labels.kind, y, pred),
+        baseline=score(labels.kind, y, base) if regression else 0.5,
+        rows=len(y),
+        subjects=len(np.unique(groups)),
+    )
+
+
+def aggregate_probes(reports: Sequence[SiteProbe]) -> FederatedProbe:
+    """Row-weighted mean of the sites' metrics for one task.
+
+    Raises
+    ------
+    ValueError
+        No report, or reports of different tasks or metrics (a server-side bug).
+    """
+    if not reports:
+        raise ValueError("aggregate_probes needs at least one site report")
+    if len({(r.task, r.metric) for r in reports}) > 1:
+        raise ValueError("site reports of different tasks or metrics cannot be combined")
+    weights = np.array([r.rows for r in reports], dtype=np.float64)
+    first = reports[0]
+    return FederatedProbe(
+        task=first.task,
+        metric=first.metric,
+        value=float(np.average([r.value for r in reports], weights=weights)),
+        baseline=float(np.average([r.baseline for r in reports], weights=weights)),
+        rows=int(weights.sum()),
+        subjects=sum(r.subjects for r in reports),
+        sites=len(reports),
+        pooled_equivalent=first.metric == "mae",
+    )

@@ -1,0 +1,77 @@
+"""One call from a configured site and a model artifact to a released fingerprint file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from biofp_core.artifacts import ModelCard, load_model
+from biofp_core.fingerprints.compute import window_fingerprints
+from biofp_core.fingerprints.pseudonyms import SiteKey
+from biofp_core.fingerprints.release import (
+    RELEASE_MESSAGE,
+    ReleaseReport,
+    commit_release,
+    prepare_release,
+)
+from biofp_core.models.base import BioFPModel
+from biofp_core.site import SiteConfig
+from biofp_core.store import WindowStore
+from biofp_core.validate import open_site_store
+
+
+def release_store(
+    store: WindowStore,
+    model: BioFPModel,
+    card: ModelCard,
+    *,
+    site: SiteConfig,
+    out: Path | None,
+    modality: str = "paired",
+    run_id: str | None = None,
+    server_round: int = 0,
+    message_type: str = RELEASE_MESSAGE,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[ReleaseReport, bytes]:
+    """Embed a site's windows with `model` and release them under the site's policy.
+
+    The site's state folder holds the pseudonym key (created on first use), the ledger charged
+    for the noise and the audit log. See `release.commit_release` for `out`, `run_id`,
+    `server_round` and `message_type`; `seed` seeds the noise (tests and benchmarks only).
+
+    Raises
+    ------
+    PrivacyBudgetError
+        When the release's noise would exceed the site's budget (nothing is written).
+    """
+    state_dir = site.resolved_state_dir()
+    key = SiteKey.load_or_create(state_dir)
+    windows = window_fingerprints(store, model, modality=modality, on_batch=on_batch)
+    prepared = prepare_release(
+        windows, card=card, policy=site.release, key=key, modality=modality,
+        default_delta=site.privacy.delta, seed=seed,
+    )  # fmt: skip
+    return commit_release(
+        prepared, state_dir=state_dir, budget=site.privacy, out=out, run_id=run_id,
+        server_round=server_round, message_type=message_type,
+    )  # fmt: skip
+
+
+def export_fingerprints(
+    site: SiteConfig,
+    *,
+    model_path: Path,
+    out: Path,
+    modality: str = "paired",
+    seed: int | None = None,
+    on_record: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ReleaseReport:
+    """`biofp fingerprint`: the site's window store, the artifact's model, a released file."""
+    model, card = load_model(model_path)
+    store = open_site_store(site, on_record=on_record)
+    report, _ = release_store(
+        store, model, card, site=site, out=out, modality=modality, seed=seed, on_batch=on_batch
+    )
+    return report

@@ -1,0 +1,63 @@
+"""Helpers shared by the fingerprint and evaluation tests: a tiny model, a tiny cohort, sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from biofp_core.artifacts import save_model
+from biofp_core.models.m2ae import M2AE, M2AEConfig
+from biofp_core.site import SiteConfig, load_site_config
+from biofp_core.synth import write_cohort
+
+TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1,
+        "fingerprint_dim": 16}  # fmt: skip
+
+
+def tiny_artifact(path: Path, seed: int = 0) -> Path:
+    """An untrained tiny M2AE saved as an artifact; returns the weights path."""
+    torch.manual_seed(seed)
+    return save_model(M2AE(M2AEConfig(**TINY)), path)
+
+
+def tiny_cohort(out: Path, *, sites: int = 2, subjects: int = 4, seed: int = 3) -> Path:
+    """`sites` hospitals x `subjects` subjects x 1 minute (6 windows each)."""
+    write_cohort(out, sites=sites, subjects_per_site=subjects, minutes=1.0, seed=seed)
+    return out
+
+
+def site_config(
+    root: Path, data_dir: Path, *, name: str = "north", cache: Path, budget: float = 8.0,
+    release: str = "",
+) -> SiteConfig:  # fmt: skip
+    """A site.toml under `root` for the records in `data_dir` (its labels.csv maps subjects)."""
+    root.mkdir(parents=True, exist_ok=True)
+    text = (
+        f'name = "{name}"\ndata_dir = "{data_dir}"\ncache_dir = "{cache}"\n'
+        f'state_dir = "{root / "state"}"\nlabels_csv = "{data_dir / "labels.csv"}"\n'
+        f"[privacy]\nepsilon = {budget}\n[release]\n{release}\n"
+    )
+    (root / "site.toml").write_text(text)
+    return load_site_config(root / "site.toml")
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run `biofp ARGS` in this process like the console script; (exit code, stderr text)."""
+    import contextlib
+    import io
+    import sys
+
+    from biofp_core.cli import main
+
+    err = io.StringIO()
+    argv, sys.argv = sys.argv, ["biofp", *args]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return code, err.getvalue()
