@@ -13,9 +13,9 @@ $(BIN)/biofp: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $@
 
-## run: install BioFP and run the main job on the embedded default
+## run: install BioFP and run the main job: a federated DP simulation of 4 synthetic hospitals
 run: $(BIN)/biofp
-	$(BIN)/biofp demo
+	$(BIN)/biofp simulate --out runs/default
 
 ## test: install BioFP with test dependencies and run lint + the whole test suite
 test: $(BIN)/biofp
