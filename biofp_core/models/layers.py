@@ -48,8 +48,8 @@ class Dense(nn.Linear):
     Under DP-SGD with hooks, Opacus computes each subject's weight gradient from the activations and
     output gradients it captures, then overwrites ``.grad`` with the clipped, noised sum: the batch
     weight gradient autograd computes as well is thrown away. With ``batch_weight_grad = False``
-    (set by ``biofp_core.privacy`` while DP training runs) that matmul is skipped, which is most of
-    the way from Opacus' usual overhead to ours. Otherwise it is exactly ``nn.Linear``.
+    (set by ``biofp_core.privacy`` while DP training runs) that matmul is skipped. Otherwise it is
+    exactly ``nn.Linear``.
     """
 
     batch_weight_grad: bool = True

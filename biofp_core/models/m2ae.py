@@ -49,8 +49,9 @@ class M2AEConfig(ModelConfig):
     """Architecture and objective of M2AE. Defaults: 1.37 M parameters, 10 tokens per modality.
 
     Patching is chosen for speed (DESIGN §4): with 1 s patches a paired window is 2 x 10 tokens and
-    the fingerprint path (2 + 2 modality blocks, 2 fusion blocks) runs at ~3,400 paired windows/s on
-    2 cores; 0.4 s patches (25 tokens) ran at ~1,500/s with a single fusion block.
+    the fingerprint path (2 + 2 modality blocks, 2 fusion blocks) runs at ~3,000 paired and ~6,000
+    single-modality windows/s on 2 cores; 0.4 s patches (25 tokens) ran at ~1,500 paired/s even
+    with a single fusion block.
     """
 
     patch_samples: int = Field(125, ge=1)  # samples per patch (1 s at 125 Hz) -> T = 10 tokens

@@ -22,8 +22,10 @@ windows, 2 cores; naive Opacus on a transformer costs 2.6-8x):
   models with layers Opacus has no rule for.
 - Many windows per subject amortise the per-subject costs (they scale with subjects x parameters,
   compute with subjects x windows x tokens): bags of 16 windows, the TrainConfig default.
-Measured (DP step / plain step, medians of interleaved steps in one run, shared noisy machine):
-hooks + Dense 1.14-1.26; stock hooks (batch weight gradient kept) 1.65-1.80; ghost 1.83-2.95.
+Measured (DP step / plain step, medians of interleaved steps in one run, quiet machine,
+``bench/encoders.py --compare batch-wgrad,ghost``): hooks + Dense 1.18-1.21, hooks keeping the
+batch weight gradient 1.29, ghost 2.93. With affine LayerNorms and 8-window bags, stock hooks
+measured 1.4-1.7.
 Poisson batches use Opacus' ``UniformWithReplacementSampler`` with the exact rate (``DPDataLoader``
 derives the rate from ``len(loader)`` and cannot rebuild a dict batch if the first one is empty);
 an empty batch still takes a noise-only step, as the accountant assumes.
