@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from biofp_core.errors import ConfigError, DataError
 from biofp_core.models.layers import Dense
+from biofp_core.privacy.ledger import rdp_epsilon
 
 # Dense is an nn.Linear: Opacus' Linear rules apply as they are (it looks rules up by exact type).
 register_grad_sampler(Dense)(compute_linear_grad_sample)
@@ -99,10 +100,11 @@ def extend_history(
 
 
 def epsilon_for(history: Sequence[Sequence[float]], *, delta: float) -> float:
-    """ε at δ of an RDP accountant history; 0 for an empty history, inf without noise."""
-    accountant = RDPAccountant()
-    accountant.history = _as_history(history)
-    return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+    """ε at δ of an RDP accountant history; 0 for an empty history, inf without noise.
+
+    One computation of ε for the whole project: the ledger's (`rdp_epsilon`).
+    """
+    return rdp_epsilon(_as_history(history), delta=delta)
 
 
 def epsilon_if(
