@@ -1,12 +1,17 @@
 """Federation figures: update compression, federated vs centralized time, and site scaling.
 
-.venv/bin/python bench/federation.py [--quick] [--cores 2] [--cache-dir DIR] [--keep]
+.venv/bin/python bench/federation.py [--quick] [--cores 2] [--time-steps 32] [--timing-repeats 2]
+    [--no-repeat] [--only compression|timing|scaling] [--cache-dir DIR] [--keep]
+
+Full size: about 7 minutes on 2 quiet cores (more on a busy host); ``--quick``: tiny model and
+sizes, about 4 minutes, nearly all of it Ray start-up (one per simulation).
 
 Every run is ``simulations.run.simulate`` (the real ClientApp and ServerApp in Flower's simulation
-engine, Ray) on the synthetic cohort with a small M2AE, in its own child process pinned to
-``--cores`` CPUs (``cpus = cores`` for Ray, one CPU per ClientApp). The child first builds the
-cohort and window stores (cached, not timed), then times ``simulate()``. The parent samples the
-memory of the child's whole process tree (Ray's GCS, raylet and workers included) from /proc.
+engine, Ray) on the synthetic cohort with a small M2AE (211k parameters), in its own child process
+pinned to ``--cores`` CPUs (``cpus = cores`` for Ray, one CPU per ClientApp). The child first
+builds the cohort and window stores (cached, not timed), then times ``simulate()``. The parent
+samples the memory of the child's whole process tree (Ray's GCS, raylet and workers included)
+from /proc.
 
 1. Compression: strategy ``fedavg`` vs ``compressed`` with ``fp16`` and ``int8``, same seed and
    config, WITHOUT DP (``dp = false``) so DP noise does not hide the effect of quantisation.
@@ -14,7 +19,7 @@ memory of the child's whole process tree (Ray's GCS, raylet and workers included
    site reports in metrics.json: numeric bytes of the update) and ``wire`` (the server's
    ``bytes_received`` / contributing sites: Flower's ``ArrayRecord.count_bytes``, which adds each
    array's .npy header and its key). Final training loss (last round, example-weighted over sites)
-   of each compressed run / the fedavg run.
+   of each compressed run / the fedavg run, and a second fedavg run as the run-to-run noise floor.
 2. Federated / centralized time for the same total local steps (rounds x sites x local steps;
    ``simulate(centralized=True)`` trains the same model with the same ``train_local`` on the
    pooled data). DP on in both (sites get a large ε budget so that no round is refused), no
@@ -24,7 +29,8 @@ memory of the child's whole process tree (Ray's GCS, raylet and workers included
    the time outside the rounds (Ray start, actor pool, ServerApp set-up, final model, teardown)
    plus round 1's excess over the median later round (each Ray worker's first ClientApp call
    imports torch, Opacus and the app), over the centralized training phase. Cross-check: start-up
-   taken as the engine phase of a 1-round, 1-local-step run of the same sites.
+   taken as the engine phase of a 1-round, 1-local-step run of the same sites. Interleaved
+   (federated, centralized) pairs, medians reported with their range.
 3. Scaling: N sites x 2 rounds (3 subjects per site, 2 local steps, DP on with a large budget,
    per-round evaluation on as in the default job): wall time per site-round and the peak memory of
    the whole process tree (sum of RSS, which counts shared libraries once per process, and sum of
@@ -371,8 +377,48 @@ def compression(root: Path, sizes: Sizes, cores: int, repeat: bool) -> dict[str,
     return out
 
 
-def timing(root: Path, sizes: Sizes, cores: int) -> dict[str, Any]:
-    """Experiment 2: federated vs centralized wall time for the same total local steps (DP on)."""
+def _federated_times(fed: dict[str, Any], sizes: Sizes, workers: int) -> dict[str, Any]:
+    """Where a federated run's time went, from its own metrics.json (see ``definitions``)."""
+    round_s = [r["wall_s"] for r in _rounds(fed)]
+    steady_round = statistics.median(round_s[1:]) if len(round_s) > 1 else round_s[0]
+    outside = fed["run_phase_s"] - sum(round_s)  # Ray, ServerApp set-up, final model, teardown
+    warmup = max(0.0, round_s[0] - steady_round)  # round 1's extra: first ClientApp calls
+    site_steps = sizes.cohort_sites * sizes.time_steps  # per round
+    return {
+        "whole_s": fed["total_s"],
+        "engine_phase_s": fed["run_phase_s"],
+        "round_wall_s": round_s,
+        "steady_round_s": steady_round,
+        "outside_rounds_s": outside,
+        "round1_warmup_s": warmup,
+        "startup_s": outside + warmup,
+        "concurrent_clientapps": workers,
+        "s_per_site_step_with_overheads": steady_round * min(workers, sizes.cohort_sites)
+        / site_steps,
+        "final_train_loss": _rounds(fed)[-1]["train_loss"],
+        "max_epsilon": (fed["summary"] or {}).get("max_epsilon"),
+        **fed["memory"],
+    }  # fmt: skip
+
+
+def _centralized_times(cent: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {
+        "whole_s": cent["total_s"],
+        "train_phase_s": cent["run_phase_s"],
+        "train_local_s": cent["train_local_s"],
+        "s_per_local_step": cent["train_local_s"] / steps,
+        "train_loss": (cent["summary"] or {}).get("train_loss"),
+        "torch_threads": cent["torch_threads"],
+        **cent["memory"],
+    }
+
+
+RATIOS = ("ratio_raw", "ratio_excl_startup", "ratio_excl_startup_1x1", "ratio_rounds_only")
+
+
+def timing(root: Path, sizes: Sizes, cores: int, repeats: int) -> dict[str, Any]:
+    """Experiment 2: federated vs centralized wall time for the same total local steps (DP on),
+    `repeats` interleaved pairs (the host's load moves these numbers a lot)."""
     sim = {
         "sites": sizes.cohort_sites, "synth_sites": sizes.cohort_sites,
         "synth_subjects_per_site": sizes.cohort_subjects, "synth_minutes": sizes.cohort_minutes,
@@ -382,83 +428,76 @@ def timing(root: Path, sizes: Sizes, cores: int) -> dict[str, Any]:
         "model-options": json.dumps(sizes.model), "num-rounds": sizes.time_rounds,
         "local-steps": sizes.time_steps, "dp": True, "fraction-evaluate": 0.0, "seed": 0,
     }  # fmt: skip
-    fed = run_child("timing-federated", _spec(root, "time-fed", sim, run), root=root)
-    _check_complete("timing-federated", fed, sizes.cohort_sites, sizes.time_rounds)
-    cent_spec = _spec(root, "time-cent", {**sim, "centralized": True}, run)
-    cent = run_child("timing-centralized", cent_spec, root=root)
+    steps = sizes.time_rounds * sizes.cohort_sites * sizes.time_steps
+    workers = max(1, int(cores / sim_cpus_per_site(sim)))
+    pairs = []
+    for i in range(1, repeats + 1):
+        fed = run_child(f"timing-federated-{i}", _spec(root, f"time-fed-{i}", sim, run), root=root)
+        _check_complete("timing-federated", fed, sizes.cohort_sites, sizes.time_rounds)
+        cent_spec = _spec(root, f"time-cent-{i}", {**sim, "centralized": True}, run)
+        cent = run_child(f"timing-centralized-{i}", cent_spec, root=root)
+        f, c = _federated_times(fed, sizes, workers), _centralized_times(cent, steps)
+        pairs.append({
+            "federated": f,
+            "centralized": c,
+            "ratio_raw": f["whole_s"] / c["whole_s"],
+            "ratio_excl_startup": (f["engine_phase_s"] - f["startup_s"]) / c["train_phase_s"],
+            "ratio_rounds_only": sum(f["round_wall_s"]) / c["train_phase_s"],
+        })  # fmt: skip
     tiny_spec = _spec(root, "time-1x1", sim, {**run, "num-rounds": 1, "local-steps": 1})
     tiny = run_child("timing-1-round-1-step", tiny_spec, root=root)
     _check_complete("timing-1-round-1-step", tiny, sizes.cohort_sites, 1)
-    round_s = [r["wall_s"] for r in _rounds(fed)]
-    steady_round = statistics.median(round_s[1:]) if len(round_s) > 1 else round_s[0]
-    fixed_s = fed["run_phase_s"] - sum(round_s)  # outside the rounds
-    warmup_s = max(0.0, round_s[0] - steady_round)  # round 1's extra: first ClientApp calls
-    startup_own = fixed_s + warmup_s
     startup_1x1 = tiny["run_phase_s"]
-    cent_s = cent["run_phase_s"]
-    workers = max(1, int(cores / sim_cpus_per_site(sim)))
-    site_steps = sizes.cohort_sites * sizes.time_steps  # per round
-    return {
+    for pair in pairs:
+        fed_s, cent_s = pair["federated"]["engine_phase_s"], pair["centralized"]["train_phase_s"]
+        pair["ratio_excl_startup_1x1"] = (fed_s - startup_1x1) / cent_s
+    out: dict[str, Any] = {
         "sim": sim,
         "run": run,
-        "total_local_steps": sizes.time_rounds * sizes.cohort_sites * sizes.time_steps,
-        "federated": {
-            "whole_s": fed["total_s"],
-            "engine_phase_s": fed["run_phase_s"],
-            "round_wall_s": round_s,
-            "steady_round_s": steady_round,
-            "outside_rounds_s": fixed_s,
-            "round1_warmup_s": warmup_s,
-            "startup_s": startup_own,
-            "concurrent_clientapps": workers,
-            "s_per_local_step_one_thread": steady_round
-            * min(workers, sizes.cohort_sites)
-            / site_steps,
-            "final_train_loss": _rounds(fed)[-1]["train_loss"],
-            "max_epsilon": (fed["summary"] or {}).get("max_epsilon"),
-            **fed["memory"],
-        },
+        "total_local_steps": steps,
+        "pairs": pairs,
         "one_round_one_step": {
             "engine_phase_s": startup_1x1,
             "round_wall_s": [r["wall_s"] for r in _rounds(tiny)],
         },
-        "centralized": {
-            "whole_s": cent["total_s"],
-            "train_phase_s": cent_s,
-            "train_local_s": cent["train_local_s"],
-            "s_per_local_step": cent["train_local_s"] / (site_steps * sizes.time_rounds),
-            "train_loss": (cent["summary"] or {}).get("train_loss"),
-            "torch_threads": cent["torch_threads"],
-            **cent["memory"],
-        },
-        "ratio_raw": fed["total_s"] / cent["total_s"],
-        "ratio_excl_startup": (fed["run_phase_s"] - startup_own) / cent_s,
-        "ratio_excl_startup_1x1": (fed["run_phase_s"] - startup_1x1) / cent_s,
-        "ratio_rounds_only": sum(round_s) / cent_s,
-        "definitions": {
-            "ratio_raw": "whole simulate() wall times (RunSummary.wall_s, warm cache): "
-            "federated / centralized",
-            "engine_phase_s": "federated: from simulate()'s 'starting Flower's simulation "
-            "engine' to its return (Ray, ServerApp, rounds, final model, site reports)",
-            "train_phase_s": "centralized: from 'training on pooled data' to simulate()'s "
-            "return (model, pooled train_local, one held-out evaluation, model save, site "
-            "reports); train_local_s is the pooled train_local call alone",
-            "startup_s": "from the run's own timings: engine phase outside the metrics.json "
-            "rounds (Ray start, actor pool, ServerApp set-up, final model, teardown) + round 1's "
-            "wall_s minus the median of rounds 2..R (each Ray worker's first ClientApp call "
-            "imports torch/Opacus and the app)",
-            "ratio_excl_startup": "(federated engine phase - startup_s) / centralized train phase",
-            "ratio_excl_startup_1x1": "(federated engine phase - engine phase of a 1-round, "
-            "1-local-step run of the same sites) / centralized train phase; the subtracted run "
-            "also trains 1 step per site, so this is slightly optimistic, and noisier",
-            "ratio_rounds_only": "sum of metrics.json round wall_s / centralized train phase; "
-            "NOT start-up free: round 1 holds the workers' warm-up",
-            "why_below_1": "a ratio below 1 is real but not free lunch: the engine runs "
-            "concurrent_clientapps sites at once with one thread each, while the centralized "
-            "train_local is one process with torch_threads intra-op threads, which speed up "
-            "this small model little (compare s_per_local_step_one_thread and s_per_local_step)",
-        },
     }
+    for key in RATIOS:
+        values = [pair[key] for pair in pairs]
+        out[key] = statistics.median(values)
+        out[f"{key}_range"] = [min(values), max(values)]
+    for side, key in (("federated", "whole_s"), ("centralized", "whole_s"),
+                      ("federated", "startup_s")):  # fmt: skip
+        out[f"{side}_{key}_median"] = statistics.median(p[side][key] for p in pairs)
+    out["definitions"] = {
+        "pairs": "interleaved (federated, centralized) runs; the ratios are their medians, "
+        "*_range their min and max",
+        "ratio_raw": "whole simulate() wall times (RunSummary.wall_s, warm cache): "
+        "federated / centralized",
+        "engine_phase_s": "federated: from simulate()'s 'starting Flower's simulation "
+        "engine' to its return (Ray, ServerApp, rounds, final model, site reports)",
+        "train_phase_s": "centralized: from 'training on pooled data' to simulate()'s "
+        "return (model, pooled train_local, one held-out evaluation, model save, site "
+        "reports); train_local_s is the pooled train_local call alone",
+        "startup_s": "from the run's own timings: engine phase outside the metrics.json "
+        "rounds (Ray start, actor pool, ServerApp set-up, final model, teardown) + round 1's "
+        "wall_s minus the median of rounds 2..R (each Ray worker's first ClientApp call "
+        "imports torch/Opacus and the app)",
+        "ratio_excl_startup": "(federated engine phase - startup_s) / centralized train phase",
+        "ratio_excl_startup_1x1": "(federated engine phase - engine phase of a 1-round, "
+        "1-local-step run of the same sites) / centralized train phase; the subtracted run "
+        "also trains 1 step per site, so this is slightly optimistic, and noisier",
+        "ratio_rounds_only": "sum of metrics.json round wall_s / centralized train phase; "
+        "NOT start-up free: round 1 holds the workers' warm-up",
+        "s_per_site_step_with_overheads": "federated steady round x concurrent ClientApps / "
+        "(sites x local steps): one-thread step time plus each site-round's fixed work "
+        "(model build, Opacus set-up, ε accounting, encode, messaging), per step",
+        "s_per_local_step": "centralized train_local time / total steps (torch_threads "
+        "intra-op threads)",
+        "below_1": "a ratio below 1 is possible: the engine runs concurrent_clientapps sites "
+        "at once with one thread each, while the centralized train_local is one process whose "
+        "intra-op threads speed this small model up little and suffer most from other load",
+    }
+    return out
 
 
 def sim_cpus_per_site(sim: dict[str, Any]) -> float:
@@ -525,26 +564,23 @@ def _compression_rows(comp: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _timing_rows(t: dict[str, Any]) -> list[tuple[str, str, str]]:
-    fed, cent = t["federated"], t["centralized"]
+    def spread(key: str) -> str:
+        low, high = t[f"{key}_range"]
+        return f"{t[key]:.2f} ({low:.1f}-{high:.1f})"
+
+    n = len(t["pairs"])
     return [
-        ("fed / centralized time, raw (whole runs)", f"{t['ratio_raw']:.2f}", "<= 1.3"),
-        ("fed / centralized time, excl. start-up", f"{t['ratio_excl_startup']:.2f}", "<= 1.3"),
-        (
-            "  same, start-up from a 1-round 1-step run",
-            f"{t['ratio_excl_startup_1x1']:.2f}",
-            "(cross-check)",
-        ),
-        (
-            "  fed whole / centralized whole (s)",
-            f"{fed['whole_s']:.0f} / {cent['whole_s']:.0f}",
-            f"{t['total_local_steps']} local steps",
-        ),
-        (
-            "  Flower/Ray start-up of a run (s)",
-            f"{fed['startup_s']:.1f}",
-            f"(1x1 run: {t['one_round_one_step']['engine_phase_s']:.1f})",
-        ),
-    ]
+        ("fed / centralized time, raw (whole runs)", spread("ratio_raw"),
+         f"<= 1.3 (median, range of {n})"),
+        ("fed / centralized time, excl. start-up", spread("ratio_excl_startup"), "<= 1.3"),
+        ("  same, start-up from a 1-round 1-step run", spread("ratio_excl_startup_1x1"),
+         "(cross-check)"),
+        ("  fed whole / centralized whole (s)",
+         f"{t['federated_whole_s_median']:.0f} / {t['centralized_whole_s_median']:.0f}",
+         f"{t['total_local_steps']} local steps"),
+        ("  Flower/Ray start-up of a run (s)", f"{t['federated_startup_s_median']:.1f}",
+         f"(1x1 run: {t['one_round_one_step']['engine_phase_s']:.1f})"),
+    ]  # fmt: skip
 
 
 def _scaling_rows(runs: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -577,11 +613,14 @@ def _rows(payload: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke sizes (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smoke sizes (about 4 minutes)")
     parser.add_argument("--cores", type=int, default=2, help="CPUs for each simulation")
     parser.add_argument("--cache-dir", type=Path, help="reuse this cohort/window-store cache")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run folders")
     parser.add_argument("--time-steps", type=int, help="local steps per round in experiment 2")
+    parser.add_argument(
+        "--timing-repeats", type=int, help="federated/centralized pairs (default 2; 1 --quick)"
+    )
     parser.add_argument(
         "--no-repeat", action="store_true", help="no second fedavg run (loss noise floor)"
     )
@@ -626,7 +665,8 @@ def main() -> None:
             repeat = not (args.no_repeat or args.quick)
             payload["compression"] = compression(root, sizes, cores, repeat=repeat)
         if "timing" in only:
-            payload["timing"] = timing(root, sizes, cores)
+            repeats = args.timing_repeats or (1 if args.quick else 2)
+            payload["timing"] = timing(root, sizes, cores, repeats)
         if "scaling" in only:
             payload["scaling"] = scaling(root, sizes, cores)
     finally:
