@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +18,14 @@ DEFAULT_ECG_ALIASES: tuple[str, ...] = (
 # Not "pulse": in MIMIC/BIDMC monitor numerics PULSE is the pulse rate (bpm), not a waveform.
 DEFAULT_PPG_ALIASES: tuple[str, ...] = ("pleth", "ppg", "plethysmogram", "spo2wave", "pl")
 LEAD_II_ALIASES: frozenset[str] = frozenset({"ii", "ecgii", "leadii", "ecg2", "mlii"})
+
+
+def one_of(kind: str, value: str, choices: Iterable[str]) -> str:
+    """`value` if it is one of `choices`, else ValueError naming the valid ones (for validators)."""
+    valid = list(choices)
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+    return value
 
 
 class Frozen(BaseModel):

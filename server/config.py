@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from biofp_core.compression import SCHEMES
+from biofp_core.config import one_of
 from biofp_core.errors import ConfigError
 from biofp_core.models import MODEL_NAMES, build_model, model_classes
 from biofp_core.models.base import BioFPModel
@@ -76,23 +77,17 @@ class RunConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-        return name
+        return one_of("strategy", name, STRATEGIES)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
-        return name
+        return one_of("model", name, MODEL_NAMES)
 
     @field_validator("compression")
     @classmethod
     def _known_scheme(cls, scheme: str) -> str:
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown compression {scheme!r}; valid: {', '.join(SCHEMES)}")
-        return scheme
+        return one_of("compression", scheme, SCHEMES)
 
     @field_validator("strategy_options", "model_options")
     @classmethod

@@ -34,6 +34,7 @@ from biofp_core.artifacts import (
     load_model,
     save_model,
 )
+from biofp_core.config import one_of
 from biofp_core.errors import BioFPError, ConfigError
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
@@ -97,9 +98,7 @@ class SimulationConfig(BaseModel):
     @field_validator("partition")
     @classmethod
     def _known_partitioner(cls, name: str) -> str:
-        if name not in PARTITIONERS:
-            raise ValueError(f"unknown partitioner {name!r}; valid: {', '.join(PARTITIONERS)}")
-        return name
+        return one_of("partitioner", name, PARTITIONERS)
 
     @field_validator("run", mode="before")
     @classmethod
