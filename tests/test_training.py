@@ -63,7 +63,7 @@ def test_loss_goes_down_on_bidmc(bidmc: list[SubjectWindows]) -> None:
     assert after["loss"] < 0.85 * before["loss"]
     assert after["recon"] < before["recon"]
     assert result.steps == 20 and result.examples == 60 and result.privacy is None
-    assert set(result.terms) == {"recon", "cross", "align"}
+    assert set(result.terms) == {"recon", "cross", "align", "stats"}
     assert np.isfinite(result.final_loss) and result.wall_s > 0
     assert before["subjects"] == 6.0
 

@@ -41,6 +41,7 @@ from biofp_core.models.layers import (
     masked_mean,
     patchify,
 )
+from biofp_core.signals.rhythm import STAT_NAMES, window_statistics
 
 MODALITIES = ("ecg", "ppg")
 
@@ -68,6 +69,7 @@ class M2AEConfig(ModelConfig):
     recon_weight: float = Field(1.0, ge=0)  # weight of masked reconstruction
     cross_weight: float = Field(1.0, ge=0)  # weight of reconstructing a dropped modality
     align_weight: float = Field(0.5, ge=0)  # weight of the within-bag InfoNCE alignment
+    stats_weight: float = Field(1.0, ge=0)  # weight of regressing beat statistics (rhythm.py)
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
     @model_validator(mode="after")
@@ -152,6 +154,7 @@ class M2AE(BioFPModel):
         self.modality = LearnedTokens(len(MODALITIES), cfg.width)
         self.fusion = Encoder(cfg.width, cfg.fusion_depth, cfg.heads, cfg.mlp_ratio)
         self.head = Dense(cfg.width, cfg.fingerprint_dim)
+        self.stats_head = Dense(cfg.fingerprint_dim, len(STAT_NAMES))  # linear: probes see it
         self.decoders = nn.ModuleDict({m: Decoder(cfg) for m in MODALITIES})
 
     # ---- encoding -------------------------------------------------------------------------------
@@ -182,6 +185,30 @@ class M2AE(BioFPModel):
         ]  # each (B, 1, T, D)
         h = self.fusion(torch.cat(tokens, dim=2))  # (B, 1, T or 2T, D)
         return self.head(h.mean(dim=2)[:, 0])  # (B, D_fp)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, target: str, *, ecg: Tensor | None = None, ppg: Tensor | None = None
+    ) -> Tensor:
+        """Windows (B, L) of modality `target` decoded from ECG, PPG or both, every patch visible.
+
+        ``reconstruct("ecg", ppg=x)`` is the cross-modal figure: ECG from PPG alone.
+        """
+        if target not in MODALITIES:
+            raise ValueError(f"unknown modality {target!r}; valid: {', '.join(MODALITIES)}")
+        windows = (as_windows(ecg), as_windows(ppg))
+        if all(x is None for x in windows):
+            raise ValueError("reconstruct needs ECG, PPG or both")
+        B = next(len(x) for x in windows if x is not None)
+        modality = self.modality(B)  # (B, 2, D)
+        tokens = [
+            self._encode(m, patchify(x, self.config.patch_samples)[:, None], modality)
+            for m, x in enumerate(windows)
+            if x is not None
+        ]  # each (B, 1, T, D)
+        fused = self.fusion(torch.cat(tokens, dim=2))  # (B, 1, M, D)
+        keep = torch.ones(fused.shape[:3], dtype=torch.bool, device=fused.device)  # (B, 1, M)
+        return self.decoders[target](fused, keep)[:, 0].flatten(1)  # (B, L)
 
     # ---- training objective ---------------------------------------------------------------------
 
@@ -250,11 +277,13 @@ class M2AE(BioFPModel):
         terms = {
             **self._reconstruction(h[:, :K], slot_keep, patches, hidden, keep, avail),
             "align": self._alignment(z, keep, avail, batch.get("index")),
+            "stats": self._statistics(z, keep, avail, batch),
         }
         total = (
             cfg.recon_weight * terms["recon"]
             + cfg.cross_weight * terms["cross"]
             + cfg.align_weight * terms["align"]
+            + cfg.stats_weight * terms["stats"]
         )
         return total, terms
 
@@ -284,6 +313,19 @@ class M2AE(BioFPModel):
             + info_nce(z[:, 0], z[:, 2], has_joint & has_ppg, same, t)
         ) / 3
 
+    def _statistics(self, z: Tensor, keep: Tensor, avail: Tensor, batch: Batch) -> Tensor:
+        """MSE of the beat statistics (B, K, S) predicted linearly from every view's fingerprint.
+
+        Each view (joint, ECG-only, PPG-only) must carry the window's rhythm on its own, which is
+        what lets a PPG-only fingerprint tell atrial fibrillation from sinus rhythm.
+        """
+        if "stats" not in batch:
+            return z.new_zeros(z.shape[0])
+        pred = apply_flat(self.stats_head, z)  # (B, 3, K, S)
+        err = (pred - batch["stats"].float()[:, None]).pow(2).mean(-1)  # (B, 3, K)
+        views = torch.stack([keep.any(-1), avail[..., 0], avail[..., 1]], dim=1)  # (B, 3, K)
+        return weighted_mean(err, views & batch["stats_ok"].bool()[:, None])
+
     # ---- data -----------------------------------------------------------------------------------
 
     def draw_bag(
@@ -291,8 +333,9 @@ class M2AE(BioFPModel):
     ) -> dict[str, np.ndarray] | None:
         """K windows with ECG and/or PPG, good-quality first, with replacement if fewer than K.
 
-        Returns arrays "ecg", "ppg" (K, L) float32, "mask" (K, 2) bool and "index" (K,) int64 (the
-        windows' positions in `subject`), or None when no window has either modality.
+        Returns arrays "ecg", "ppg" (K, L) float32, "mask" (K, 2) bool, "index" (K,) int64 (the
+        windows' positions in `subject`), and the windows' beat statistics "stats" (K, S) float32
+        with "stats_ok" (K,) bool; or None when no window has either modality.
         """
         mask = np.asarray(subject.mask, dtype=bool)
         usable = np.flatnonzero(mask.any(axis=1))
@@ -305,9 +348,14 @@ class M2AE(BioFPModel):
         chosen = order[:bag_size]
         if len(chosen) < bag_size:
             chosen = np.concatenate([chosen, rng.choice(chosen, bag_size - len(chosen))])
+        ecg = np.asarray(subject.ecg[chosen], dtype=np.float32)
+        ppg = np.asarray(subject.ppg[chosen], dtype=np.float32)
+        stats, stats_ok = window_statistics(ecg, ppg, mask[chosen])
         return {
-            "ecg": np.asarray(subject.ecg[chosen], dtype=np.float32),
-            "ppg": np.asarray(subject.ppg[chosen], dtype=np.float32),
+            "ecg": ecg,
+            "ppg": ppg,
             "mask": mask[chosen],
             "index": chosen.astype(np.int64),
+            "stats": stats,
+            "stats_ok": stats_ok,
         }

@@ -82,9 +82,27 @@ def test_loss_terms_per_subject() -> None:
     model = tiny()
     loss, terms = model.loss(random_batch(B=3, K=4))
     assert loss.shape == (3,) and torch.isfinite(loss).all()
-    assert set(terms) == {"recon", "cross", "align"}
+    assert set(terms) == {"recon", "cross", "align", "stats"}
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in terms.values())
     assert (terms["align"] > 0).all()
+
+
+def test_beat_statistics_term_per_view_and_window() -> None:
+    """Every view's fingerprint regresses its window's beat statistics; unusable windows don't."""
+    model = tiny(modality_dropout=0.0)
+    batch = random_batch(B=2, K=4)
+    batch["stats"] = torch.full((2, 4, 2), 3.0)
+    batch["stats_ok"] = torch.tensor([[True] * 4, [False] * 4])
+    z = torch.zeros(2, 3, 4, model.config.fingerprint_dim)
+    keep = avail = batch["mask"]
+    with torch.no_grad():
+        model.stats_head.bias.zero_()
+        term = model._statistics(z, keep, avail, batch)
+        assert term.tolist() == pytest.approx([9.0, 0.0])  # (0 - 3)^2; no usable window
+        model.stats_head.bias.fill_(3.0)
+        assert model._statistics(z, keep, avail, batch).tolist() == pytest.approx([0.0, 0.0])
+    _, terms = model.loss(batch)
+    assert terms["stats"][0] > 0 and terms["stats"][1] == 0
 
 
 def test_modality_dropout_drives_cross_term() -> None:
@@ -125,6 +143,17 @@ def test_alignment_negatives_stay_in_bag() -> None:
     batch["index"][0] = torch.tensor([7, 7])
     torch.manual_seed(0)
     assert model.loss(batch)[1]["align"][0] == 0  # no valid negative left
+
+
+def test_draw_bag_carries_beat_statistics() -> None:
+    t = np.arange(L) / 125.0
+    beats = np.exp(-0.5 * ((t[:, None] - np.arange(0.2, 10, 0.8)[None]) / 0.03) ** 2).sum(1)
+    s = subject(3)
+    s.ppg[:] = (beats - beats.mean()) / beats.std()
+    s.mask[:, 0] = False  # PPG only
+    bag = tiny().draw_bag(s, bag_size=4, rng=np.random.default_rng(0))
+    assert bag["stats"].shape == (4, 2) and bag["stats_ok"].all()
+    np.testing.assert_allclose(25 * bag["stats"][:, 1] + 75, 75.0, atol=1.5)  # 0.8 s beats
 
 
 def test_draw_bag_prefers_good_quality() -> None:

@@ -1,0 +1,63 @@
+"""Beat statistics: rate and irregularity of pulse trains with a known answer; real BIDMC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from biofp_core.signals.rhythm import STAT_NAMES, beat_statistics, window_statistics
+from biofp_core.store import WindowStore
+
+FS_HZ = 125.0
+L = 1250
+
+
+def pulses(beat_times_s: np.ndarray) -> np.ndarray:
+    """A z-scored train of narrow Gaussian pulses at the given times, 10 s at 125 Hz."""
+    t = np.arange(L) / FS_HZ
+    x = np.exp(-0.5 * ((t[:, None] - beat_times_s[None, :]) / 0.03) ** 2).sum(axis=1)
+    return ((x - x.mean()) / x.std()).astype(np.float32)
+
+
+def test_regular_rhythm_has_its_rate_and_no_irregularity() -> None:
+    stats, ok = beat_statistics(pulses(np.arange(0.2, 10.0, 0.8))[None], modality="ppg")  # 75 bpm
+    assert ok.tolist() == [True] and stats.shape == (1, len(STAT_NAMES))
+    irregularity, rate = stats[0]
+    assert irregularity == pytest.approx(0.0, abs=0.05)
+    assert 25.0 * rate + 75.0 == pytest.approx(75.0, abs=1.5)
+
+
+def test_irregular_rhythm_scores_higher_and_flat_windows_have_none() -> None:
+    rng = np.random.default_rng(0)
+    irregular = np.cumsum(rng.uniform(0.45, 1.15, 20)) + 0.1
+    stats, ok = beat_statistics(
+        np.stack([pulses(irregular[irregular < 9.9]), np.zeros(L)]), modality="ppg"
+    )
+    assert ok.tolist() == [True, False]
+    rr = np.diff(irregular[irregular < 9.9])
+    expected = 5 * np.sqrt(np.mean(np.diff(rr) ** 2)) / rr.mean()
+    assert stats[0, 0] == pytest.approx(expected, rel=0.05)
+    assert stats[0, 0] > 1.0 and (stats[1] == 0).all()
+
+
+def test_window_statistics_average_present_modalities() -> None:
+    regular, faster = pulses(np.arange(0.2, 10.0, 1.0)), pulses(np.arange(0.2, 10.0, 0.5))
+    ecg = np.stack([regular, regular, np.zeros(L)])
+    ppg = np.stack([faster, np.zeros(L), np.zeros(L)])
+    mask = np.array([[True, True], [True, False], [False, False]])
+    stats, ok = window_statistics(ecg, ppg, mask)
+    assert ok.tolist() == [True, True, False]
+    bpm = 25.0 * stats[:, 1] + 75.0
+    assert bpm[0] == pytest.approx(90.0, abs=2.0)  # mean of 60 and 120 bpm
+    assert bpm[1] == pytest.approx(60.0, abs=1.0)  # ECG only: the absent PPG is ignored
+
+
+def test_bidmc_ecg_and_ppg_agree_on_the_rate(bidmc_store: WindowStore) -> None:
+    both = np.flatnonzero(bidmc_store.mask.all(axis=1))[::10]  # every record, ~10 windows each
+    ecg, ok_ecg = beat_statistics(np.asarray(bidmc_store.ecg[both]), modality="ecg")
+    ppg, ok_ppg = beat_statistics(np.asarray(bidmc_store.ppg[both]), modality="ppg")
+    ok = ok_ecg & ok_ppg
+    assert ok.mean() > 0.8
+    bpm_ecg, bpm_ppg = 25.0 * ecg[ok, 1] + 75.0, 25.0 * ppg[ok, 1] + 75.0
+    assert ((bpm_ppg > 40) & (bpm_ppg < 160)).all()
+    assert np.median(np.abs(bpm_ecg - bpm_ppg)) < 3.0  # the same heart seen by both sensors
