@@ -4,7 +4,9 @@ Every key put into or read from a Flower ``RecordDict``, ``ConfigRecord`` or ``M
 defined here and nowhere else. Keys are lower-case and hyphenated, like the keys Flower itself
 injects (``"num-examples"``, ``"server-round"``, ``"proximal-mu"``), so one convention holds for
 every key, ours and Flower's. This module does not import ``flwr``: it is plain data, and the
-client builds its training reply metrics with :class:`TrainReplyMetrics`.
+client builds its reply metrics with :class:`TrainReplyMetrics` (training),
+:class:`FingerprintReplyMetrics` and :class:`ProbeReplyMetrics` (query messages);
+:func:`is_allowed_reply_key` is the allow-list of every reply type.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,7 +34,7 @@ RUN_KEY = "biofp-run"  # str: the run directory's id (run.json), the same after 
 RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a run key is also a file-name part
 
 # --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
-SCALE_SUFFIX = "::scale"  # f"{tensor}{SCALE_SUFFIX}": 0-d float32 scale of an int8 tensor
+SCALES_KEY = "::scales"  # int8: float32 (n_tensors,), the scales in sorted tensor-name order
 
 # --- Metric keys of a training reply (MetricRecord under METRICS_KEY) ------------------------
 NUM_EXAMPLES = "num-examples"  # int: subject bags trained on; Flower's default weighting key
@@ -51,6 +54,35 @@ ALLOWED_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
 EVAL_LOSS = "eval-loss"  # float: mean loss on the site's held-out subjects
 
 ALLOWED_EVAL_REPLY_METRIC_KEYS: frozenset[str] = frozenset({NUM_EXAMPLES, EVAL_LOSS})
+
+# --- Query messages: Flower message type "query.<action>", sent after the last round ----------
+QUERY_FINGERPRINT_ACTION = "fingerprint"  # @app.query action: release the site's fingerprints
+QUERY_PROBE_ACTION = "probe"  # @app.query action: probe one task on the site's own fingerprints
+QUERY_FINGERPRINT = f"query.{QUERY_FINGERPRINT_ACTION}"  # message type
+QUERY_PROBE = f"query.{QUERY_PROBE_ACTION}"  # message type
+PROBE_TASK = "probe-task"  # str (ConfigRecord of a probe query): the label column to probe
+FINGERPRINTS_ARRAY = "fingerprints-parquet"  # the reply's one Array: the Parquet file, uint8 (N,)
+
+# --- Metric keys of a fingerprint reply (MetricRecord under METRICS_KEY) ---------------------
+RELEASED_ROWS = "released-rows"  # int: rows of the released file (0 when refused)
+#   with PAYLOAD_BYTES (bytes of the file), EPSILON and DELTA (the site's ε after the release,
+#   at its δ) and REFUSED
+
+ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
+    {RELEASED_ROWS, PAYLOAD_BYTES, EPSILON, DELTA, REFUSED}
+)
+
+# --- Metric keys of a probe reply: the scalars of one evaluation.SiteProbe --------------------
+PROBE_KIND = "probe-kind"  # int: index of the task's kind in PROBE_KINDS
+PROBE_VALUE = "probe-value"  # float: the site's out-of-fold AUROC (macro for classes) or MAE
+PROBE_BASELINE = "probe-baseline"  # float: chance AUROC, or the fold-mean predictor's MAE
+PROBE_ROWS = "probe-rows"  # int: labelled fingerprint rows (the aggregation weight)
+PROBE_SUBJECTS = "probe-subjects"  # int: subjects behind those rows
+PROBE_KINDS = ("binary", "multiclass", "regression")  # evaluation.labels.TASK_KINDS, in order
+
+ALLOWED_PROBE_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
+    {PROBE_KIND, PROBE_VALUE, PROBE_BASELINE, PROBE_ROWS, PROBE_SUBJECTS, REFUSED}
+)
 
 # --- Metric keys the server adds to each round's aggregated train MetricRecord ---------------
 NODES_SAMPLED = "nodes-sampled"  # sites sent a training instruction
@@ -79,6 +111,27 @@ def is_allowed_reply_metric_key(key: str) -> bool:
         return True
     term = key.removeprefix(LOSS_TERM_PREFIX)
     return term != key and bool(_TERM_PATTERN.match(term))
+
+
+_ALLOWED_KEYS_OF_TYPE: dict[str, frozenset[str]] = {
+    "evaluate": ALLOWED_EVAL_REPLY_METRIC_KEYS,
+    QUERY_FINGERPRINT: ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS,
+    QUERY_PROBE: ALLOWED_PROBE_REPLY_METRIC_KEYS,
+}
+
+
+def is_allowed_reply_key(message_type: str, key: str) -> bool:
+    """True for the metric keys a site may send in reply to a message of `message_type`.
+
+    ``"train"`` and ``"train.<action>"`` replies: :func:`is_allowed_reply_metric_key`;
+    ``"evaluate[.<action>]"``, ``"query.fingerprint"`` and ``"query.probe"``: their allow-list;
+    any other message type: none.
+    """
+    category = message_type.partition(".")[0]
+    if category == "train":
+        return is_allowed_reply_metric_key(key)
+    allowed = _ALLOWED_KEYS_OF_TYPE.get(category if category == "evaluate" else message_type)
+    return allowed is not None and key in allowed
 
 
 class TrainReplyMetrics(BaseModel):
@@ -182,3 +235,104 @@ _FIELD_OF_KEY: dict[str, str] = {
     BUDGET_EXHAUSTED: "budget_exhausted",
     REFUSED: "refused",
 }
+
+
+class _QueryReplyMetrics(BaseModel):
+    """The scalars of a query reply: one field per protocol key (``KEYS``), flags sent as 0/1."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    KEYS: ClassVar[dict[str, str]] = {}  # protocol key -> field
+    ALLOWED: ClassVar[frozenset[str]] = frozenset()
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """Flat metric dict with protocol keys, ready for ``MetricRecord(...)``."""
+        values = {key: getattr(self, field) for key, field in self.KEYS.items()}
+        return {k: int(v) if isinstance(v, bool) else v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, MetricValue]) -> Self:
+        """Parse and validate a reply's metrics; raises ValueError on any unknown key."""
+        unknown = sorted(set(metrics) - cls.ALLOWED)
+        if unknown:
+            raise ValueError(f"unknown metric key(s) in reply: {', '.join(unknown)}")
+        return cls.model_validate({f: metrics[k] for k, f in cls.KEYS.items() if k in metrics})
+
+
+class FingerprintReplyMetrics(_QueryReplyMetrics):
+    """What a site released in reply to a fingerprint query, or that it refused."""
+
+    KEYS: ClassVar[dict[str, str]] = {
+        RELEASED_ROWS: "rows", PAYLOAD_BYTES: "payload_bytes", EPSILON: "epsilon",
+        DELTA: "delta", REFUSED: "refused",
+    }  # fmt: skip
+    ALLOWED: ClassVar[frozenset[str]] = ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS
+
+    rows: int = Field(ge=0, description="rows of the released file")
+    payload_bytes: int = Field(ge=0, description="bytes of the released Parquet file")
+    epsilon: float = Field(ge=0, description="the site's total ε after the release")
+    delta: float = Field(ge=0, lt=1, description="the site's δ")
+    refused: bool = False
+
+    @model_validator(mode="after")
+    def _release_or_refusal(self) -> FingerprintReplyMetrics:
+        if self.refused and (self.rows or self.payload_bytes):
+            raise ValueError("a refused fingerprint reply releases no rows and no bytes")
+        if not self.refused and not (self.rows and self.payload_bytes):
+            raise ValueError("a fingerprint release needs rows > 0 and payload-bytes > 0")
+        return self
+
+    @classmethod
+    def refusal(cls, *, epsilon: float, delta: float) -> FingerprintReplyMetrics:
+        """Metrics of a reply that releases nothing."""
+        return cls(rows=0, payload_bytes=0, epsilon=epsilon, delta=delta, refused=True)
+
+
+class ProbeReplyMetrics(_QueryReplyMetrics):
+    """The scalars of one site's probe of one task (an ``evaluation.SiteProbe`` without its task
+    and metric names, which the server knows), or a refusal."""
+
+    KEYS: ClassVar[dict[str, str]] = {
+        PROBE_KIND: "kind", PROBE_VALUE: "value", PROBE_BASELINE: "baseline", PROBE_ROWS: "rows",
+        PROBE_SUBJECTS: "subjects", REFUSED: "refused",
+    }  # fmt: skip
+    ALLOWED: ClassVar[frozenset[str]] = ALLOWED_PROBE_REPLY_METRIC_KEYS
+
+    kind: Literal["binary", "multiclass", "regression"] | None = None  # sent as its index
+    value: float | None = Field(None, description="the site's out-of-fold metric")
+    baseline: float | None = None
+    rows: int = Field(0, ge=0, description="labelled rows: the aggregation weight")
+    subjects: int = Field(0, ge=0)
+    refused: bool = False
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_of_code(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value not in range(len(PROBE_KINDS)):
+                raise ValueError(f"probe kind code {value} is not one of 0..{len(PROBE_KINDS) - 1}")
+            return PROBE_KINDS[int(value)]
+        return value
+
+    @model_validator(mode="after")
+    def _probe_or_refusal(self) -> ProbeReplyMetrics:
+        scalars = (self.kind, self.value, self.baseline)
+        if self.refused:
+            if any(s is not None for s in scalars) or self.rows or self.subjects:
+                raise ValueError("a refused probe reply carries no probe scalars")
+        elif any(s is None for s in scalars) or not (self.rows and self.subjects):
+            raise ValueError("a probe reply needs kind, value, baseline, rows and subjects")
+        elif not (math.isfinite(self.value or 0.0) and math.isfinite(self.baseline or 0.0)):
+            raise ValueError("probe value and baseline must be finite")
+        return self
+
+    @classmethod
+    def refusal(cls) -> ProbeReplyMetrics:
+        """Metrics of a reply that probes nothing."""
+        return cls(refused=True)
+
+    def to_metrics(self) -> dict[str, int | float]:
+        metrics = super().to_metrics()
+        if self.kind is not None:
+            metrics[PROBE_KIND] = PROBE_KINDS.index(self.kind)
+        return metrics

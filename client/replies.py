@@ -1,7 +1,8 @@
 """Every message that leaves a site: built here, checked against the protocol, and audited.
 
 A training reply holds exactly one ArrayRecord (weights or encoded update) and one MetricRecord
-whose keys are all allowed by :mod:`biofp_core.protocol`; an evaluation reply holds only the
+whose keys are all allowed by :mod:`biofp_core.protocol`; an evaluation or probe reply holds only
+the MetricRecord; a fingerprint reply one ArrayRecord (the released file's bytes) and the
 MetricRecord. Nothing else can be sent: :class:`Replies` refuses to build a reply with any other
 key. Each reply, error and refusal is appended to the site's audit log (time, run, round, type,
 bytes, sha256 of the arrays, metric keys, ε) before it is returned to Flower. The run is the
@@ -39,7 +40,6 @@ from biofp_core.audit import AuditEntry, AuditLog, arrays_nbytes, arrays_sha256
 from biofp_core.errors import ArtifactError, BioFPError, ConfigError, DataError
 from biofp_core.privacy.ledger import PrivacyLedger, PrivacyLedgerError
 from biofp_core.protocol import (
-    ALLOWED_EVAL_REPLY_METRIC_KEYS,
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
@@ -47,7 +47,7 @@ from biofp_core.protocol import (
     RUN_KEY_PATTERN,
     SERVER_ROUND,
     TrainReplyMetrics,
-    is_allowed_reply_metric_key,
+    is_allowed_reply_key,
 )
 from biofp_core.site import SiteConfig
 from client.task import ReplayRefusedError
@@ -81,10 +81,7 @@ def public_reason(exc: Exception) -> str:
 
 def _check_metric_keys(message_type: str, metrics: Mapping[str, int | float]) -> None:
     """Raise ValueError (a bug, not user input) if a metric key is not allowed to leave."""
-    if message_type.startswith("train"):
-        bad = [k for k in metrics if not is_allowed_reply_metric_key(k)]
-    else:
-        bad = [k for k in metrics if k not in ALLOWED_EVAL_REPLY_METRIC_KEYS]
+    bad = [k for k in metrics if not is_allowed_reply_key(message_type, k)]
     if bad:
         raise ValueError(f"metric key(s) not allowed in a {message_type} reply: {bad}")
 
@@ -176,19 +173,23 @@ class Replies:
         self._audit(arrays, list(metrics), note=None)
         return Message(records, reply_to=self.message)
 
-    def refusal(self, reason: BioFPError) -> Message:
+    def refusal(
+        self, reason: BioFPError, metrics: Mapping[str, int | float] | None = None
+    ) -> Message:
         """A metrics-only reply refusing the round (privacy budget, or a replay whose cached
-        reply does not fit); audited with the reason."""
+        reply does not fit) or a query (`metrics`: the query's refusal); audited with the
+        reason."""
         assert self.site is not None, "a refusal needs a known site"
         log.warning("%s", reason)
-        metrics = TrainReplyMetrics.refusal(
-            budget_exhausted=not isinstance(reason, ReplayRefusedError),
-            epsilon=self._epsilon(),
-            delta=self.site.privacy.delta,
-        ).to_metrics()
+        if metrics is None:
+            metrics = TrainReplyMetrics.refusal(
+                budget_exhausted=not isinstance(reason, ReplayRefusedError),
+                epsilon=self._epsilon(),
+                delta=self.site.privacy.delta,
+            ).to_metrics()
         _check_metric_keys(self.message.metadata.message_type, metrics)
         self._audit(None, list(metrics), note=_one_line(f"refused: {reason}"))
-        records = RecordDict({METRICS_KEY: MetricRecord(metrics)})
+        records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         return Message(records, reply_to=self.message)
 
     def error(self, exc: Exception) -> Message:

@@ -2,7 +2,9 @@
 
 Reads the run config, builds the strategy by name, resumes from the run directory's last
 checkpoint (or starts from the seeded initial model), runs the remaining rounds with a checkpoint
-and a metrics report after each, and saves the final model with every site's ε in its card.
+and a metrics report after each, and saves the final model with every site's ε in its card. If
+the run config asks for it, the sites are then queried for released fingerprints and local probes
+(:mod:`server.queries`), also when a resumed run finds every round done.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from biofp_core.errors import BioFPError
 from server.config import RunConfig
+from server.queries import run_queries
 from server.rounds import run_rounds
 from server.rundir import RunDirectory
 from strategies.registry import build_strategy
@@ -39,3 +42,4 @@ def main(grid: Grid, context: Context) -> None:
         raise
     path = run_dir.finish(arrays)
     log.info("final model after %d rounds: %s", run.num_rounds, path)
+    run_queries(grid, run, arrays, run_key=run_dir.run_key, model_path=path)

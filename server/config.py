@@ -71,6 +71,13 @@ class RunConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept on disk")
     round_timeout_s: float = Field(3600.0, gt=0, description="wait this long for replies")
     wait_timeout_s: float = Field(120.0, gt=0, description="wait this long for min-sites")
+    # --- after the last round: query messages (server.queries) -----------------------------
+    collect_fingerprints: bool = Field(
+        False, description="ask every site for fingerprints released under its own policy"
+    )
+    probe_tasks: str = Field(
+        "", description="comma-separated label columns each site probes on its own fingerprints"
+    )
     # --- simulation only ------------------------------------------------------------------
     sim_sites: str = Field("", description="simulation: JSON manifest of the emulated sites")
 
@@ -99,6 +106,14 @@ class RunConfig(BaseModel):
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object")
         return text
+
+    @field_validator("probe_tasks")
+    @classmethod
+    def _task_list(cls, text: str) -> str:
+        tasks = [t.strip() for t in text.split(",")] if text.strip() else []
+        if any(not t for t in tasks):
+            raise ValueError(f"empty task name in {text!r} (comma-separated label columns)")
+        return ",".join(dict.fromkeys(tasks))
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -173,6 +188,11 @@ class RunConfig(BaseModel):
             bag_size=self.bag_size,
             seed=self.seed,
         )
+
+    @property
+    def probe_task_list(self) -> list[str]:
+        """The label columns to probe after the last round, in order (none: no probe query)."""
+        return self.probe_tasks.split(",") if self.probe_tasks else []
 
     @property
     def run_dir(self) -> Path:
