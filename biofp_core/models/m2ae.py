@@ -41,7 +41,12 @@ from biofp_core.models.layers import (
     masked_mean,
     patchify,
 )
-from biofp_core.signals.rhythm import STAT_NAMES, window_statistics
+from biofp_core.signals.rhythm import (
+    RHYTHM_FEATURES,
+    STAT_NAMES,
+    rhythm_features,
+    window_statistics,
+)
 
 MODALITIES = ("ecg", "ppg")
 
@@ -70,6 +75,7 @@ class M2AEConfig(ModelConfig):
     cross_weight: float = Field(1.0, ge=0)  # weight of reconstructing a dropped modality
     align_weight: float = Field(0.5, ge=0)  # weight of the within-bag InfoNCE alignment
     stats_weight: float = Field(1.0, ge=0)  # weight of regressing beat statistics (rhythm.py)
+    rhythm_token: bool = True  # one token per modality from the window's beat intervals
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
     @model_validator(mode="after")
@@ -153,37 +159,61 @@ class M2AE(BioFPModel):
         self.positions = SinusoidalPositions(cfg.n_patches, cfg.width)
         self.modality = LearnedTokens(len(MODALITIES), cfg.width)
         self.fusion = Encoder(cfg.width, cfg.fusion_depth, cfg.heads, cfg.mlp_ratio)
+        if cfg.rhythm_token:
+            self.rhythm = nn.ModuleDict(
+                {m: Dense(len(RHYTHM_FEATURES), cfg.width) for m in MODALITIES}
+            )
         self.head = Dense(cfg.width, cfg.fingerprint_dim)
         self.stats_head = Dense(cfg.fingerprint_dim, len(STAT_NAMES))  # linear: probes see it
         self.decoders = nn.ModuleDict({m: Decoder(cfg) for m in MODALITIES})
 
     # ---- encoding -------------------------------------------------------------------------------
 
-    def _encode(
-        self, m: int, patches: Tensor, modality: Tensor, position: Tensor | None = None
-    ) -> Tensor:
-        """Patches (B, S, T', P) of modality m at `position` (B, S, T') -> tokens (B, S, T', D).
+    def _rhythm_input(self, m: int, windows: Tensor) -> Tensor | None:
+        """Rhythm features (B, S, F) of whole windows (B, S, L) of modality m (no gradient)."""
+        if not self.config.rhythm_token:
+            return None
+        flat = windows.detach().flatten(0, 1).cpu().numpy()  # (B*S, L)
+        features = rhythm_features(flat, modality=MODALITIES[m])  # (B*S, F)
+        return torch.from_numpy(features).to(windows.device).unflatten(0, windows.shape[:2])
 
+    def _encode(
+        self, m: int, patches: Tensor, modality: Tensor, position: Tensor | None = None,
+        rhythm: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Patches (B, S, T', P) of modality m at `position` (B, S, T') -> tokens (B, S, T'', D).
+
+        With `rhythm` (B, S, F), the modality's rhythm token is appended: T'' = T' + 1.
         modality (B, 2, D) holds both modality tokens, looked up once per forward pass (Opacus'
         ghost clipping refuses a module called twice).
         """
         pos = self.positions() if position is None else self.positions(position)  # (.., T', D)
-        tokens = self.encoders[MODALITIES[m]](self.embed[MODALITIES[m]](patches) + pos)
-        return tokens + modality[:, m, None, None]  # (B, S, T', D)
+        tokens = self.embed[MODALITIES[m]](patches) + pos  # (B, S, T', D)
+        if rhythm is not None:
+            beat = apply_flat(self.rhythm[MODALITIES[m]], rhythm)[:, :, None]  # (B, S, 1, D)
+            tokens = torch.cat([tokens, beat], dim=2)
+        tokens = self.encoders[MODALITIES[m]](tokens)
+        return tokens + modality[:, m, None, None]  # (B, S, T'', D)
+
+    def _encode_windows(self, windows: tuple[Tensor | None, Tensor | None], B: int) -> Tensor:
+        """Every patch (and rhythm token) of the given windows (B, L), fused: (B, 1, M, D)."""
+        modality = self.modality(B)  # (B, 2, D)
+        tokens = [
+            self._encode(
+                m, patchify(x, self.config.patch_samples)[:, None], modality,
+                rhythm=self._rhythm_input(m, x[:, None]),
+            )
+            for m, x in enumerate(windows)
+            if x is not None
+        ]  # fmt: skip
+        return self.fusion(torch.cat(tokens, dim=2))  # (B, 1, M, D)
 
     def fingerprint(self, ecg: Tensor | None = None, ppg: Tensor | None = None) -> Tensor:
         """Fingerprints (B, D) from ECG, PPG or both; every patch is visible."""
         windows = (as_windows(ecg), as_windows(ppg))
         if all(x is None for x in windows):
             raise ValueError("fingerprint needs ECG, PPG or both")
-        B = next(len(x) for x in windows if x is not None)
-        modality = self.modality(B)  # (B, 2, D)
-        tokens = [
-            self._encode(m, patchify(x, self.config.patch_samples)[:, None], modality)
-            for m, x in enumerate(windows)
-            if x is not None
-        ]  # each (B, 1, T, D)
-        h = self.fusion(torch.cat(tokens, dim=2))  # (B, 1, T or 2T, D)
+        h = self._encode_windows(windows, next(len(x) for x in windows if x is not None))
         return self.head(h.mean(dim=2)[:, 0])  # (B, D_fp)
 
     @torch.no_grad()
@@ -199,14 +229,7 @@ class M2AE(BioFPModel):
         windows = (as_windows(ecg), as_windows(ppg))
         if all(x is None for x in windows):
             raise ValueError("reconstruct needs ECG, PPG or both")
-        B = next(len(x) for x in windows if x is not None)
-        modality = self.modality(B)  # (B, 2, D)
-        tokens = [
-            self._encode(m, patchify(x, self.config.patch_samples)[:, None], modality)
-            for m, x in enumerate(windows)
-            if x is not None
-        ]  # each (B, 1, T, D)
-        fused = self.fusion(torch.cat(tokens, dim=2))  # (B, 1, M, D)
+        fused = self._encode_windows(windows, next(len(x) for x in windows if x is not None))
         keep = torch.ones(fused.shape[:3], dtype=torch.bool, device=fused.device)  # (B, 1, M)
         return self.decoders[target](fused, keep)[:, 0].flatten(1)  # (B, L)
 
@@ -265,8 +288,15 @@ class M2AE(BioFPModel):
         seen = patches.gather(3, index)  # (B, K, 2, V, P)
         modality = self.modality(B)  # (B, 2, D)
         tokens = torch.cat(
-            [self._encode(m, seen[:, :, m], modality, visible[:, :, m]) for m in (0, 1)], dim=2
-        )  # (B, K, 2V, D)
+            [
+                self._encode(
+                    m, seen[:, :, m], modality, visible[:, :, m],
+                    rhythm=self._rhythm_input(m, batch[MODALITIES[m]]),
+                )
+                for m in (0, 1)
+            ],
+            dim=2,
+        )  # (B, K, 2V, D); V counts the rhythm token  # fmt: skip
         V = tokens.shape[2] // 2
         h = self._fuse_views(tokens, keep, avail)  # (B, 2K, 2V, D)
         slot_keep = keep.repeat_interleave(V, dim=-1)  # (B, K, 2V)

@@ -1,14 +1,16 @@
-"""Beat statistics of a window: self-supervised targets that make a fingerprint encode rhythm.
+"""Beat-interval statistics of a window: what M2AE needs to see and keep about rhythm.
 
-Masked and cross-modal reconstruction never needs the rhythm of a window (a hidden patch is
-visible in the other modality), so an encoder trained on it alone ignores what separates atrial
-fibrillation from sinus rhythm. Like PaPaGei-S, which regresses PPG morphology indices from its
-embedding, M2AE regresses statistics computed from the window itself: no label is used.
+Patch tokens of 1 s each hold about one beat, and masked or cross-modal reconstruction never needs
+the rhythm of a window (a hidden patch is visible in the other modality), so an encoder of patches
+alone keeps little of what separates atrial fibrillation from sinus rhythm. M2AE therefore
+(1) adds one *rhythm token* per modality built from ``rhythm_features`` (the tachogram summary
+RR-based detectors and wearable foundation models use), and (2) like PaPaGei-S, which regresses
+PPG morphology indices from its embedding, regresses ``beat_statistics`` from every fingerprint.
+Both are computed from the window itself: no label is used.
 
-Per window of z-scored ECG or PPG at 125 Hz, from its beats (QRS complexes, systolic upstrokes):
-- ``irregularity``: RMSSD / mean of the beat intervals (sinus ~0.02, AF ~0.2-0.4), scaled x5;
-- ``rate``: (heart rate - 75 bpm) / 25.
-A window with fewer than ``MIN_BEATS`` peaks has no statistics (``ok`` False).
+Beats are those of the quality index (:func:`biofp_core.signals.quality.detect_beats`): QRS
+complexes in ECG, systolic upstrokes in PPG; z-scored windows at 125 Hz. A window with fewer
+than ``MIN_BEATS`` beats has no statistics (all features 0, ``ok`` False).
 """
 
 from __future__ import annotations
@@ -20,30 +22,64 @@ from biofp_core.signals.types import Modality
 
 FS_HZ = 125.0
 MIN_BEATS = 5
-STAT_NAMES = ("irregularity", "rate")
+RHYTHM_FEATURES = (
+    "valid",  # 1 when the window has >= MIN_BEATS beats
+    "beats",  # beats / 15
+    "mean_rr",  # mean beat interval (s)
+    "sdnn",  # 5 x SD of the intervals / mean
+    "rmssd",  # 5 x RMS of successive differences / mean
+    "madnn",  # 5 x mean |successive difference| / mean
+    "pnn50",  # share of successive differences > 50 ms
+    "range",  # (max - min interval) / mean
+)
+STAT_NAMES = ("irregularity", "rate")  # rmssd feature; (heart rate - 75 bpm) / 25
 
 
-def beat_statistics(
+def rhythm_features(
     windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ
-) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics (n, 2) float32 of windows (n, L) and ok (n,) bool, see the module docstring.
-
-    Vectorised over windows: the beats are those of the quality index (`detect_beats`).
-    """
+) -> np.ndarray:
+    """Features (n, len(RHYTHM_FEATURES)) float32 of windows (n, L), vectorised over windows."""
     n = len(windows)
     rows, at = detect_beats(np.asarray(windows, dtype=np.float32), modality=modality, fs_hz=fs_hz)
     same = rows[1:] == rows[:-1]  # consecutive beats of one window
     rr, rr_rows = np.diff(at)[same] / fs_hz, rows[1:][same]  # beat intervals (s)
     same = rr_rows[1:] == rr_rows[:-1]
-    d, d_rows = np.diff(rr)[same], rr_rows[1:][same]  # successive differences (s)
-    beats = np.bincount(rows, minlength=n)
+    d, d_rows = np.abs(np.diff(rr)[same]), rr_rows[1:][same]  # |successive differences| (s)
+    beats = np.bincount(rows, minlength=n).astype(np.float64)
+    n_rr, n_d = np.maximum(beats - 1, 1), np.maximum(beats - 2, 1)
+    mean_rr = np.bincount(rr_rows, rr, minlength=n) / n_rr
+    var_rr = np.maximum(np.bincount(rr_rows, rr * rr, minlength=n) / n_rr - mean_rr**2, 0.0)
+    big, small = np.full(n, -np.inf), np.full(n, np.inf)
+    np.maximum.at(big, rr_rows, rr)
+    np.minimum.at(small, rr_rows, rr)
     ok = beats >= MIN_BEATS
-    mean_rr = np.bincount(rr_rows, rr, minlength=n) / np.maximum(beats - 1, 1)
-    msd = np.bincount(d_rows, d * d, minlength=n) / np.maximum(beats - 2, 1)
-    stats = np.zeros((n, len(STAT_NAMES)), dtype=np.float32)
-    stats[ok, 0] = 5.0 * np.minimum(np.sqrt(msd[ok]) / mean_rr[ok], 1.0)
-    stats[ok, 1] = (60.0 / mean_rr[ok] - 75.0) / 25.0
-    return stats, ok
+    scale = np.where(ok, mean_rr, 1.0)
+    features = np.stack(
+        [
+            np.ones(n),
+            beats / 15.0,
+            mean_rr,
+            5.0 * np.sqrt(var_rr) / scale,
+            5.0 * np.sqrt(np.bincount(d_rows, d * d, minlength=n) / n_d) / scale,
+            5.0 * np.bincount(d_rows, d, minlength=n) / n_d / scale,
+            np.bincount(d_rows, d > 0.05, minlength=n) / n_d,
+            np.where(ok, big - small, 0.0) / scale,
+        ],
+        axis=1,
+    )
+    features[~ok] = 0.0
+    return np.clip(features, 0.0, 5.0).astype(np.float32)
+
+
+def beat_statistics(
+    windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ
+) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics (n, 2) float32 (``STAT_NAMES``) of windows (n, L) and ok (n,) bool."""
+    f = rhythm_features(windows, modality=modality, fs_hz=fs_hz)
+    ok = f[:, 0] > 0
+    irregularity = np.minimum(f[:, RHYTHM_FEATURES.index("rmssd")], 5.0)
+    rate = np.where(ok, (60.0 / np.where(ok, f[:, 2], 1.0) - 75.0) / 25.0, 0.0)
+    return np.stack([irregularity, rate], axis=1).astype(np.float32), ok
 
 
 def window_statistics(ecg: np.ndarray, ppg: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
