@@ -12,9 +12,10 @@ from biofp_core.compression import (
     decode_delta,
     encode_delta,
     payload_bytes,
+    scale_order,
 )
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.protocol import SCALE_SUFFIX
+from biofp_core.protocol import SCALES_KEY
 
 
 def _delta(seed: int = 0) -> dict[str, np.ndarray]:
@@ -80,20 +81,48 @@ def test_payload_drops_2x_for_fp16_and_about_4x_for_int8_including_scales() -> N
 def test_wire_layout_round_trips(scheme: str) -> None:
     encoded = encode_delta(_delta(), scheme=scheme)  # type: ignore[arg-type]
     flat = encoded.to_arrays()
-    scale_keys = {k for k in flat if k.endswith(SCALE_SUFFIX)}
-    assert len(scale_keys) == (len(encoded.arrays) if scheme == "int8" else 0)
+    assert set(flat) - {SCALES_KEY} == set(encoded.arrays)
     back = EncodedUpdate.from_arrays(flat)
     assert back.scheme == scheme
     for name, array in encoded.arrays.items():
         np.testing.assert_array_equal(back.arrays[name], array)
-        assert back.scales.get(name) == encoded.scales.get(name)
+        assert back.scales.get(name) == encoded.scales.get(name)  # float32 scales: exact
+
+
+def test_int8_scales_travel_as_one_array_in_sorted_name_order() -> None:
+    delta = _delta()
+    encoded = encode_delta(delta, scheme="int8")
+    flat = encoded.to_arrays()
+    assert len(flat) == len(delta) + 1  # one extra array, not one per tensor
+    packed = flat[SCALES_KEY]
+    assert packed.dtype == np.float32 and packed.shape == (len(delta),)
+    order = scale_order(delta)
+    assert order == sorted(delta) and order != list(delta)  # the order is not insertion order
+    assert packed.tolist() == [encoded.scales[name] for name in order]
+    assert packed[order.index("frozen")] == 0.0 and packed[order.index("encoder.weight")] > 0
+    # The receiver does not depend on the order the tensors arrive in.
+    shuffled = {name: flat[name] for name in reversed(list(flat))}
+    back = EncodedUpdate.from_arrays(shuffled)
+    assert back.scales == encoded.scales
+    for name, x in decode_delta(back).items():
+        np.testing.assert_array_equal(x, decode_delta(encoded)[name])
 
 
 def test_malformed_layouts_are_rejected() -> None:
     flat = encode_delta(_delta(), scheme="int8").to_arrays()
-    flat.pop(f"encoder.bias{SCALE_SUFFIX}")
-    with pytest.raises(ValueError, match="scales"):
-        EncodedUpdate.from_arrays(flat)
+    no_scales = {k: v for k, v in flat.items() if k != SCALES_KEY}
+    with pytest.raises(ValueError, match="no scales"):
+        EncodedUpdate.from_arrays(no_scales)
+    for bad in (flat[SCALES_KEY][:-1], flat[SCALES_KEY].astype(np.float64)):
+        with pytest.raises(ValueError, match="one per tensor"):
+            EncodedUpdate.from_arrays({**flat, SCALES_KEY: bad})
+    negative = -flat[SCALES_KEY]
+    negative[0] = -1.0
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        EncodedUpdate.from_arrays({**flat, SCALES_KEY: negative})
+    fp16 = encode_delta(_delta(), scheme="fp16").to_arrays()
+    with pytest.raises(ValueError, match="fp16 update carries int8 scales"):
+        EncodedUpdate.from_arrays({**fp16, SCALES_KEY: flat[SCALES_KEY]})
     mixed = {"a": np.zeros(2, np.float16), "b": np.zeros(2, np.int8)}
     with pytest.raises(ValueError, match="one of"):
         EncodedUpdate.from_arrays(mixed)

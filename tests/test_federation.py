@@ -31,7 +31,7 @@ from biofp_core.protocol import (
     LR,
     METRICS_KEY,
     RUN_KEY,
-    SCALE_SUFFIX,
+    SCALES_KEY,
     SERVER_ROUND,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
@@ -348,9 +348,9 @@ def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
     reply = client_app(msg, ctx)
     assert not reply.has_error(), reply.error
     sent = reply.content.array_records[ARRAYS_KEY]
-    weights = [k for k in sent if not k.endswith(SCALE_SUFFIX)]
+    weights = [k for k in sent if k != SCALES_KEY]
     assert all(sent[k].numpy().dtype == np.int8 for k in weights)
-    assert len(sent) == 2 * len(weights)
+    assert sent[SCALES_KEY].numpy().shape == (len(weights),)  # all scales in one array
     full_bytes = sum(a.numpy().nbytes for a in msg.content[ARRAYS_KEY].values())
     payload = TrainReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).payload_bytes
     assert payload < 0.3 * full_bytes

@@ -15,6 +15,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
+from biofp_core.privacy import ledger as ledger_module
 from biofp_core.privacy.ledger import LEDGER_FILENAME, PrivacyLedger, PrivacyLedgerError
 from biofp_core.site import PrivacyBudget
 
@@ -88,6 +89,32 @@ def test_runs_compose(tmp_path: Path) -> None:
     assert summary.runs == ["run-a", "run-b"] and summary.entries == 5
     assert summary.epsilon == pytest.approx(after_b) and summary.site == "north"
     assert summary.budget_left == pytest.approx(50.0 - after_b) and not summary.exhausted
+
+
+def test_a_site_round_evaluates_the_rdp_of_its_mechanism_once(tmp_path: Path) -> None:
+    """Budget check, charge, exhausted flag and audit reuse one RDP evaluation of (σ, q); ε is
+    still the WHOLE history's, equal to Opacus' accountant to the last bit."""
+    one_step = ledger_module._one_step_rdp
+    sigma, q = 1.37, 0.0731  # a (σ, q) no other test uses, so the process cache has not seen it
+    budget = PrivacyBudget(epsilon=1e6, delta=DELTA)
+    ledger = PrivacyLedger.at(tmp_path)
+    charge_rounds(ledger, "old-run", range(1, 3))  # an earlier run with another mechanism
+    misses = one_step.cache_info().misses
+    mech = {"noise_multiplier": sigma, "sample_rate": q, "steps": 17}
+    for rnd in (1, 2, 3):  # what client.task does each round
+        planned = ledger.check_budget(budget=budget, **mech)
+        entry = ledger.charge(
+            run_id="new-run", server_round=rnd, delta=DELTA, budget=budget, **mech
+        )
+        ledger.epsilon_if(delta=DELTA, **mech)  # exhausted flag
+        assert ledger.epsilon(delta=DELTA) == entry.epsilon_after == planned  # audit, report
+    assert one_step.cache_info().misses == misses + 1  # one new (σ, q): one evaluation
+    accountant = RDPAccountant()
+    accountant.history = [(SIGMA, Q, 2 * STEPS), (sigma, q, 3 * 17)]
+    assert entry.epsilon_after == accountant.get_epsilon(DELTA)  # bit-identical, not approx
+    assert entry.epsilon_after == pytest.approx(
+        fresh_epsilon([(SIGMA, Q, STEPS)] * 2 + [(sigma, q, 17)] * 3), rel=1e-9
+    )
 
 
 def test_replayed_round_is_not_charged_twice(tmp_path: Path) -> None:

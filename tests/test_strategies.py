@@ -326,6 +326,20 @@ def test_compressed_strategy_decodes_deltas_to_the_weighted_average(
     assert fp32_bytes * ratio < agg[BYTES_RECEIVED] < fp32_bytes * ratio * 1.2  # + npy headers
 
 
+def test_an_int8_update_of_a_small_m2ae_is_at_most_027_of_fp32_as_flower_counts_it() -> None:
+    """Issue 4's figure on the wire: tensors + ONE packed scales array, .npy headers and keys."""
+    from biofp_core.models import build_model
+
+    small = {"width": 64, "heads": 4, "decoder_width": 32, "modality_depth": 1, "fusion_depth": 1}
+    state = {k: v.numpy() for k, v in build_model("m2ae", small).state_dict().items()}
+    fp32_bytes = sum(4 * v.size for v in state.values())
+    rng = np.random.default_rng(0)
+    delta = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in state.items()}
+    record = encoded_to_arrayrecord(encode_delta(delta, scheme="int8"))
+    assert len(record) == len(state) + 1
+    assert record.count_bytes() / fp32_bytes <= 0.27
+
+
 def test_compressed_strategy_counts_undecodable_updates_as_failed(make_grid: GridFactory) -> None:
     grid, nodes = make_grid(2)
     strategy = CompressedFedAvg(scheme="int8")

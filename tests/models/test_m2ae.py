@@ -191,3 +191,26 @@ def test_registry() -> None:
 def test_bad_patching_rejected() -> None:
     with pytest.raises(ValueError, match="patch_samples"):
         M2AEConfig(patch_samples=100)
+
+
+def test_rhythm_token_carries_beat_intervals() -> None:
+    """The rhythm token is built from the beat intervals; rhythm_token=False has none."""
+    t = np.arange(L) / 125.0
+
+    def train(beat_times: np.ndarray) -> torch.Tensor:
+        x = np.exp(-0.5 * ((t[:, None] - beat_times[None]) / 0.03) ** 2).sum(1)
+        return torch.as_tensor((x - x.mean()) / x.std(), dtype=torch.float32)
+
+    regular = train(np.arange(0.2, 10, 0.8))
+    irregular = train(np.array([0.2, 0.7, 1.8, 2.3, 3.5, 4.0, 4.9, 6.1, 6.6, 7.8, 8.3, 9.5]))
+    ppg = torch.stack([regular, irregular])
+    with_token, without = tiny().eval(), tiny(rhythm_token=False).eval()
+    assert sum(p.numel() for p in with_token.rhythm.parameters()) > 0
+    assert not hasattr(without, "rhythm")
+    rhythm = with_token._rhythm_input(1, ppg[:, None])  # (2, 1, F)
+    assert rhythm.shape == (2, 1, 8) and rhythm[1, 0, 3] > rhythm[0, 0, 3] + 0.5  # sdnn
+    with torch.no_grad():
+        tokens = with_token._encode(
+            1, ppg[:, None].unflatten(-1, (10, 125)), with_token.modality(2), rhythm=rhythm
+        )
+    assert tokens.shape == (2, 1, 11, 32)  # 10 patches + the rhythm token

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from biofp_core.signals.rhythm import STAT_NAMES, beat_statistics, window_statistics
+from biofp_core.signals.rhythm import (
+    RHYTHM_FEATURES,
+    STAT_NAMES,
+    beat_statistics,
+    rhythm_features,
+    window_statistics,
+)
 from biofp_core.store import WindowStore
 
 FS_HZ = 125.0
@@ -61,3 +67,19 @@ def test_bidmc_ecg_and_ppg_agree_on_the_rate(bidmc_store: WindowStore) -> None:
     bpm_ecg, bpm_ppg = 25.0 * ecg[ok, 1] + 75.0, 25.0 * ppg[ok, 1] + 75.0
     assert ((bpm_ppg > 40) & (bpm_ppg < 160)).all()
     assert np.median(np.abs(bpm_ecg - bpm_ppg)) < 3.0  # the same heart seen by both sensors
+
+
+def test_rhythm_features_of_regular_and_irregular_trains() -> None:
+    rng = np.random.default_rng(1)
+    irregular = np.cumsum(rng.uniform(0.45, 1.15, 20)) + 0.1
+    windows = np.stack(
+        [pulses(np.arange(0.2, 10.0, 0.8)), pulses(irregular[irregular < 9.9]), np.zeros(L)]
+    )
+    f = dict(zip(RHYTHM_FEATURES, rhythm_features(windows, modality="ppg").T, strict=True))
+    assert f["valid"].tolist() == [1.0, 1.0, 0.0]
+    assert f["beats"][0] == pytest.approx(13 / 15)
+    assert f["mean_rr"][0] == pytest.approx(0.8, abs=0.01)
+    assert f["sdnn"][0] < 0.05 and f["pnn50"][0] == 0.0 and f["range"][0] < 0.05
+    for name in ("sdnn", "rmssd", "madnn", "pnn50", "range"):
+        assert f[name][1] > f[name][0] + 0.3, name  # irregular scores clearly higher
+    assert (rhythm_features(windows, modality="ppg")[2] == 0).all()  # no beats: all zero
