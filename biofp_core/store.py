@@ -33,10 +33,9 @@ from biofp_core import __version__
 from biofp_core.config import PreprocessConfig
 from biofp_core.errors import DataError, RecordError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.models.base import SubjectWindows
 from biofp_core.signals.preprocess import preprocess_record
 from biofp_core.signals.read import find_records, read_record
-from biofp_core.signals.types import MODALITIES, Windows
+from biofp_core.signals.types import MODALITIES, SubjectWindows, Windows
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from flwr.common.constant import PARTITION_ID_KEY
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import ConfigError, DataError
-from biofp_core.models.base import SubjectWindows
+from biofp_core.signals.types import SubjectWindows
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.validate import open_site_store
 

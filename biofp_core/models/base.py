@@ -8,13 +8,14 @@ every tensor in a batch has the subject as its first dimension: what Opacus clip
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from biofp_core.signals.types import SubjectWindows  # re-exported: models draw bags from it
 
 WINDOW_SAMPLES = 1250  # 10 s at 125 Hz
 
@@ -26,22 +27,6 @@ class ModelConfig(BaseModel):
 
     fingerprint_dim: int = Field(128, ge=8, description="D, size of the fingerprint vector")
     window_samples: int = Field(WINDOW_SAMPLES, description="samples per window (10 s at 125 Hz)")
-
-
-@dataclass(frozen=True)
-class SubjectWindows:
-    """All windows of one subject at a site, as read from the window store."""
-
-    subject_id: str
-    ecg: np.ndarray  # (n, 1250) float32, zeros where absent
-    ppg: np.ndarray  # (n, 1250) float32, zeros where absent
-    mask: np.ndarray  # (n, 2) bool, [has_ecg, has_ppg]
-    quality: np.ndarray  # (n, 2) float32 SQI score in [0, 1], NaN where absent
-    start_s: np.ndarray  # (n,) float64, window start within its record
-    record_index: np.ndarray  # (n,) int, which of the subject's records each window comes from
-
-    def __len__(self) -> int:
-        return len(self.start_s)
 
 
 Batch = dict[str, Tensor]  # each value (B, K, ...) : B subjects, K windows per bag

@@ -76,3 +76,19 @@ class Windows:
 
     def __len__(self) -> int:
         return len(self.start_s)
+
+
+@dataclass(frozen=True)
+class SubjectWindows:
+    """All windows of one subject at a site, as read from the window store."""
+
+    subject_id: str
+    ecg: np.ndarray  # (n, 1250) float32, zeros where absent
+    ppg: np.ndarray  # (n, 1250) float32, zeros where absent
+    mask: np.ndarray  # (n, 2) bool, [has_ecg, has_ppg]
+    quality: np.ndarray  # (n, 2) float32 SQI score in [0, 1], NaN where absent
+    start_s: np.ndarray  # (n,) float64, window start within its record
+    record_index: np.ndarray  # (n,) int, which of the subject's records each window comes from
+
+    def __len__(self) -> int:
+        return len(self.start_s)
