@@ -67,16 +67,38 @@ def simulate(
     centralized: bool | None = typer.Option(
         None, "--centralized/--federated", help="pooled-data baseline instead (default: federated)"
     ),
+    collect_fingerprints: bool | None = typer.Option(
+        None,
+        "--collect-fingerprints/--no-collect-fingerprints",
+        help="after the last round, ask each site for fingerprints released under its policy",
+    ),
+    probe_tasks: str | None = typer.Option(
+        None,
+        "--probe-tasks",
+        help="label columns each site probes on its own fingerprints, e.g. af,hypertension",
+    ),
+    report: bool | None = typer.Option(
+        None,
+        "--report/--no-report",
+        help="then train comparison models, study released fingerprints, write OUT/report.md "
+        "and plots (default: on; federated runs)",
+    ),
 ) -> None:
     """Federated pretraining on emulated hospitals with the real ClientApp and ServerApp,
-    in Flower's simulation engine; writes config, per-round metrics, ledgers and the model."""
+    in Flower's simulation engine; writes config, per-round metrics, ledgers and the model
+    (and, when asked, released fingerprints and federated_eval.json)."""
     from simulations.run import load_simulation_config
     from simulations.run import simulate as run_simulation
 
     cfg = load_simulation_config(
-        config, sites=sites, epsilon=epsilon, out=out, centralized=centralized,
-        run=_run_overrides(num_rounds=rounds, strategy=strategy, model=model, dp=dp),
+        config, sites=sites, epsilon=epsilon, out=out, centralized=centralized, report=report,
+        run=_run_overrides(
+            num_rounds=rounds, strategy=strategy, model=model, dp=dp,
+            collect_fingerprints=collect_fingerprints, probe_tasks=probe_tasks,
+        ),
     )  # fmt: skip
+    if "report" not in cfg.model_fields_set:  # set by neither flag nor sim.toml: on here
+        cfg = cfg.model_copy(update={"report": True})
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
@@ -95,6 +117,8 @@ def simulate(
             cfg, on_stage=lambda text: progress.update(task, description=text), on_round=on_round
         )
     console.print(_render(summary))
+    if summary.report_path is not None:
+        console.print(f"report: {summary.report_path}")
 
 
 def main(args: list[str]) -> None:

@@ -13,6 +13,7 @@ training subjects of every site, for the same total number of local steps, as a 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from biofp_core.artifacts import (
 )
 from biofp_core.config import one_of
 from biofp_core.errors import BioFPError, ConfigError
+from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
 from biofp_core.site import default_cache_dir, load_site_config
@@ -85,10 +87,17 @@ class SimulationConfig(BaseModel):
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="each site's δ")
     sites_dir: Path | None = Field(None, description="site folders and ledgers; default OUT/sites")
+    release: ReleasePolicy | None = Field(
+        default_factory=ReleasePolicy,
+        description="each site's [release] policy (fingerprint queries); None: sites refuse them",
+    )
     reproducible_noise: bool = Field(True, description="seed each site's DP noise")
     # --- run ----------------------------------------------------------------------------------
     out: Path = Field(Path("biofp-sim"), description="run directory")
     centralized: bool = Field(False, description="pooled-data baseline instead of federation")
+    report: bool = Field(
+        False, description="federated runs: comparison models, downstream study, report.md"
+    )
     cpus: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPUs for the engine"
     )
@@ -187,6 +196,7 @@ class RunSummary(BaseModel):
     failed_replies: int = 0
     refused_replies: int = 0
     model_path: Path | None = None
+    report_path: Path | None = None
     sites: list[SiteReport] = Field(default_factory=list)
 
 
@@ -214,6 +224,14 @@ def partition_cohort(cfg: SimulationConfig, cohort: Cohort) -> Partition:
     )  # fmt: skip
 
 
+def _add_release_policy(toml: Path, policy: ReleasePolicy | None) -> None:
+    """Append an emulated site's ``[release]`` policy to its fresh site.toml (None: none)."""
+    if policy is not None:
+        items = policy.model_dump(exclude_none=True).items()
+        with toml.open("a") as fh:
+            fh.write("\n[release]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in items))
+
+
 def prepare_sites(
     cfg: SimulationConfig, *, on_site: Callable[[str], None] | None = None
 ) -> SimulationSites:
@@ -224,6 +242,8 @@ def prepare_sites(
         cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
         delta=cfg.delta,
     )  # fmt: skip
+    for toml in tomls:
+        _add_release_policy(toml, cfg.release)
     sites = []
     for index, (toml, modality) in enumerate(zip(tomls, partition.modalities, strict=True)):
         open_site_store(load_site_config(toml))  # build once; clients reopen it from the cache
@@ -394,6 +414,11 @@ def simulate(
     if error is not None and summary.error is None:
         summary = summary.model_copy(update={"status": "failed", "error": str(error)})
     (out / SUMMARY_NAME).write_text(summary.model_dump_json(indent=1) + "\n")
+    if cfg.report:
+        from simulations.report import research_report  # it imports this module
+
+        summary.report_path = research_report(cfg, summary, on_stage=stage)
+        (out / SUMMARY_NAME).write_text(summary.model_dump_json(indent=1) + "\n")
     if error is not None:
         raise error
     return summary

@@ -366,7 +366,9 @@ def test_no_report_writes_none(reported: Path, cache_dir: Path, tmp_path: Path) 
     off = reported / "comparisons" / "dp-off"
     out = tmp_path / "run"
     toml = sim_toml(tmp_path / "sim.toml", cache_dir)
-    simulate_cli(["--config", str(toml), "--out", str(out), "--centralized", "--no-report"])
+    simulate_cli(
+        ["--config", str(toml), "--out", str(out), "--centralized", "--no-dp", "--no-report"]
+    )
     assert not SimulationConfig.model_validate_json((out / "simulation.json").read_bytes()).report
     for run in (off, out):
         assert (run / "model.safetensors").exists() and (run / "summary.json").exists()
