@@ -1,13 +1,15 @@
 """Fingerprint figures (issue 5): what released fingerprints are good for, and what they leak.
 
-.venv/bin/python bench/fingerprints.py [--steps 300] [--smoke] [--federated] [--no-bidmc]
+.venv/bin/python bench/fingerprints.py [--steps 300] [--smoke] [--no-bidmc]
 
-1. Synthetic default cohort (4 sites x 8 subjects x 5 min, seed 0): a small M2AE trained centrally
-   with ``train_local``, without and with DP-SGD; each site releases record fingerprints from
-   paired, ECG-only and PPG-only input; AF AUROC of a linear probe on the pooled releases (folds by
-   subject), and single-modality / paired ratios. ``--federated`` adds the federated DP model of
-   ``simulations.run.simulate`` on the same cohort (issue figure: its PPG-only AF AUROC >= 0.95 and
-   >= 0.97 x the centralized non-DP model's).
+1. Synthetic default cohort (4 sites x 16 subjects x 5 min, seed 0): ``biofp simulate`` as the
+   README runs it, with its report: the federated DP model, the centralized non-DP and federated
+   DP-off comparisons, every site releasing record fingerprints from paired, ECG-only and PPG-only
+   input, linear probes of AF and hypertension (folds by subject), sex/age inference with and
+   without release noise. Two ablations on the same sites: the untrained initial model and a
+   federated DP model without the rhythm token. Issue figures: PPG-only AF AUROC of the
+   federated DP model >= 0.95 and >= 0.97 x the centralized non-DP model's; ECG-only and
+   PPG-only >= 0.90 x paired.
 2. BIDMC split into 4 hospitals by patient: a model trained on the pooled hospitals; HR and
    respiratory-rate MAE from released fingerprints vs the mean predictor; sex AUROC (attribute
    inference) from releases without noise and with clipping + Gaussian noise per vector.
@@ -43,7 +45,6 @@ from biofp_core.evaluation import (
     check_against,
     evaluate_table,
     merge_labels,
-    modality_ablation,
     read_labels,
     site_probe,
     task_labels,
@@ -57,13 +58,16 @@ from biofp_core.models.m2ae import M2AE, M2AEConfig
 from biofp_core.privacy import DPConfig
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.store import WindowStore
-from biofp_core.synth import write_cohort
 from biofp_core.training import TrainConfig, train_local
 from biofp_core.validate import open_site_store
+from server.config import RunConfig
 
 MODEL = {"width": 64, "heads": 4, "decoder_width": 32, "modality_depth": 1, "fusion_depth": 1}
 SMOKE_MODEL = {**MODEL, "width": 32, "heads": 2, "decoder_width": 16}
-DP_NOISE = 1.5  # σ of the DP-SGD models
+SYNTH_TASKS = ("af", "hypertension")
+MAIN = "federated DP"  # the report's label of the simulation's own model
+MODELS = (MAIN, "centralized non-DP", "federated DP-off", "untrained",
+          "federated DP, no rhythm token")  # fmt: skip
 BUDGET = 1000.0  # the bench's sites may release many times; real sites set their own
 CLIP_NORM = 1.0  # C of the noisy release (fingerprint norms are reported beside it)
 
@@ -106,13 +110,6 @@ def with_release(site: Site, policy: ReleasePolicy) -> Site:
     return Site(site.config.model_copy(update={"release": policy}), site.store, site.labels)
 
 
-def synthetic_sites(root: Path, *, subjects: int, minutes: float) -> list[Site]:
-    cohort = root / "cohort"
-    write_cohort(cohort, sites=4, subjects_per_site=subjects, minutes=minutes, seed=0)
-    return [make_site(root / "sites" / d.name, d, d / "labels.csv", root / "cache")
-            for d in sorted(cohort.glob("site_*"))]  # fmt: skip
-
-
 def bidmc_sites(root: Path, bidmc: Path, *, hospitals: int = 4, seed: int = 0) -> list[Site]:
     """BIDMC records split by patient (MIMIC id) into hospitals of linked files + labels."""
     labels = write_bidmc_labels(bidmc, root / "bidmc-labels.csv")
@@ -145,7 +142,7 @@ def train(sites: list[Site], out: Path, *, dp: bool, steps: int, arch: dict) -> 
     model = M2AE(M2AEConfig(**arch))
     subjects = [s for site in sites for s in site.store.subjects()]
     cfg = TrainConfig(steps=steps, batch_subjects=8, bag_size=16, lr=1e-3, seed=0)
-    dp_cfg = DPConfig(noise_multiplier=DP_NOISE, max_grad_norm=1.0, seed=0) if dp else None
+    dp_cfg = DPConfig(noise_multiplier=1.5, max_grad_norm=1.0, seed=0) if dp else None
     result = train_local(model, subjects, cfg, dp=dp_cfg)
     eps = result.privacy.epsilon if result.privacy is not None else None
     privacy = (
@@ -204,27 +201,69 @@ def probe_args(smoke: bool) -> dict:
 
 
 def synthetic_figures(root: Path, args: argparse.Namespace, step: Callable[[str], None]) -> dict:
-    arch = SMOKE_MODEL if args.smoke else MODEL
-    sites = synthetic_sites(root, subjects=8, minutes=1.0 if args.smoke else 5.0)
-    models = {}
-    for name, dp, steps in (("central", False, args.steps), ("central-dp", True, args.dp_steps)):
-        step(f"synthetic: training {name} ({steps} steps)")
-        models[name] = train(sites, root / "models" / name, dp=dp, steps=steps, arch=arch)
-    if args.federated:
-        step("synthetic: federated DP simulation")
-        models["federated-dp"] = federated_model(root, args)
-    out: dict = {"sites": len(sites), "subjects": sum(len(s.store.subject_ids()) for s in sites),
-                 "rhythm_oracle_af_auroc": rhythm_oracle(sites)}  # fmt: skip
-    for name, (path, info) in models.items():
-        step(f"synthetic: releasing and probing {name}")
-        released = {m: release_all(sites, path, root / "releases" / name, modality=m)
-                    for m in ("paired", "ecg", "ppg")}  # fmt: skip
-        af = task_labels(released["paired"].pooled_labels, "af")
-        tables = {m: r.table for m, r in released.items()}
-        ablation = modality_ablation(tables, af, **probe_args(args.smoke))
-        out[name] = {"model": info, "release": released["paired"].stats,
-                     "af": {r.fingerprints: {**r.result.model_dump(), "relative": r.relative}
-                            for r in ablation}}  # fmt: skip
+    """`biofp simulate` as the README runs it, report on, plus two ablations on the same sites.
+
+    The report trains the federated DP model (the issue's model), the centralized non-DP and the
+    federated DP-off comparisons, and studies all three (``OUT/report/downstream.json``). The
+    ablations say where the AF figure comes from: the untrained initial model (what pretraining
+    adds) and a federated DP model without the rhythm token (what the learned path gives alone).
+    """
+    from simulations.downstream import StudyConfig, load_study_sites, run_study
+    from simulations.report import REPORT_DIR, STUDY_NAME, ResearchReport
+    from simulations.run import SITES_MANIFEST, SimulationConfig, SimulationSites, simulate
+
+    smoke = {"synth_minutes": 1.0} if args.smoke else {}
+    run = RunConfig(model_options=json.dumps(SMOKE_MODEL)) if args.smoke else RunConfig()
+    cfg = SimulationConfig(out=root / "sim", cache_dir=root / "cache", report=True, run=run,
+                           **smoke)  # fmt: skip
+    step("synthetic: biofp simulate (federated DP) + report (centralized, DP-off, studies)")
+    t0 = time.perf_counter()
+    summary = simulate(cfg, on_stage=lambda text: step(f"  {text}"))
+    report_s = time.perf_counter() - t0
+    report = ResearchReport.model_validate_json((cfg.out / REPORT_DIR / STUDY_NAME).read_text())
+    manifest = SimulationSites.model_validate_json((cfg.out / SITES_MANIFEST).read_bytes())
+    sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
+    study = StudyConfig(tasks=SYNTH_TASKS, noisy=False)
+    studies = {s.model: s for s in report.studies}
+    step("synthetic: ablation, the untrained initial model")
+    untrained = save_model(cfg.run.build_model(), root / "untrained" / "model", ModelCard())
+    out = root / "releases"
+    studies["untrained"] = run_study(
+        untrained, sites, label="untrained", out_dir=out / "untrained", config=study
+    )
+    step("synthetic: ablation, federated DP without the rhythm token")
+    options = {**json.loads(cfg.run.model_options), "rhythm_token": False}
+    plain = cfg.model_copy(update={
+        "out": root / "sim-no-rhythm", "report": False, "sites_dir": None,
+        "run": cfg.run.model_copy(update={"model_options": json.dumps(options)}),
+    })  # fmt: skip
+    plain_summary = simulate(plain)
+    studies["federated DP, no rhythm token"] = run_study(
+        Path(plain_summary.model_path), sites, label="federated DP, no rhythm token",  # type: ignore[arg-type]
+        out_dir=root / "releases" / "no-rhythm", config=study,
+    )  # fmt: skip
+    stores = [Site(s.config, s.store, s.config.labels_csv) for s in sites]  # type: ignore[arg-type]
+    return {
+        "sites": len(sites), "subjects": sum(len(s.train) + len(s.holdout) for s in sites),
+        "simulate_with_report_s": report_s, "max_epsilon": summary.max_epsilon,
+        "runs": [r.model_dump() for r in report.runs], "failures": report.failures,
+        "reconstruction": [r.model_dump() for r in report.reconstruction],
+        "rhythm_oracle_af_auroc": rhythm_oracle(stores),
+        "studies": {name: _study_rows(s) for name, s in studies.items()},
+        "attributes": [_audit_row(r) for r in studies[MAIN].attributes],
+    }  # fmt: skip
+
+
+def _study_rows(study) -> dict:
+    """task -> modality -> probe result with its ratio to paired."""
+    out: dict = {}
+    for rows in study.ablation.values():
+        for r in rows:
+            out.setdefault(r.result.task, {})[r.fingerprints] = {
+                **r.result.model_dump(),
+                "relative": r.relative,
+            }
+        break  # the first variant: releases without noise
     return out
 
 
@@ -259,28 +298,6 @@ def rhythm_oracle(sites: list[Site]) -> dict[str, float]:
                 score.append(irregularity(getattr(subject, modality)[present]))
         out[modality] = auroc(np.array(y), np.array(score))
     return out
-
-
-def federated_model(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
-    """The federated DP model of `simulations.run.simulate` on the same synthetic cohort.
-
-    3 rounds x 4 sites x steps/12 local steps: as many optimizer steps as the central model.
-    """
-    from server.config import RunConfig
-    from simulations.run import SimulationConfig, simulate
-
-    arch = SMOKE_MODEL if args.smoke else MODEL
-    run = RunConfig(num_rounds=3, local_steps=max(1, args.steps // 12), dp=True,
-                    model_options=json.dumps(arch))  # fmt: skip
-    cfg = SimulationConfig(sites=4, synth_sites=4, synth_subjects_per_site=8,
-                           synth_minutes=1.0 if args.smoke else 5.0, out=root / "sim",
-                           cache_dir=root / "sim-cache", cpus=2, run=run)  # fmt: skip
-    t0 = time.perf_counter()
-    summary = simulate(cfg)
-    if summary.model_path is None:
-        raise RuntimeError(f"federated run produced no model ({summary.status})")
-    return summary.model_path, {"train_s": time.perf_counter() - t0, "rounds": summary.rounds,
-                                "epsilon": summary.max_epsilon}  # fmt: skip
 
 
 def bidmc_figures(root: Path, args: argparse.Namespace, step: Callable[[str], None]) -> dict:
@@ -337,17 +354,33 @@ def rows_of(synth: dict, bidmc: dict | None) -> list[tuple[str, str, str]]:
     oracle = synth["rhythm_oracle_af_auroc"]
     rows = [(f"synth AF AUROC rhythm feature (ceiling) {m}", f"{oracle[m]:.3f}", "reference")
             for m in ("ecg", "ppg")]  # fmt: skip
-    for name in (n for n in ("central", "central-dp", "federated-dp") if n in synth):
-        af, eps = synth[name]["af"], synth[name]["model"].get("epsilon")
-        tag = name + (f" (ε={eps:.1f})" if eps else "")
+    studies = synth["studies"]
+    for name in (n for n in MODELS if n in studies):
+        af = studies[name]["af"]
         for m in ("paired", "ecg", "ppg"):
-            target = ">= 0.95 (federated DP)" if m == "ppg" else ""
-            rows.append((f"synth AF AUROC {tag} {m}", _with_ci(af[m]), target))
-        for m in ("ecg", "ppg"):
-            rows.append((f"synth AF AUROC {tag} {m}/paired", f"{af[m]['relative']:.3f}", ">= 0.90"))
-    if "federated-dp" in synth:
-        ratio = synth["federated-dp"]["af"]["ppg"]["value"] / synth["central"]["af"]["ppg"]["value"]
-        rows.append(("synth AF AUROC ppg federated DP / central", f"{ratio:.3f}", ">= 0.97"))
+            target = ">= 0.95" if (name, m) == (MAIN, "ppg") else ""
+            rows.append((f"synth AF AUROC {name} {m}", _with_ci(af[m]), target))
+        if name in (MAIN, "centralized non-DP"):
+            for m in ("ecg", "ppg"):
+                rows.append((f"synth AF AUROC {name} {m}/paired", f"{af[m]['relative']:.3f}",
+                             ">= 0.90"))  # fmt: skip
+        htn = studies[name].get("hypertension", {}).get("ppg")
+        if htn:
+            rows.append((f"synth hypertension AUROC {name} ppg", _with_ci(htn), ""))
+    if MAIN in studies and "centralized non-DP" in studies:
+        ratio = (
+            studies[MAIN]["af"]["ppg"]["value"]
+            / studies["centralized non-DP"]["af"]["ppg"]["value"]
+        )
+        rows.append(("synth AF AUROC ppg federated DP / centralized non-DP", f"{ratio:.3f}",
+                     ">= 0.97"))  # fmt: skip
+    for r in synth["attributes"]:
+        rows.append((f"synth {r['task']} ({r['role']}), {r['fingerprints']}", _with_ci(r), ""))
+    rec = [r["correlation"] for r in synth["reconstruction"] if r.get("correlation") is not None]
+    if rec:
+        rows.append(
+            ("synth ECG-from-PPG correlation, median held-out", f"{np.median(rec):.3f}", "")
+        )
     if bidmc is not None:
         for task, unit in (("hr_bpm", "bpm"), ("resp_rate_bpm", "/min")):
             r = bidmc["probes"][task]
@@ -363,10 +396,8 @@ def rows_of(synth: dict, bidmc: dict | None) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300, help="training steps (non-DP)")
-    parser.add_argument("--dp-steps", type=int, default=100, help="training steps (DP-SGD)")
+    parser.add_argument("--steps", type=int, default=300, help="BIDMC training steps (non-DP)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 1-minute records")
-    parser.add_argument("--federated", action="store_true", help="add the federated DP model")
     parser.add_argument("--no-bidmc", action="store_true", help="skip the BIDMC section")
     parser.add_argument("--release-epsilon", type=float, default=8.0, help="ε per noisy vector")
     args = parser.parse_args()
@@ -384,8 +415,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - started
     payload = {"synthetic": synth, "bidmc": bidmc, "wall_s": wall,
-               "settings": {"steps": args.steps, "dp_steps": args.dp_steps, "dp_noise": DP_NOISE,
-                            "smoke": args.smoke, "threads": 2,
+               "settings": {"bidmc_steps": args.steps, "smoke": args.smoke, "threads": 2,
                             "model": SMOKE_MODEL if args.smoke else MODEL,
                             "probe": probe_args(args.smoke)}}  # fmt: skip
     rows = [*rows_of(synth, bidmc), ("wall time (s)", f"{wall:.0f}", "<= 300")]
