@@ -44,8 +44,8 @@ from biofp_core.models.layers import (
 from biofp_core.signals.rhythm import (
     RHYTHM_FEATURES,
     STAT_NAMES,
+    paired_statistics,
     rhythm_features,
-    window_statistics,
 )
 
 MODALITIES = ("ecg", "ppg")
@@ -169,13 +169,18 @@ class M2AE(BioFPModel):
 
     # ---- encoding -------------------------------------------------------------------------------
 
-    def _rhythm_input(self, m: int, windows: Tensor) -> Tensor | None:
+    @staticmethod
+    def _rhythm_features(m: int, windows: Tensor) -> np.ndarray:
         """Rhythm features (B, S, F) of whole windows (B, S, L) of modality m (no gradient)."""
+        flat = windows.detach().flatten(0, 1).cpu().float().numpy()  # (B*S, L)
+        features = rhythm_features(flat, modality=MODALITIES[m])  # (B*S, F)
+        return features.reshape(*windows.shape[:2], -1)
+
+    def _rhythm_input(self, features: np.ndarray, like: Tensor) -> Tensor | None:
+        """The rhythm token's input (B, S, F) on `like`'s device, or None without the token."""
         if not self.config.rhythm_token:
             return None
-        flat = windows.detach().flatten(0, 1).cpu().numpy()  # (B*S, L)
-        features = rhythm_features(flat, modality=MODALITIES[m])  # (B*S, F)
-        return torch.from_numpy(features).to(windows.device).unflatten(0, windows.shape[:2])
+        return torch.from_numpy(features).to(like.device)
 
     def _encode(
         self, m: int, patches: Tensor, modality: Tensor, position: Tensor | None = None,
@@ -201,7 +206,7 @@ class M2AE(BioFPModel):
         tokens = [
             self._encode(
                 m, patchify(x, self.config.patch_samples)[:, None], modality,
-                rhythm=self._rhythm_input(m, x[:, None]),
+                rhythm=self._rhythm_input(self._rhythm_features(m, x[:, None]), x),
             )
             for m, x in enumerate(windows)
             if x is not None
@@ -287,11 +292,16 @@ class M2AE(BioFPModel):
         index = visible[..., None].expand(-1, -1, -1, -1, cfg.patch_samples)
         seen = patches.gather(3, index)  # (B, K, 2, V, P)
         modality = self.modality(B)  # (B, 2, D)
+        present = avail.cpu().numpy()[..., None]  # (B, K, 2, 1): an absent modality has no beats
+        features = [
+            np.where(present[:, :, m], self._rhythm_features(m, batch[name]), 0.0)
+            for m, name in enumerate(MODALITIES)
+        ]  # each (B, K, F)
         tokens = torch.cat(
             [
                 self._encode(
                     m, seen[:, :, m], modality, visible[:, :, m],
-                    rhythm=self._rhythm_input(m, batch[MODALITIES[m]]),
+                    rhythm=self._rhythm_input(features[m], patches),
                 )
                 for m in (0, 1)
             ],
@@ -307,7 +317,7 @@ class M2AE(BioFPModel):
         terms = {
             **self._reconstruction(h[:, :K], slot_keep, patches, hidden, keep, avail),
             "align": self._alignment(z, keep, avail, batch.get("index")),
-            "stats": self._statistics(z, keep, avail, batch),
+            "stats": self._statistics(z, keep, avail, *paired_statistics(*features)),
         }
         total = (
             cfg.recon_weight * terms["recon"]
@@ -343,18 +353,19 @@ class M2AE(BioFPModel):
             + info_nce(z[:, 0], z[:, 2], has_joint & has_ppg, same, t)
         ) / 3
 
-    def _statistics(self, z: Tensor, keep: Tensor, avail: Tensor, batch: Batch) -> Tensor:
+    def _statistics(
+        self, z: Tensor, keep: Tensor, avail: Tensor, stats: np.ndarray, ok: np.ndarray
+    ) -> Tensor:
         """MSE of the beat statistics (B, K, S) predicted linearly from every view's fingerprint.
 
         Each view (joint, ECG-only, PPG-only) must carry the window's rhythm on its own, which is
         what lets a PPG-only fingerprint tell atrial fibrillation from sinus rhythm.
         """
-        if "stats" not in batch:
-            return z.new_zeros(z.shape[0])
+        target = torch.from_numpy(stats).to(z.device)[:, None]  # (B, 1, K, S)
         pred = apply_flat(self.stats_head, z)  # (B, 3, K, S)
-        err = (pred - batch["stats"].float()[:, None]).pow(2).mean(-1)  # (B, 3, K)
+        err = (pred - target).pow(2).mean(-1)  # (B, 3, K)
         views = torch.stack([keep.any(-1), avail[..., 0], avail[..., 1]], dim=1)  # (B, 3, K)
-        return weighted_mean(err, views & batch["stats_ok"].bool()[:, None])
+        return weighted_mean(err, views & torch.from_numpy(ok).to(z.device)[:, None])
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -364,8 +375,7 @@ class M2AE(BioFPModel):
         """K windows with ECG and/or PPG, good-quality first, with replacement if fewer than K.
 
         Returns arrays "ecg", "ppg" (K, L) float32, "mask" (K, 2) bool, "index" (K,) int64 (the
-        windows' positions in `subject`), and the windows' beat statistics "stats" (K, S) float32
-        with "stats_ok" (K,) bool; or None when no window has either modality.
+        windows' positions in `subject`), or None when no window has either modality.
         """
         mask = np.asarray(subject.mask, dtype=bool)
         usable = np.flatnonzero(mask.any(axis=1))
@@ -378,14 +388,9 @@ class M2AE(BioFPModel):
         chosen = order[:bag_size]
         if len(chosen) < bag_size:
             chosen = np.concatenate([chosen, rng.choice(chosen, bag_size - len(chosen))])
-        ecg = np.asarray(subject.ecg[chosen], dtype=np.float32)
-        ppg = np.asarray(subject.ppg[chosen], dtype=np.float32)
-        stats, stats_ok = window_statistics(ecg, ppg, mask[chosen])
         return {
-            "ecg": ecg,
-            "ppg": ppg,
+            "ecg": np.asarray(subject.ecg[chosen], dtype=np.float32),
+            "ppg": np.asarray(subject.ppg[chosen], dtype=np.float32),
             "mask": mask[chosen],
             "index": chosen.astype(np.int64),
-            "stats": stats,
-            "stats_ok": stats_ok,
         }

@@ -71,29 +71,38 @@ def rhythm_features(
     return np.clip(features, 0.0, 5.0).astype(np.float32)
 
 
+def statistics_of(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``STAT_NAMES`` statistics (..., 2) float32 and ok (...,) of rhythm features (..., F)."""
+    ok = features[..., 0] > 0
+    irregularity = features[..., RHYTHM_FEATURES.index("rmssd")]
+    mean_rr = np.where(ok, features[..., RHYTHM_FEATURES.index("mean_rr")], 1.0)
+    rate = np.where(ok, (60.0 / mean_rr - 75.0) / 25.0, 0.0)
+    return np.stack([irregularity, rate], axis=-1).astype(np.float32), ok
+
+
 def beat_statistics(
     windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ
 ) -> tuple[np.ndarray, np.ndarray]:
     """Statistics (n, 2) float32 (``STAT_NAMES``) of windows (n, L) and ok (n,) bool."""
-    f = rhythm_features(windows, modality=modality, fs_hz=fs_hz)
-    ok = f[:, 0] > 0
-    irregularity = np.minimum(f[:, RHYTHM_FEATURES.index("rmssd")], 5.0)
-    rate = np.where(ok, (60.0 / np.where(ok, f[:, 2], 1.0) - 75.0) / 25.0, 0.0)
-    return np.stack([irregularity, rate], axis=1).astype(np.float32), ok
+    return statistics_of(rhythm_features(windows, modality=modality, fs_hz=fs_hz))
+
+
+def paired_statistics(
+    ecg_features: np.ndarray, ppg_features: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics (..., 2) of paired windows from each modality's rhythm features (..., F): the
+    mean over the modalities with enough beats (an absent modality has none). Returns (stats, ok).
+    """
+    (s_ecg, ok_ecg), (s_ppg, ok_ppg) = statistics_of(ecg_features), statistics_of(ppg_features)
+    count = ok_ecg.astype(np.float32) + ok_ppg
+    total = s_ecg * ok_ecg[..., None] + s_ppg * ok_ppg[..., None]
+    return (total / np.maximum(count, 1.0)[..., None]).astype(np.float32), count > 0
 
 
 def window_statistics(ecg: np.ndarray, ppg: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Statistics (n, 2) of paired windows: the mean over the modalities present and usable.
-
-    ecg, ppg (n, L); mask (n, 2) [has_ecg, has_ppg]. Returns (stats (n, 2), ok (n,)).
-    """
-    total = np.zeros((len(mask), len(STAT_NAMES)), dtype=np.float32)
-    count = np.zeros(len(mask), dtype=np.float32)
-    for m, (modality, windows) in enumerate(((Modality.ECG, ecg), (Modality.PPG, ppg))):
-        present = np.flatnonzero(mask[:, m])
-        stats, ok = beat_statistics(windows[present], modality=modality)
-        total[present[ok]] += stats[ok]
-        count[present[ok]] += 1
-    ok = count > 0
-    total[ok] /= count[ok, None]
-    return total, ok
+    """Statistics (n, 2) of windows (n, L) with mask (n, 2) [has_ecg, has_ppg]: (stats, ok)."""
+    features = [
+        np.where(mask[:, m, None], rhythm_features(x, modality=modality), 0.0)
+        for m, (modality, x) in enumerate(((Modality.ECG, ecg), (Modality.PPG, ppg)))
+    ]
+    return paired_statistics(*features)

@@ -87,22 +87,43 @@ def test_loss_terms_per_subject() -> None:
     assert (terms["align"] > 0).all()
 
 
+def pulse_train(beat_times_s: np.ndarray) -> np.ndarray:
+    """A z-scored train of narrow pulses (a PPG-like window, 10 s at 125 Hz)."""
+    t = np.arange(L) / 125.0
+    x = np.exp(-0.5 * ((t[:, None] - beat_times_s[None]) / 0.03) ** 2).sum(1)
+    return ((x - x.mean()) / x.std()).astype(np.float32)
+
+
 def test_beat_statistics_term_per_view_and_window() -> None:
     """Every view's fingerprint regresses its window's beat statistics; unusable windows don't."""
     model = tiny(modality_dropout=0.0)
     batch = random_batch(B=2, K=4)
-    batch["stats"] = torch.full((2, 4, 2), 3.0)
-    batch["stats_ok"] = torch.tensor([[True] * 4, [False] * 4])
+    stats = np.full((2, 4, 2), 3.0, dtype=np.float32)
+    ok = np.array([[True] * 4, [False] * 4])
     z = torch.zeros(2, 3, 4, model.config.fingerprint_dim)
     keep = avail = batch["mask"]
     with torch.no_grad():
         model.stats_head.bias.zero_()
-        term = model._statistics(z, keep, avail, batch)
+        term = model._statistics(z, keep, avail, stats, ok)
         assert term.tolist() == pytest.approx([9.0, 0.0])  # (0 - 3)^2; no usable window
         model.stats_head.bias.fill_(3.0)
-        assert model._statistics(z, keep, avail, batch).tolist() == pytest.approx([0.0, 0.0])
+        assert model._statistics(z, keep, avail, stats, ok).tolist() == pytest.approx([0, 0])
+
+
+def test_loss_targets_come_from_the_windows() -> None:
+    """Pulse trains give the stats term a target; noise windows (no beats) give none."""
+    model = tiny(modality_dropout=0.0)
+    batch = random_batch(B=2, K=2)
+    batch["ppg"][0] = torch.from_numpy(pulse_train(np.arange(0.2, 10, 0.8)))
+    batch["ecg"][0] = 0.0
+    batch["mask"][0, :, 0] = False  # subject 0: PPG only, 75 bpm
+    batch["ecg"][1], batch["ppg"][1] = 0.0, 0.0  # subject 1: flat windows, no beats
     _, terms = model.loss(batch)
     assert terms["stats"][0] > 0 and terms["stats"][1] == 0
+    with torch.no_grad():
+        model.stats_head.weight.zero_()
+        model.stats_head.bias.copy_(torch.tensor([0.0, 0.0]))  # irregularity 0, (75 - 75) / 25
+        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_modality_dropout_drives_cross_term() -> None:
@@ -145,17 +166,6 @@ def test_alignment_negatives_stay_in_bag() -> None:
     assert model.loss(batch)[1]["align"][0] == 0  # no valid negative left
 
 
-def test_draw_bag_carries_beat_statistics() -> None:
-    t = np.arange(L) / 125.0
-    beats = np.exp(-0.5 * ((t[:, None] - np.arange(0.2, 10, 0.8)[None]) / 0.03) ** 2).sum(1)
-    s = subject(3)
-    s.ppg[:] = (beats - beats.mean()) / beats.std()
-    s.mask[:, 0] = False  # PPG only
-    bag = tiny().draw_bag(s, bag_size=4, rng=np.random.default_rng(0))
-    assert bag["stats"].shape == (4, 2) and bag["stats_ok"].all()
-    np.testing.assert_allclose(25 * bag["stats"][:, 1] + 75, 75.0, atol=1.5)  # 0.8 s beats
-
-
 def test_draw_bag_prefers_good_quality() -> None:
     model = tiny()
     quality = np.full((20, 2), 0.1, np.float32)
@@ -195,19 +205,14 @@ def test_bad_patching_rejected() -> None:
 
 def test_rhythm_token_carries_beat_intervals() -> None:
     """The rhythm token is built from the beat intervals; rhythm_token=False has none."""
-    t = np.arange(L) / 125.0
-
-    def train(beat_times: np.ndarray) -> torch.Tensor:
-        x = np.exp(-0.5 * ((t[:, None] - beat_times[None]) / 0.03) ** 2).sum(1)
-        return torch.as_tensor((x - x.mean()) / x.std(), dtype=torch.float32)
-
-    regular = train(np.arange(0.2, 10, 0.8))
-    irregular = train(np.array([0.2, 0.7, 1.8, 2.3, 3.5, 4.0, 4.9, 6.1, 6.6, 7.8, 8.3, 9.5]))
-    ppg = torch.stack([regular, irregular])
+    regular = pulse_train(np.arange(0.2, 10, 0.8))
+    irregular = pulse_train(np.array([0.2, 0.7, 1.8, 2.3, 3.5, 4.0, 4.9, 6.1, 6.6, 7.8, 8.3, 9.5]))
+    ppg = torch.from_numpy(np.stack([regular, irregular]))
     with_token, without = tiny().eval(), tiny(rhythm_token=False).eval()
     assert sum(p.numel() for p in with_token.rhythm.parameters()) > 0
-    assert not hasattr(without, "rhythm")
-    rhythm = with_token._rhythm_input(1, ppg[:, None])  # (2, 1, F)
+    features = with_token._rhythm_features(1, ppg[:, None])  # (2, 1, F)
+    rhythm = with_token._rhythm_input(features, ppg)
+    assert not hasattr(without, "rhythm") and without._rhythm_input(features, ppg) is None
     assert rhythm.shape == (2, 1, 8) and rhythm[1, 0, 3] > rhythm[0, 0, 3] + 0.5  # sdnn
     with torch.no_grad():
         tokens = with_token._encode(
