@@ -1,43 +1,50 @@
 """Federation figures: update compression, federated vs centralized time, and site scaling.
 
-.venv/bin/python bench/federation.py [--quick] [--cores 2] [--time-steps 32] [--timing-repeats 2]
-    [--no-repeat] [--only compression|timing|scaling] [--cache-dir DIR] [--keep]
+.venv/bin/python bench/federation.py [--quick] [--cores 2] [--time-steps 32 128]
+    [--timing-repeats 2] [--no-repeat] [--only compression|timing|scaling] [--cache-dir DIR]
+    [--keep]
 
-Full size: about 7 minutes on 2 quiet cores (more on a busy host); ``--quick``: tiny model and
-sizes, about 4 minutes, nearly all of it Ray start-up (one per simulation).
+Full size: about 20 minutes on 2 quiet cores (more on a busy host), most of it experiment 2's
+128-step workload; ``--quick``: tiny model and sizes, about 4 minutes, nearly all of it Ray
+start-up (one per simulation).
 
 Every run is ``simulations.run.simulate`` (the real ClientApp and ServerApp in Flower's simulation
 engine, Ray) on the synthetic cohort with a small M2AE (211k parameters), in its own child process
 pinned to ``--cores`` CPUs (``cpus = cores`` for Ray, one CPU per ClientApp). The child first
 builds the cohort and window stores (cached, not timed), then times ``simulate()``. The parent
 samples the memory of the child's whole process tree (Ray's GCS, raylet and workers included)
-from /proc.
+from /proc, and the load other processes put on the host meanwhile (``other_load_cores``: host
+CPU time from /proc/stat minus the run's own, per second).
 
 1. Compression: strategy ``fedavg`` vs ``compressed`` with ``fp16`` and ``int8``, same seed and
    config, WITHOUT DP (``dp = false``) so DP noise does not hide the effect of quantisation.
    Bytes per site per round relative to fp32 parameter bytes, two ways: ``payload`` (what each
    site reports in metrics.json: numeric bytes of the update) and ``wire`` (the server's
    ``bytes_received`` / contributing sites: Flower's ``ArrayRecord.count_bytes``, which adds each
-   array's .npy header and its key). Final training loss (last round, example-weighted over sites)
-   of each compressed run / the fedavg run, and a second fedavg run as the run-to-run noise floor.
+   array's .npy header and its key; int8 packs all scales into one array). Final training loss
+   (last round, example-weighted over sites) of each compressed run / the fedavg run, and a
+   second fedavg run as the run-to-run noise floor.
 2. Federated / centralized time for the same total local steps (rounds x sites x local steps;
    ``simulate(centralized=True)`` trains the same model with the same ``train_local`` on the
-   pooled data). DP on in both (sites get a large ε budget so that no round is refused), no
-   per-round federated evaluation (the centralized baseline evaluates once at the end).
-   ``raw``: whole ``simulate()`` wall times (RunSummary.wall_s, warm cache). ``excl. start-up``:
-   the federated engine phase minus its start-up, measured from the run's own metrics.json:
-   the time outside the rounds (Ray start, actor pool, ServerApp set-up, final model, teardown)
-   plus round 1's excess over the median later round (each Ray worker's first ClientApp call
-   imports torch, Opacus and the app), over the centralized training phase. Cross-check: start-up
-   taken as the engine phase of a 1-round, 1-local-step run of the same sites. Interleaved
-   (federated, centralized) pairs, medians reported with their range.
+   pooled data), for two workloads: 4 rounds x 4 sites x 32 local steps (the issue's figure, 512
+   steps) and x 128 local steps (2048 steps, a more realistic round). DP on in both (sites get a
+   large ε budget so that no round is refused), no per-round federated evaluation (the
+   centralized baseline evaluates once at the end). ``raw``: whole ``simulate()`` wall times
+   (RunSummary.wall_s, warm cache). Flower/Ray start-up is a fixed cost (Ray's processes, each
+   ClientApp process importing torch/Opacus/Flower, first-call warm-up), so it is also measured
+   on its own: the engine phase of a 1-round, 1-local-step run of the same sites. ``excl.
+   start-up``: the federated engine phase minus its start-up, from the run's own metrics.json
+   (the time outside the rounds plus round 1's excess over the median later round), or minus
+   the 1x1 runs' median, over the centralized training phase. Each pass runs both workloads'
+   (federated, centralized) pairs and one 1x1 run, so everything is interleaved; medians are
+   reported with their range.
 3. Scaling: N sites x 2 rounds (3 subjects per site, 2 local steps, DP on with a large budget,
    per-round evaluation on as in the default job): wall time per site-round and the peak memory of
    the whole process tree (sum of RSS, which counts shared libraries once per process, and sum of
    PSS, which shares them out; plus the largest single process from wait4).
 
-Timings are wall-clock on a machine that may be shared: they are noisy; the load average before
-and after is in the JSON.
+Timings are wall-clock on a machine that may be shared: they are noisy; the load average and
+the other processes' load of every run are in the JSON, and the latter is printed per workload.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class Sizes:
     comp_rounds: int
     comp_steps: int
     time_rounds: int
-    time_steps: int
+    time_steps: tuple[int, ...]  # workloads: local steps per site-round
     scale_sites: tuple[int, ...]
     scale_subjects: int
     scale_minutes: float
@@ -92,12 +99,12 @@ class Sizes:
 
 FULL = Sizes(
     model=SMALL_M2AE, cohort_sites=4, cohort_subjects=8, cohort_minutes=2.0,
-    comp_rounds=4, comp_steps=6, time_rounds=4, time_steps=32,
+    comp_rounds=4, comp_steps=6, time_rounds=4, time_steps=(32, 128),
     scale_sites=(10, 25, 50), scale_subjects=3, scale_minutes=1.0, scale_steps=2,
 )  # fmt: skip
 QUICK = Sizes(
     model=QUICK_M2AE, cohort_sites=3, cohort_subjects=3, cohort_minutes=1.0,
-    comp_rounds=2, comp_steps=2, time_rounds=2, time_steps=2,
+    comp_rounds=2, comp_steps=2, time_rounds=2, time_steps=(2,),
     scale_sites=(3, 5), scale_subjects=3, scale_minutes=1.0, scale_steps=1,
 )  # fmt: skip
 
@@ -272,6 +279,20 @@ def reap_leftovers(grace_s: float = 10.0) -> tuple[list[str], list[str]]:
         time.sleep(0.2)
 
 
+def host_busy_s() -> float:
+    """CPU seconds the whole host has been busy (all CPUs, /proc/stat: not idle, not iowait)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_children_cpu_s() -> float:
+    """CPU seconds of every process this one has reaped (the children and their orphans)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_child(label: str, spec: dict[str, Any], *, root: Path) -> dict[str, Any]:
     """Run one simulation in a child process (it inherits our CPU affinity); result + memory."""
     spec_path, result_path = root / f"{label}.spec.json", root / f"{label}.result.json"
@@ -279,7 +300,12 @@ def run_child(label: str, spec: dict[str, Any], *, root: Path) -> dict[str, Any]
     spec_path.write_text(json.dumps(spec, indent=1))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path),
                str(result_path)]  # fmt: skip
-    started = time.monotonic()
+    started, load_start, busy_start, own_start = (
+        time.monotonic(),
+        os.getloadavg()[0],
+        host_busy_s(),
+        own_children_cpu_s(),
+    )
     print(f"  {label} ...", end="", flush=True)
     with log_path.open("w") as log, TreeSampler() as sampler:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -287,12 +313,21 @@ def run_child(label: str, spec: dict[str, Any], *, root: Path) -> dict[str, Any]
         proc.returncode = os.waitstatus_to_exitcode(status)
         leftovers, terminated = reap_leftovers()
     wall = time.monotonic() - started
-    print(f" {wall:.0f} s")
+    own_cpu, busy = own_children_cpu_s() - own_start, host_busy_s() - busy_start
+    host = {
+        "load1_start": load_start,
+        "load1_end": os.getloadavg()[0],
+        "run_cpu_s": own_cpu,
+        "host_busy_cpu_s": busy,
+        "other_load_cores": max(0.0, busy - own_cpu) / wall,
+    }
+    print(f" {wall:.0f} s (other load {host['other_load_cores']:.1f} cores)")
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text().splitlines()[-20:])
         raise RuntimeError(f"{label}: child exited with {proc.returncode}; {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = wall
+    result["host"] = host
     result["memory"] = {
         "peak_tree_rss_bytes": sampler.peak_rss,
         "peak_tree_pss_bytes": sampler.peak_pss,
@@ -377,13 +412,13 @@ def compression(root: Path, sizes: Sizes, cores: int, repeat: bool) -> dict[str,
     return out
 
 
-def _federated_times(fed: dict[str, Any], sizes: Sizes, workers: int) -> dict[str, Any]:
+def _federated_times(fed: dict[str, Any], sizes: Sizes, steps: int, workers: int) -> dict[str, Any]:
     """Where a federated run's time went, from its own metrics.json (see ``definitions``)."""
     round_s = [r["wall_s"] for r in _rounds(fed)]
     steady_round = statistics.median(round_s[1:]) if len(round_s) > 1 else round_s[0]
     outside = fed["run_phase_s"] - sum(round_s)  # Ray, ServerApp set-up, final model, teardown
     warmup = max(0.0, round_s[0] - steady_round)  # round 1's extra: first ClientApp calls
-    site_steps = sizes.cohort_sites * sizes.time_steps  # per round
+    site_steps = sizes.cohort_sites * steps  # per round
     return {
         "whole_s": fed["total_s"],
         "engine_phase_s": fed["run_phase_s"],
@@ -397,6 +432,7 @@ def _federated_times(fed: dict[str, Any], sizes: Sizes, workers: int) -> dict[st
         / site_steps,
         "final_train_loss": _rounds(fed)[-1]["train_loss"],
         "max_epsilon": (fed["summary"] or {}).get("max_epsilon"),
+        "host": fed["host"],
         **fed["memory"],
     }  # fmt: skip
 
@@ -409,6 +445,7 @@ def _centralized_times(cent: dict[str, Any], steps: int) -> dict[str, Any]:
         "s_per_local_step": cent["train_local_s"] / steps,
         "train_loss": (cent["summary"] or {}).get("train_loss"),
         "torch_threads": cent["torch_threads"],
+        "host": cent["host"],
         **cent["memory"],
     }
 
@@ -416,9 +453,51 @@ def _centralized_times(cent: dict[str, Any], steps: int) -> dict[str, Any]:
 RATIOS = ("ratio_raw", "ratio_excl_startup", "ratio_excl_startup_1x1", "ratio_rounds_only")
 
 
-def timing(root: Path, sizes: Sizes, cores: int, repeats: int) -> dict[str, Any]:
+def _median_range(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "range": [min(values), max(values)]}
+
+
+def _timing_pair(
+    root: Path, sim: dict[str, Any], run: dict[str, Any], sizes: Sizes, steps: int, i: int
+) -> dict[str, Any]:
+    """One (federated, centralized) pair of `steps` local steps per site-round, back to back."""
+    run = {**run, "local-steps": steps}
+    total = sizes.time_rounds * sizes.cohort_sites * steps
+    workers = max(1, int(sim["cpus"] / sim_cpus_per_site(sim)))
+    fed_spec = _spec(root, f"time-{steps}-fed-{i}", sim, run)
+    fed = run_child(f"timing-{steps}-federated-{i}", fed_spec, root=root)
+    _check_complete("timing-federated", fed, sizes.cohort_sites, sizes.time_rounds)
+    cent_spec = _spec(root, f"time-{steps}-cent-{i}", {**sim, "centralized": True}, run)
+    cent = run_child(f"timing-{steps}-centralized-{i}", cent_spec, root=root)
+    f, c = _federated_times(fed, sizes, steps, workers), _centralized_times(cent, total)
+    return {
+        "federated": f,
+        "centralized": c,
+        "ratio_raw": f["whole_s"] / c["whole_s"],
+        "ratio_excl_startup": (f["engine_phase_s"] - f["startup_s"]) / c["train_phase_s"],
+        "ratio_rounds_only": sum(f["round_wall_s"]) / c["train_phase_s"],
+        "other_load_cores": max(f["host"]["other_load_cores"], c["host"]["other_load_cores"]),
+    }
+
+
+def _workload_summary(pairs: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"total_local_steps": total_steps, "pairs": pairs}
+    for key in (*RATIOS, "other_load_cores"):
+        stats = _median_range([pair[key] for pair in pairs])
+        out[key], out[f"{key}_range"] = stats["median"], stats["range"]
+    for side, key in (("federated", "whole_s"), ("centralized", "whole_s"),
+                      ("federated", "startup_s"), ("centralized", "train_phase_s")):  # fmt: skip
+        out[f"{side}_{key}_median"] = statistics.median(p[side][key] for p in pairs)
+    return out
+
+
+def timing(
+    root: Path, sizes: Sizes, cores: int, repeats: int, steps_list: tuple[int, ...]
+) -> dict[str, Any]:
     """Experiment 2: federated vs centralized wall time for the same total local steps (DP on),
-    `repeats` interleaved pairs (the host's load moves these numbers a lot)."""
+    for each workload in `steps_list` (local steps per site-round), plus 1-round 1-step runs
+    that measure the fixed start-up on its own. Each of the `repeats` passes runs every workload's
+    pair and one 1x1 run, so all of them are interleaved (the host's load moves them a lot)."""
     sim = {
         "sites": sizes.cohort_sites, "synth_sites": sizes.cohort_sites,
         "synth_subjects_per_site": sizes.cohort_subjects, "synth_minutes": sizes.cohort_minutes,
@@ -426,78 +505,85 @@ def timing(root: Path, sizes: Sizes, cores: int, repeats: int) -> dict[str, Any]
     }  # fmt: skip
     run = {
         "model-options": json.dumps(sizes.model), "num-rounds": sizes.time_rounds,
-        "local-steps": sizes.time_steps, "dp": True, "fraction-evaluate": 0.0, "seed": 0,
+        "dp": True, "fraction-evaluate": 0.0, "seed": 0,
     }  # fmt: skip
-    steps = sizes.time_rounds * sizes.cohort_sites * sizes.time_steps
-    workers = max(1, int(cores / sim_cpus_per_site(sim)))
-    pairs = []
+    pairs: dict[int, list[dict[str, Any]]] = {steps: [] for steps in steps_list}
+    tiny: list[dict[str, Any]] = []
     for i in range(1, repeats + 1):
-        fed = run_child(f"timing-federated-{i}", _spec(root, f"time-fed-{i}", sim, run), root=root)
-        _check_complete("timing-federated", fed, sizes.cohort_sites, sizes.time_rounds)
-        cent_spec = _spec(root, f"time-cent-{i}", {**sim, "centralized": True}, run)
-        cent = run_child(f"timing-centralized-{i}", cent_spec, root=root)
-        f, c = _federated_times(fed, sizes, workers), _centralized_times(cent, steps)
-        pairs.append({
-            "federated": f,
-            "centralized": c,
-            "ratio_raw": f["whole_s"] / c["whole_s"],
-            "ratio_excl_startup": (f["engine_phase_s"] - f["startup_s"]) / c["train_phase_s"],
-            "ratio_rounds_only": sum(f["round_wall_s"]) / c["train_phase_s"],
+        for steps in steps_list:
+            pairs[steps].append(_timing_pair(root, sim, run, sizes, steps, i))
+        tiny_spec = _spec(root, f"time-1x1-{i}", sim, {**run, "num-rounds": 1, "local-steps": 1})
+        result = run_child(f"timing-1-round-1-step-{i}", tiny_spec, root=root)
+        _check_complete("timing-1-round-1-step", result, sizes.cohort_sites, 1)
+        tiny.append({
+            "engine_phase_s": result["run_phase_s"],
+            "whole_s": result["total_s"],
+            "round_wall_s": [r["wall_s"] for r in _rounds(result)],
+            "host": result["host"],
         })  # fmt: skip
-    tiny_spec = _spec(root, "time-1x1", sim, {**run, "num-rounds": 1, "local-steps": 1})
-    tiny = run_child("timing-1-round-1-step", tiny_spec, root=root)
-    _check_complete("timing-1-round-1-step", tiny, sizes.cohort_sites, 1)
-    startup_1x1 = tiny["run_phase_s"]
-    for pair in pairs:
-        fed_s, cent_s = pair["federated"]["engine_phase_s"], pair["centralized"]["train_phase_s"]
-        pair["ratio_excl_startup_1x1"] = (fed_s - startup_1x1) / cent_s
-    out: dict[str, Any] = {
+    startup_1x1 = statistics.median(t["engine_phase_s"] for t in tiny)
+    workloads = {}
+    for steps, done in pairs.items():
+        for pair in done:
+            fed_s, cent_s = pair["federated"], pair["centralized"]
+            startup_free = fed_s["engine_phase_s"] - startup_1x1
+            pair["ratio_excl_startup_1x1"] = startup_free / cent_s["train_phase_s"]
+        total = sizes.time_rounds * sizes.cohort_sites * steps
+        workloads[str(steps)] = _workload_summary(done, total)
+    fed_startups = [p["federated"]["startup_s"] for done in pairs.values() for p in done]
+    return {
         "sim": sim,
         "run": run,
-        "total_local_steps": steps,
-        "pairs": pairs,
-        "one_round_one_step": {
-            "engine_phase_s": startup_1x1,
-            "round_wall_s": [r["wall_s"] for r in _rounds(tiny)],
+        "rounds": sizes.time_rounds,
+        "sites": sizes.cohort_sites,
+        "workloads": workloads,
+        "startup": {
+            "one_round_one_step_runs": tiny,
+            "one_round_one_step_engine_phase_s": _median_range([t["engine_phase_s"] for t in tiny]),
+            "from_federated_runs_s": _median_range(fed_startups),
         },
+        "definitions": TIMING_DEFINITIONS,
     }
-    for key in RATIOS:
-        values = [pair[key] for pair in pairs]
-        out[key] = statistics.median(values)
-        out[f"{key}_range"] = [min(values), max(values)]
-    for side, key in (("federated", "whole_s"), ("centralized", "whole_s"),
-                      ("federated", "startup_s")):  # fmt: skip
-        out[f"{side}_{key}_median"] = statistics.median(p[side][key] for p in pairs)
-    out["definitions"] = {
-        "pairs": "interleaved (federated, centralized) runs; the ratios are their medians, "
-        "*_range their min and max",
-        "ratio_raw": "whole simulate() wall times (RunSummary.wall_s, warm cache): "
-        "federated / centralized",
-        "engine_phase_s": "federated: from simulate()'s 'starting Flower's simulation "
-        "engine' to its return (Ray, ServerApp, rounds, final model, site reports)",
-        "train_phase_s": "centralized: from 'training on pooled data' to simulate()'s "
-        "return (model, pooled train_local, one held-out evaluation, model save, site "
-        "reports); train_local_s is the pooled train_local call alone",
-        "startup_s": "from the run's own timings: engine phase outside the metrics.json "
-        "rounds (Ray start, actor pool, ServerApp set-up, final model, teardown) + round 1's "
-        "wall_s minus the median of rounds 2..R (each Ray worker's first ClientApp call "
-        "imports torch/Opacus and the app)",
-        "ratio_excl_startup": "(federated engine phase - startup_s) / centralized train phase",
-        "ratio_excl_startup_1x1": "(federated engine phase - engine phase of a 1-round, "
-        "1-local-step run of the same sites) / centralized train phase; the subtracted run "
-        "also trains 1 step per site, so this is slightly optimistic, and noisier",
-        "ratio_rounds_only": "sum of metrics.json round wall_s / centralized train phase; "
-        "NOT start-up free: round 1 holds the workers' warm-up",
-        "s_per_site_step_with_overheads": "federated steady round x concurrent ClientApps / "
-        "(sites x local steps): one-thread step time plus each site-round's fixed work "
-        "(model build, Opacus set-up, ε accounting, encode, messaging), per step",
-        "s_per_local_step": "centralized train_local time / total steps (torch_threads "
-        "intra-op threads)",
-        "below_1": "a ratio below 1 is possible: the engine runs concurrent_clientapps sites "
-        "at once with one thread each, while the centralized train_local is one process whose "
-        "intra-op threads speed this small model up little and suffer most from other load",
-    }
-    return out
+
+
+TIMING_DEFINITIONS = {
+    "workloads": "keyed by local steps per site-round; total local steps = rounds x sites x "
+    "steps in both the federated and the centralized run",
+    "pairs": "interleaved (federated, centralized) runs; the ratios are their medians, "
+    "*_range their min and max",
+    "ratio_raw": "whole simulate() wall times (RunSummary.wall_s, warm cache): "
+    "federated / centralized",
+    "engine_phase_s": "federated: from simulate()'s 'starting Flower's simulation "
+    "engine' to its return (Ray, ServerApp, rounds, final model, site reports)",
+    "train_phase_s": "centralized: from 'training on pooled data' to simulate()'s "
+    "return (model, pooled train_local, one held-out evaluation, model save, site "
+    "reports); train_local_s is the pooled train_local call alone",
+    "startup_s": "from the run's own timings: engine phase outside the metrics.json "
+    "rounds (Ray start, actor pool, ServerApp set-up, final model, teardown) + round 1's "
+    "wall_s minus the median of rounds 2..R (each Ray worker's first ClientApp call "
+    "imports torch/Opacus and the app)",
+    "one_round_one_step_engine_phase_s": "the fixed start-up measured on its own: engine "
+    "phase of a 1-round run with 1 local step per site (Ray start, ClientApp processes and "
+    "their imports, one tiny round, final model, site reports, Ray shutdown)",
+    "ratio_excl_startup": "(federated engine phase - startup_s) / centralized train phase",
+    "ratio_excl_startup_1x1": "(federated engine phase - median 1x1 engine phase) / "
+    "centralized train phase; the subtracted run also trains 1 step per site, so this is "
+    "slightly optimistic",
+    "ratio_rounds_only": "sum of metrics.json round wall_s / centralized train phase; "
+    "NOT start-up free: round 1 holds the workers' warm-up",
+    "host": "per run: load1 at start and end, and other_load_cores = (host CPU time busy "
+    "from /proc/stat - CPU time of this run's process tree from getrusage) / wall time: "
+    "the cores other processes used meanwhile (0 = quiet; the run itself can use --cores)",
+    "other_load_cores": "per pair: the larger of its two runs'; per workload: median, range",
+    "s_per_site_step_with_overheads": "federated steady round x concurrent ClientApps / "
+    "(sites x local steps): one-thread step time plus each site-round's fixed work "
+    "(model build, Opacus set-up, ε accounting, encode, messaging), per step",
+    "s_per_local_step": "centralized train_local time / total steps (torch_threads "
+    "intra-op threads)",
+    "below_1": "a ratio below 1 is possible: the engine runs concurrent_clientapps sites "
+    "at once with one thread each, while the centralized train_local is one process whose "
+    "intra-op threads speed this small model up little and suffer most from other load",
+}
 
 
 def sim_cpus_per_site(sim: dict[str, Any]) -> float:
@@ -564,23 +650,37 @@ def _compression_rows(comp: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _timing_rows(t: dict[str, Any]) -> list[tuple[str, str, str]]:
-    def spread(key: str) -> str:
-        low, high = t[f"{key}_range"]
-        return f"{t[key]:.2f} ({low:.1f}-{high:.1f})"
+    def spread(w: dict[str, Any], key: str, fmt: str = ".2f") -> str:
+        low, high = w[f"{key}_range"]
+        return f"{w[key]:{fmt}} ({low:{fmt}}-{high:{fmt}})"
 
-    n = len(t["pairs"])
-    return [
-        ("fed / centralized time, raw (whole runs)", spread("ratio_raw"),
-         f"<= 1.3 (median, range of {n})"),
-        ("fed / centralized time, excl. start-up", spread("ratio_excl_startup"), "<= 1.3"),
-        ("  same, start-up from a 1-round 1-step run", spread("ratio_excl_startup_1x1"),
-         "(cross-check)"),
-        ("  fed whole / centralized whole (s)",
-         f"{t['federated_whole_s_median']:.0f} / {t['centralized_whole_s_median']:.0f}",
-         f"{t['total_local_steps']} local steps"),
-        ("  Flower/Ray start-up of a run (s)", f"{t['federated_startup_s_median']:.1f}",
-         f"(1x1 run: {t['one_round_one_step']['engine_phase_s']:.1f})"),
+    rows = []
+    for steps, w in t["workloads"].items():
+        n, shape = len(w["pairs"]), f"{t['rounds']}r x {t['sites']} sites x {steps} steps"
+        rows += [
+            (f"fed / centralized time, {shape}: whole runs", spread(w, "ratio_raw"),
+             f"<= 1.3 (median, range of {n} pairs)"),
+            ("  same, excl. start-up (run's own timings)", spread(w, "ratio_excl_startup"),
+             "(start-up free)"),
+            ("  same, excl. start-up (1x1 runs)", spread(w, "ratio_excl_startup_1x1"),
+             "(cross-check)"),
+            ("  fed whole / centralized whole (s)",
+             f"{w['federated_whole_s_median']:.0f} / {w['centralized_whole_s_median']:.0f}",
+             f"{w['total_local_steps']} local steps"),
+            ("  other processes' load during the pairs (cores)",
+             spread(w, "other_load_cores", ".1f"), "(0 = quiet host)"),
+        ]  # fmt: skip
+    one = t["startup"]["one_round_one_step_engine_phase_s"]
+    fed = t["startup"]["from_federated_runs_s"]
+    rows += [
+        ("Flower/Ray fixed start-up: 1-round 1-step run (s)",
+         f"{one['median']:.1f} ({one['range'][0]:.1f}-{one['range'][1]:.1f})",
+         "engine phase, median (range)"),
+        ("Flower/Ray fixed start-up: in the runs above (s)",
+         f"{fed['median']:.1f} ({fed['range'][0]:.1f}-{fed['range'][1]:.1f})",
+         "outside rounds + round-1 excess"),
     ]  # fmt: skip
+    return rows
 
 
 def _scaling_rows(runs: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -617,9 +717,12 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2, help="CPUs for each simulation")
     parser.add_argument("--cache-dir", type=Path, help="reuse this cohort/window-store cache")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run folders")
-    parser.add_argument("--time-steps", type=int, help="local steps per round in experiment 2")
     parser.add_argument(
-        "--timing-repeats", type=int, help="federated/centralized pairs (default 2; 1 --quick)"
+        "--time-steps", type=int, nargs="+",
+        help="experiment 2's workloads: local steps per site-round (default 32 128; 2 --quick)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timing-repeats", type=int, help="passes of experiment 2 (default 2; 1 --quick)"
     )
     parser.add_argument(
         "--no-repeat", action="store_true", help="no second fedavg run (loss noise floor)"
@@ -640,7 +743,7 @@ def main() -> None:
         parser.error(f"--cores {args.cores}: only {len(allowed)} CPUs available")
     sizes = QUICK if args.quick else FULL
     if args.time_steps:
-        sizes = replace(sizes, time_steps=args.time_steps)
+        sizes = replace(sizes, time_steps=tuple(args.time_steps))
     # Orphans of the child (Ray daemons) are re-parented here, so they stay in the sampled tree.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     root = Path(tempfile.mkdtemp(prefix="biofp-bench-fed-"))
@@ -666,7 +769,7 @@ def main() -> None:
             payload["compression"] = compression(root, sizes, cores, repeat=repeat)
         if "timing" in only:
             repeats = args.timing_repeats or (1 if args.quick else 2)
-            payload["timing"] = timing(root, sizes, cores, repeats)
+            payload["timing"] = timing(root, sizes, cores, repeats, sizes.time_steps)
         if "scaling" in only:
             payload["scaling"] = scaling(root, sizes, cores)
     finally:

@@ -13,20 +13,23 @@ decoded delta) at the site and adds it to the next round's delta, so the sum of 
 over rounds tracks the sum of true updates to within one round's error.
 
 The wire layout (:meth:`EncodedUpdate.to_arrays`) is one flat name -> array dict: each tensor
-under its own name in its encoded dtype, and for int8 its scale under
-``f"{name}{SCALE_SUFFIX}"`` as a 0-d float32 array. Pure numpy; no ``flwr`` import.
+under its own name in its encoded dtype and, for int8, ALL scales in one float32 array of shape
+``(n_tensors,)`` under ``SCALES_KEY`` (``"::scales"``), in sorted tensor-name order
+(:func:`scale_order`), which both sides derive from the tensor names alone. One array rather than
+one per tensor: every array on the wire costs its own .npy header and key (about 170 bytes as
+Flower counts them, 40x a float32 scale). Pure numpy; no ``flwr`` import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
 
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.protocol import SCALE_SUFFIX
+from biofp_core.protocol import SCALES_KEY
 
 Scheme = Literal["none", "fp16", "int8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
@@ -61,33 +64,54 @@ class EncodedUpdate:
         return payload_bytes(self)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat wire layout: tensors under their names, int8 scales under name + SCALE_SUFFIX."""
-        flat: dict[str, np.ndarray] = {}
-        for name, array in self.arrays.items():
-            flat[name] = array
-            if self.scheme == "int8":
-                flat[f"{name}{SCALE_SUFFIX}"] = np.asarray(self.scales[name], dtype=np.float32)
+        """Flat wire layout: tensors under their names; int8 scales packed under SCALES_KEY."""
+        flat: dict[str, np.ndarray] = dict(self.arrays)
+        if self.scheme == "int8":
+            order = scale_order(self.arrays)
+            flat[SCALES_KEY] = np.array([self.scales[n] for n in order], dtype=np.float32)
         return flat
 
     @classmethod
     def from_arrays(cls, flat: Mapping[str, np.ndarray]) -> EncodedUpdate:
         """Inverse of :meth:`to_arrays`; the scheme is read from the tensors' dtype.
 
-        Raises ValueError when the layout is inconsistent (mixed dtypes, missing scales).
+        Raises ValueError when the layout is inconsistent (mixed dtypes, missing or misshapen
+        scales, scales sent with a float scheme).
         """
-        names = [name for name in flat if not name.endswith(SCALE_SUFFIX)]
+        names = [name for name in flat if name != SCALES_KEY]
         dtypes = {np.dtype(flat[name].dtype) for name in names}
         schemes = [s for s, dt in _DTYPE_OF_SCHEME.items() if np.dtype(dt) in dtypes]
         if len(dtypes) != 1 or len(schemes) != 1:
             found = ", ".join(sorted(str(dt) for dt in dtypes)) or "no tensors"
             raise ValueError(f"encoded update needs one of float32/float16/int8, got {found}")
         scheme: Scheme = schemes[0]  # type: ignore[assignment]
-        expected_scales = {f"{n}{SCALE_SUFFIX}" for n in names} if scheme == "int8" else set()
-        found_scales = {name for name in flat if name.endswith(SCALE_SUFFIX)}
-        if found_scales != expected_scales:
-            raise ValueError(f"{scheme} update has scales for the wrong tensors")
-        scales = {n: float(flat[f"{n}{SCALE_SUFFIX}"]) for n in names} if scheme == "int8" else {}
-        return cls(scheme=scheme, arrays={n: np.asarray(flat[n]) for n in names}, scales=scales)
+        arrays = {n: np.asarray(flat[n]) for n in names}
+        if scheme != "int8":
+            if SCALES_KEY in flat:
+                raise ValueError(f"{scheme} update carries int8 scales ({SCALES_KEY!r})")
+            return cls(scheme=scheme, arrays=arrays)
+        return cls(scheme=scheme, arrays=arrays, scales=_unpack_scales(flat.get(SCALES_KEY), names))
+
+
+def scale_order(names: Iterable[str]) -> list[str]:
+    """The tensor order of the packed int8 scales: sorted names (known to both sides)."""
+    return sorted(names)
+
+
+def _unpack_scales(packed: np.ndarray | None, names: Iterable[str]) -> dict[str, float]:
+    """name -> scale from the packed float32 array; ValueError if it does not fit `names`."""
+    order = scale_order(names)
+    if packed is None:
+        raise ValueError(f"int8 update has no scales ({SCALES_KEY!r})")
+    packed = np.asarray(packed)
+    if packed.dtype != np.float32 or packed.shape != (len(order),):
+        raise ValueError(
+            f"int8 update has scales of {packed.dtype} {packed.shape}, expected float32 "
+            f"({len(order)},): one per tensor"
+        )
+    if not np.all(np.isfinite(packed)) or np.any(packed < 0):
+        raise ValueError("int8 update has negative or non-finite scales")
+    return {name: float(scale) for name, scale in zip(order, packed.tolist(), strict=True)}
 
 
 def _check_finite_float(name: str, x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,10 @@ that would take its ledger past its own budget before any gradient is computed. 
 the ledger is charged under its lock with the budget checked again (another process may have
 spent in the meantime), keyed by ``(run key, server round)``. The run key is the server's
 ``protocol.RUN_KEY`` (the run directory's id, unchanged when a crashed run is resubmitted under a
-new Flower run id), or Flower's run id from an older server.
+new Flower run id), or Flower's run id from an older server. ε is computed from the ledger's whole
+history each time (budget check, DP report, charge, exhausted flag, audit), but the RDP of the
+round's (σ, q) is evaluated once per process (:func:`biofp_core.privacy.ledger.rdp_epsilon`), so
+these cost well under a millisecond each after a site's first round.
 
 Replays: a round already charged under its key is never trained again, since a second noisy update
 for one charge would be unaccounted privacy loss. When it is charged, the round's reply (arrays

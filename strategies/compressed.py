@@ -7,8 +7,9 @@ Protocol (keys in :mod:`biofp_core.protocol`):
 - The site replies with ONE ArrayRecord in the layout of
   :meth:`biofp_core.compression.EncodedUpdate.to_arrays`: for every tensor of the global model,
   the delta (local - global) under the tensor's name in the scheme's dtype (float32, float16 or
-  int8), and for int8 its float32 scale as a 0-d array under ``f"{name}::scale"``. The site keeps
-  the quantisation residual with :class:`biofp_core.compression.ErrorFeedback`.
+  int8), and for int8 all the tensors' float32 scales in ONE array under ``"::scales"``
+  (``protocol.SCALES_KEY``), in sorted tensor-name order. The site keeps the quantisation
+  residual with :class:`biofp_core.compression.ErrorFeedback`.
   Build it with :func:`encoded_to_arrayrecord`.
 - ``aggregate_train`` decodes each reply back to full weights (global + delta) and then runs
   Flower's weighted average. Bytes received per round are in the aggregated metrics under

@@ -102,7 +102,8 @@ def extend_history(
 def epsilon_for(history: Sequence[Sequence[float]], *, delta: float) -> float:
     """ε at δ of an RDP accountant history; 0 for an empty history, inf without noise.
 
-    One computation of ε for the whole project: the ledger's (`rdp_epsilon`).
+    One computation of ε for the whole project: the ledger's (`rdp_epsilon`, which evaluates
+    the RDP of each distinct (σ, q) once per process).
     """
     return rdp_epsilon(_as_history(history), delta=delta)
 

@@ -25,11 +25,20 @@ an error naming it, never reset.
 ε uses Opacus' default RDP orders. When the optimum lies at the smallest or largest order, Opacus
 warns that a wider range could tighten the bound; the bound is still valid (conservative), so
 that warning is silenced here.
+
+Cost: Opacus' RDP of a mechanism is its one-step RDP times ``steps`` (``compute_rdp`` returns
+``rdp * steps``), and the one-step RDP depends on (σ, q) only. :func:`rdp_epsilon` therefore
+computes the one-step RDP of each distinct (σ, q) once per process (about 0.15-0.3 s on 2 cores)
+and keeps it; ε of a whole history is then the same sum and the same RDP-to-ε conversion as
+Opacus' ``RDPAccountant.get_epsilon``, bit for bit, in well under a millisecond. A site-round
+(budget check, report, ledger charge, exhausted flag, audit) thus pays for one RDP evaluation in
+its first round and none after.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import math
 import numbers
@@ -41,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from biofp_core.errors import BioFPError, PrivacyBudgetError
@@ -121,8 +131,8 @@ class _LedgerFile(BaseModel):
 def compact_history(history: History) -> History:
     """Merge items with the same (σ, q), summing steps: RDP is additive, so ε is unchanged.
 
-    Opacus computes the RDP of every history item (about 35 ms each), so a ledger of many rounds
-    and runs is compacted first: its cost then grows with the distinct (σ, q), not with rounds.
+    A ledger of many rounds and runs is compacted before ε is computed, so the sum of RDP
+    vectors grows with the distinct (σ, q), not with rounds.
     """
     steps: dict[tuple[float, float], int] = {}
     for sigma, q, n in history:
@@ -130,17 +140,38 @@ def compact_history(history: History) -> History:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
+@functools.lru_cache(maxsize=256)
+def _one_step_rdp(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """Opacus' RDP of ONE step of the sampled Gaussian mechanism at its default orders."""
+    from opacus.accountants import RDPAccountant  # imports torch: only when ε is computed
+    from opacus.accountants.analysis import rdp as analysis
+
+    rdp = analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )  # fmt: skip
+    return tuple(float(x) for x in rdp)
+
+
 def rdp_epsilon(history: History, *, delta: float) -> float:
-    """ε of a whole accountant history at `delta`, by Opacus' `RDPAccountant` (0.0 when empty)."""
+    """ε of a whole accountant history at `delta`, as Opacus' `RDPAccountant` computes it.
+
+    The same sum over the (compacted) history and the same conversion as
+    ``RDPAccountant.get_epsilon``, with each (σ, q)'s one-step RDP cached (see the module
+    docstring). 0.0 for an empty history.
+    """
     if not history:
         return 0.0
-    from opacus.accountants import RDPAccountant  # imports torch: only when ε is computed
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
 
-    accountant = RDPAccountant()
-    accountant.history = compact_history(history)
+    rdp = sum([np.array(_one_step_rdp(sigma, q)) * n for sigma, q, n in compact_history(history)])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        return float(accountant.get_epsilon(delta))
+        eps, _ = analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+    return float(eps)
 
 
 def _check_delta(delta: float) -> None:
