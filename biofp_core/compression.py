@@ -12,12 +12,14 @@ Quantisation error is not lost: :class:`ErrorFeedback` keeps the residual (true 
 decoded delta) at the site and adds it to the next round's delta, so the sum of decoded updates
 over rounds tracks the sum of true updates to within one round's error.
 
-The wire layout (:meth:`EncodedUpdate.to_arrays`) is one flat name -> array dict: each tensor
-under its own name in its encoded dtype and, for int8, ALL scales in one float32 array of shape
-``(n_tensors,)`` under ``SCALES_KEY`` (``"::scales"``), in sorted tensor-name order
-(:func:`scale_order`), which both sides derive from the tensor names alone. One array rather than
-one per tensor: every array on the wire costs its own .npy header and key (about 170 bytes as
-Flower counts them, 40x a float32 scale). Pure numpy; no ``flwr`` import.
+The wire layout (:meth:`EncodedUpdate.to_arrays`) is at most two arrays: every encoded tensor
+flattened and concatenated in sorted tensor-name order (:func:`tensor_order`) under
+``PACKED_KEY`` (``"::packed"``) in the scheme's dtype, and, for int8, all scales in one float32
+array of shape ``(n_tensors,)`` under ``SCALES_KEY`` (``"::scales"``) in the same order. The
+receiver splits the packed array with the shapes of the global model it sent
+(:meth:`EncodedUpdate.from_arrays`). Few arrays rather than one per tensor: every array on the
+wire costs its own header and key (about 160 bytes as Flower counts them), which for a small model
+of 63 tensors put fp16 at 0.512 of float32 instead of 0.500. Pure numpy; no ``flwr`` import.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.protocol import SCALES_KEY
+from biofp_core.protocol import PACKED_KEY, SCALES_KEY
 
 Scheme = Literal["none", "fp16", "int8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
@@ -64,43 +66,70 @@ class EncodedUpdate:
         return payload_bytes(self)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat wire layout: tensors under their names; int8 scales packed under SCALES_KEY."""
-        flat: dict[str, np.ndarray] = dict(self.arrays)
+        """Wire layout: all tensors in one array under PACKED_KEY; int8 scales under SCALES_KEY."""
+        order = tensor_order(self.arrays)
+        dtype = _DTYPE_OF_SCHEME[self.scheme]
+        parts = [self.arrays[name].ravel() for name in order]
+        flat = {PACKED_KEY: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)}
         if self.scheme == "int8":
-            order = scale_order(self.arrays)
             flat[SCALES_KEY] = np.array([self.scales[n] for n in order], dtype=np.float32)
         return flat
 
     @classmethod
-    def from_arrays(cls, flat: Mapping[str, np.ndarray]) -> EncodedUpdate:
-        """Inverse of :meth:`to_arrays`; the scheme is read from the tensors' dtype.
+    def from_arrays(
+        cls, flat: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+    ) -> EncodedUpdate:
+        """Inverse of :meth:`to_arrays` for a model whose tensors have `shapes` (name -> shape);
+        the scheme is read from the packed array's dtype.
 
-        Raises ValueError when the layout is inconsistent (mixed dtypes, missing or misshapen
-        scales, scales sent with a float scheme).
+        Raises ValueError when the layout is inconsistent (unknown keys, a packed array of
+        another dtype or size than the model's, missing or misshapen scales, scales sent with a
+        float scheme).
         """
-        names = [name for name in flat if name != SCALES_KEY]
-        dtypes = {np.dtype(flat[name].dtype) for name in names}
-        schemes = [s for s, dt in _DTYPE_OF_SCHEME.items() if np.dtype(dt) in dtypes]
-        if len(dtypes) != 1 or len(schemes) != 1:
-            found = ", ".join(sorted(str(dt) for dt in dtypes)) or "no tensors"
-            raise ValueError(f"encoded update needs one of float32/float16/int8, got {found}")
+        unknown = sorted(set(flat) - {PACKED_KEY, SCALES_KEY})
+        if unknown:
+            raise ValueError(f"encoded update has unknown arrays: {', '.join(unknown)}")
+        if PACKED_KEY not in flat:
+            raise ValueError(f"encoded update has no packed tensors ({PACKED_KEY!r})")
+        packed = np.asarray(flat[PACKED_KEY])
+        schemes = [s for s, dt in _DTYPE_OF_SCHEME.items() if np.dtype(dt) == packed.dtype]
+        if not schemes or packed.ndim != 1:
+            raise ValueError(
+                f"encoded update needs a 1-d float32/float16/int8 array, got {packed.dtype} "
+                f"{packed.shape}"
+            )
         scheme: Scheme = schemes[0]  # type: ignore[assignment]
-        arrays = {n: np.asarray(flat[n]) for n in names}
+        arrays = _split(packed, shapes)
         if scheme != "int8":
             if SCALES_KEY in flat:
                 raise ValueError(f"{scheme} update carries int8 scales ({SCALES_KEY!r})")
             return cls(scheme=scheme, arrays=arrays)
-        return cls(scheme=scheme, arrays=arrays, scales=_unpack_scales(flat.get(SCALES_KEY), names))
+        return cls(
+            scheme=scheme, arrays=arrays, scales=_unpack_scales(flat.get(SCALES_KEY), shapes)
+        )
 
 
-def scale_order(names: Iterable[str]) -> list[str]:
-    """The tensor order of the packed int8 scales: sorted names (known to both sides)."""
+def tensor_order(names: Iterable[str]) -> list[str]:
+    """The order of tensors and scales on the wire: sorted names (known to both sides)."""
     return sorted(names)
+
+
+def _split(packed: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """name -> tensor of the model's shape, cut from the packed array in tensor order."""
+    order = tensor_order(shapes)
+    sizes = [int(np.prod(shapes[name], dtype=np.int64)) for name in order]
+    if packed.size != sum(sizes):
+        raise ValueError(f"encoded update holds {packed.size} values, the model has {sum(sizes)}")
+    ends = np.cumsum(sizes)
+    return {
+        name: packed[end - size : end].reshape(shapes[name])
+        for name, size, end in zip(order, sizes, ends, strict=True)
+    }
 
 
 def _unpack_scales(packed: np.ndarray | None, names: Iterable[str]) -> dict[str, float]:
     """name -> scale from the packed float32 array; ValueError if it does not fit `names`."""
-    order = scale_order(names)
+    order = tensor_order(names)
     if packed is None:
         raise ValueError(f"int8 update has no scales ({SCALES_KEY!r})")
     packed = np.asarray(packed)

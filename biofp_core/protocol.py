@@ -34,6 +34,7 @@ RUN_KEY = "biofp-run"  # str: the run directory's id (run.json), the same after 
 RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a run key is also a file-name part
 
 # --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
+PACKED_KEY = "::packed"  # every encoded tensor, flattened in sorted name order, one array
 SCALES_KEY = "::scales"  # int8: float32 (n_tensors,), the scales in sorted tensor-name order
 
 # --- Metric keys of a training reply (MetricRecord under METRICS_KEY) ------------------------

@@ -5,11 +5,13 @@ Protocol (keys in :mod:`biofp_core.protocol`):
 - ``configure_train`` sends the global weights as usual and ``config["compression"]`` = the
   scheme (``"none"``, ``"fp16"`` or ``"int8"``).
 - The site replies with ONE ArrayRecord in the layout of
-  :meth:`biofp_core.compression.EncodedUpdate.to_arrays`: for every tensor of the global model,
-  the delta (local - global) under the tensor's name in the scheme's dtype (float32, float16 or
-  int8), and for int8 all the tensors' float32 scales in ONE array under ``"::scales"``
-  (``protocol.SCALES_KEY``), in sorted tensor-name order. The site keeps the quantisation
-  residual with :class:`biofp_core.compression.ErrorFeedback`.
+  :meth:`biofp_core.compression.EncodedUpdate.to_arrays`: the deltas (local - global) of every
+  tensor of the global model, flattened and concatenated in sorted tensor-name order, as ONE array
+  under ``"::packed"`` (``protocol.PACKED_KEY``) in the scheme's dtype (float32, float16 or int8),
+  and for int8 the tensors' float32 scales in ONE array under ``"::scales"``
+  (``protocol.SCALES_KEY``), in the same order. The server splits it with the shapes of the
+  global model it sent. The site keeps the quantisation residual with
+  :class:`biofp_core.compression.ErrorFeedback`.
   Build it with :func:`encoded_to_arrayrecord`.
 - ``aggregate_train`` decodes each reply back to full weights (global + delta) and then runs
   Flower's weighted average. Bytes received per round are in the aggregated metrics under
@@ -37,9 +39,13 @@ def encoded_to_arrayrecord(encoded: EncodedUpdate) -> ArrayRecord:
     return ArrayRecord({name: Array(array) for name, array in encoded.to_arrays().items()})
 
 
-def arrayrecord_to_encoded(arrays: ArrayRecord) -> EncodedUpdate:
-    """Inverse of :func:`encoded_to_arrayrecord`; raises ValueError on a malformed layout."""
-    return EncodedUpdate.from_arrays({name: array.numpy() for name, array in arrays.items()})
+def arrayrecord_to_encoded(
+    arrays: ArrayRecord, shapes: dict[str, tuple[int, ...]]
+) -> EncodedUpdate:
+    """Inverse of :func:`encoded_to_arrayrecord` for a model of `shapes` (name -> shape);
+    raises ValueError on a malformed layout."""
+    flat = {name: array.numpy() for name, array in arrays.items()}
+    return EncodedUpdate.from_arrays(flat, shapes)
 
 
 class CompressedFedAvg(CountedFedAvg):
@@ -76,7 +82,8 @@ class CompressedFedAvg(CountedFedAvg):
         """Full weights (global + decoded delta) from a reply's encoded update."""
         if self._global_arrays is None:
             raise ValueError("no global weights to decode against: configure_train never ran")
-        encoded = arrayrecord_to_encoded(arrays)
+        shapes = {name: weights.shape for name, weights in self._global_arrays.items()}
+        encoded = arrayrecord_to_encoded(arrays, shapes)
         if encoded.scheme != self.scheme:
             raise ValueError(f"update is encoded as {encoded.scheme}, expected {self.scheme}")
         delta = decode_delta(encoded)

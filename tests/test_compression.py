@@ -12,10 +12,10 @@ from biofp_core.compression import (
     decode_delta,
     encode_delta,
     payload_bytes,
-    scale_order,
+    tensor_order,
 )
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.protocol import SCALES_KEY
+from biofp_core.protocol import PACKED_KEY, SCALES_KEY
 
 
 def _delta(seed: int = 0) -> dict[str, np.ndarray]:
@@ -28,6 +28,10 @@ def _delta(seed: int = 0) -> dict[str, np.ndarray]:
         "temperature": np.asarray(0.003, dtype=np.float32),
         "frozen": np.zeros((8,), dtype=np.float32),
     }
+
+
+def _shapes(delta: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {name: x.shape for name, x in delta.items()}
 
 
 def test_int8_error_is_at_most_half_a_step_per_element() -> None:
@@ -79,53 +83,63 @@ def test_payload_drops_2x_for_fp16_and_about_4x_for_int8_including_scales() -> N
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_wire_layout_round_trips(scheme: str) -> None:
-    encoded = encode_delta(_delta(), scheme=scheme)  # type: ignore[arg-type]
+    delta = _delta()
+    encoded = encode_delta(delta, scheme=scheme)  # type: ignore[arg-type]
     flat = encoded.to_arrays()
-    assert set(flat) - {SCALES_KEY} == set(encoded.arrays)
-    back = EncodedUpdate.from_arrays(flat)
+    assert set(flat) == ({PACKED_KEY, SCALES_KEY} if scheme == "int8" else {PACKED_KEY})
+    assert flat[PACKED_KEY].shape == (sum(x.size for x in delta.values()),)
+    back = EncodedUpdate.from_arrays(flat, _shapes(delta))
     assert back.scheme == scheme
     for name, array in encoded.arrays.items():
         np.testing.assert_array_equal(back.arrays[name], array)
+        assert back.arrays[name].shape == delta[name].shape
         assert back.scales.get(name) == encoded.scales.get(name)  # float32 scales: exact
+    assert payload_bytes(back) == payload_bytes(encoded)
 
 
-def test_int8_scales_travel_as_one_array_in_sorted_name_order() -> None:
+def test_tensors_and_scales_travel_packed_in_sorted_name_order() -> None:
     delta = _delta()
     encoded = encode_delta(delta, scheme="int8")
     flat = encoded.to_arrays()
-    assert len(flat) == len(delta) + 1  # one extra array, not one per tensor
-    packed = flat[SCALES_KEY]
-    assert packed.dtype == np.float32 and packed.shape == (len(delta),)
-    order = scale_order(delta)
+    order = tensor_order(delta)
     assert order == sorted(delta) and order != list(delta)  # the order is not insertion order
-    assert packed.tolist() == [encoded.scales[name] for name in order]
-    assert packed[order.index("frozen")] == 0.0 and packed[order.index("encoder.weight")] > 0
-    # The receiver does not depend on the order the tensors arrive in.
-    shuffled = {name: flat[name] for name in reversed(list(flat))}
-    back = EncodedUpdate.from_arrays(shuffled)
-    assert back.scales == encoded.scales
-    for name, x in decode_delta(back).items():
+    packed, scales = flat[PACKED_KEY], flat[SCALES_KEY]
+    assert packed.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == (5,)
+    expected = np.concatenate([encoded.arrays[name].ravel() for name in order])
+    np.testing.assert_array_equal(packed, expected)
+    assert scales.tolist() == [encoded.scales[name] for name in order]
+    assert scales[order.index("frozen")] == 0.0 and scales[order.index("encoder.weight")] > 0
+    # The receiver cuts by the model's shapes, whatever order its shape table lists them in.
+    shapes = dict(reversed(list(_shapes(delta).items())))
+    for name, x in decode_delta(EncodedUpdate.from_arrays(flat, shapes)).items():
         np.testing.assert_array_equal(x, decode_delta(encoded)[name])
 
 
 def test_malformed_layouts_are_rejected() -> None:
-    flat = encode_delta(_delta(), scheme="int8").to_arrays()
+    delta = _delta()
+    shapes = _shapes(delta)
+    flat = encode_delta(delta, scheme="int8").to_arrays()
     no_scales = {k: v for k, v in flat.items() if k != SCALES_KEY}
     with pytest.raises(ValueError, match="no scales"):
-        EncodedUpdate.from_arrays(no_scales)
+        EncodedUpdate.from_arrays(no_scales, shapes)
     for bad in (flat[SCALES_KEY][:-1], flat[SCALES_KEY].astype(np.float64)):
         with pytest.raises(ValueError, match="one per tensor"):
-            EncodedUpdate.from_arrays({**flat, SCALES_KEY: bad})
+            EncodedUpdate.from_arrays({**flat, SCALES_KEY: bad}, shapes)
     negative = -flat[SCALES_KEY]
     negative[0] = -1.0
     with pytest.raises(ValueError, match="negative or non-finite"):
-        EncodedUpdate.from_arrays({**flat, SCALES_KEY: negative})
-    fp16 = encode_delta(_delta(), scheme="fp16").to_arrays()
+        EncodedUpdate.from_arrays({**flat, SCALES_KEY: negative}, shapes)
+    fp16 = encode_delta(delta, scheme="fp16").to_arrays()
     with pytest.raises(ValueError, match="fp16 update carries int8 scales"):
-        EncodedUpdate.from_arrays({**fp16, SCALES_KEY: flat[SCALES_KEY]})
-    mixed = {"a": np.zeros(2, np.float16), "b": np.zeros(2, np.int8)}
-    with pytest.raises(ValueError, match="one of"):
-        EncodedUpdate.from_arrays(mixed)
+        EncodedUpdate.from_arrays({**fp16, SCALES_KEY: flat[SCALES_KEY]}, shapes)
+    with pytest.raises(ValueError, match="holds 2 values, the model has"):
+        EncodedUpdate.from_arrays({PACKED_KEY: np.zeros(2, np.float16)}, shapes)
+    with pytest.raises(ValueError, match="1-d float32/float16/int8"):
+        EncodedUpdate.from_arrays({PACKED_KEY: np.zeros(2, np.float64)}, shapes)
+    with pytest.raises(ValueError, match=r"unknown arrays: encoder\.weight"):
+        EncodedUpdate.from_arrays({**flat, "encoder.weight": delta["encoder.weight"]}, shapes)
+    with pytest.raises(ValueError, match="no packed tensors"):
+        EncodedUpdate.from_arrays({SCALES_KEY: flat[SCALES_KEY]}, shapes)
 
 
 def test_bad_input_is_refused() -> None:

@@ -30,6 +30,7 @@ from biofp_core.protocol import (
     LOCAL_STEPS,
     LR,
     METRICS_KEY,
+    PACKED_KEY,
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
@@ -348,9 +349,11 @@ def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
     reply = client_app(msg, ctx)
     assert not reply.has_error(), reply.error
     sent = reply.content.array_records[ARRAYS_KEY]
-    weights = [k for k in sent if k != SCALES_KEY]
-    assert all(sent[k].numpy().dtype == np.int8 for k in weights)
-    assert sent[SCALES_KEY].numpy().shape == (len(weights),)  # all scales in one array
+    assert set(sent) == {PACKED_KEY, SCALES_KEY}  # one packed int8 array + one of scales
+    n_params = sum(a.numpy().size for a in msg.content[ARRAYS_KEY].values())
+    assert sent[PACKED_KEY].numpy().dtype == np.int8
+    assert sent[PACKED_KEY].numpy().shape == (n_params,)
+    assert sent[SCALES_KEY].numpy().shape == (len(msg.content[ARRAYS_KEY]),)
     full_bytes = sum(a.numpy().nbytes for a in msg.content[ARRAYS_KEY].values())
     payload = TrainReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).payload_bytes
     assert payload < 0.3 * full_bytes
