@@ -16,10 +16,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +31,7 @@ from biofp_core.fingerprints.parquet import read_fingerprints
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import prepare_release
-from biofp_core.fsutil import atomic_write_bytes
+from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.protocol import PROBE_TASK, FingerprintReplyMetrics, ProbeReplyMetrics
@@ -71,16 +68,6 @@ def global_model(run: RunConfig, arrays: Arrays) -> tuple[BioFPModel, ModelCard]
 def release_cache_path(state_dir: Path, run_key: str, server_round: int) -> Path:
     """Where a site keeps the bytes of the release charged under (run key, round)."""
     return Path(state_dir) / RELEASES_DIR / f"{run_key}-round-{server_round:04d}.parquet"
-
-
-@contextmanager
-def _release_lock(state_dir: Path) -> Iterator[None]:
-    """One release at a time per site: check, release and cache happen as one step."""
-    path = Path(state_dir) / RELEASES_DIR / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
 
 
 def _released_before(
@@ -140,7 +127,7 @@ def release_fingerprints(
         )
     model, card = global_model(run, arrays)
     state_dir = site.resolved_state_dir()
-    with _release_lock(state_dir):
+    with exclusive_lock(Path(state_dir) / RELEASES_DIR / ".lock"):  # check, release, cache
         released = _released_before(site, card, run_key=run_key, server_round=server_round)
         if released is None:
             seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, "release", server_round)

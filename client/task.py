@@ -43,7 +43,7 @@ from safetensors.numpy import save as save_safetensors
 from biofp_core.audit import arrays_nbytes, arrays_sha256
 from biofp_core.compression import ErrorFeedback, Scheme, check_scheme
 from biofp_core.errors import DataError, PrivacyBudgetError
-from biofp_core.fsutil import atomic_write_bytes
+from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy import DPConfig, PrivacyReport
 from biofp_core.privacy.ledger import PrivacyLedger
@@ -386,6 +386,16 @@ def train_round(
         The site has no subject this model can train on, or none was sampled.
     """
     run_key = instruction.run_key or run_id
+    with exclusive_lock(Path(site.state_dir) / REPLIES_DIR / ".lock"):
+        # the same round asked twice at once trains once: the second finds the cached reply
+        return _train_round(site, run, instruction, global_arrays, run_key, feedback)
+
+
+def _train_round(
+    site: SiteData, run: RunConfig, instruction: TrainInstruction, global_arrays: Arrays,
+    run_key: str, feedback: ErrorFeedback,
+) -> TrainOutcome:  # fmt: skip
+    """:func:`train_round` under the site's training lock."""
     replayed = replayed_round(site, instruction, global_arrays, run_key=run_key)
     if replayed is not None:
         return replayed

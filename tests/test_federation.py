@@ -337,6 +337,35 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
     assert ledger.epsilon(delta=1e-5) == epsilon
 
 
+def test_a_round_asked_twice_at_once_trains_and_charges_once(
+    site_toml: Path, tmp_path: Path
+) -> None:
+    """Two deliveries of one instruction racing (e.g. a SuperNode retry): one trains, the other
+    waits on the site's training lock and is answered from the cached reply (the replay's audit
+    note may be missing: both replies are audited at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    toml = tmp_path / "site.toml"
+    toml.write_text(site_toml.read_text())
+    run = RunConfig.from_run_config(TINY_RUN)
+    config = {SERVER_ROUND: 1, LOCAL_STEPS: 2, RUN_KEY: "run-race"}
+
+    arrays = initial_arrays(run)  # built here: torch's global RNG is not for two threads
+    deliveries = [
+        (instruction(run, MessageType.TRAIN, run_id=i, arrays=arrays, **config),
+         site_context(run, toml, run_id=i))
+        for i in (31, 32)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        replies = list(pool.map(lambda d: client_app(*d), deliveries))
+    assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
+    ledger = PrivacyLedger.at(tmp_path / "state")
+    assert [e.key for e in ledger.entries] == [("run-race", 1, "train")]
+    assert arrays_sha256(sent_arrays(replies[0])) == arrays_sha256(sent_arrays(replies[1]))
+    audit = AuditLog.at(tmp_path / "state").entries()  # both replies audited, the same arrays
+    assert len(audit) == 2 and audit[0].arrays_sha256 == audit[1].arrays_sha256
+
+
 def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
     run = RunConfig.from_run_config(
         {**TINY_RUN, "strategy": "compressed", "compression": "int8", "dp": False}
