@@ -182,7 +182,9 @@ class SiteReport(BaseModel):
 
 
 class RunSummary(BaseModel):
-    """What a simulation did (``OUT/summary.json``)."""
+    """What a simulation did (``OUT/summary.json``; infinite values as "Infinity")."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
 
     mode: Literal["federated", "centralized"]
     out_dir: Path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,12 @@ from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
 from biofp_core.privacy import ledger as ledger_module
-from biofp_core.privacy.ledger import LEDGER_FILENAME, PrivacyLedger, PrivacyLedgerError
+from biofp_core.privacy.ledger import (
+    LEDGER_FILENAME,
+    LedgerSummary,
+    PrivacyLedger,
+    PrivacyLedgerError,
+)
 from biofp_core.site import PrivacyBudget
 
 BIOFP = [sys.executable, "-m", "biofp_core"]
@@ -297,3 +303,14 @@ def test_cli_ledger_without_ledger_and_with_a_corrupt_one(
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "corrupt privacy ledger" in lines[0]
     assert (tmp_path / LEDGER_FILENAME).read_text() == "{oops"
+
+
+def test_an_unlimited_budget_round_trips_through_json() -> None:
+    """inf is written as "Infinity" (pydantic's default null could not be read back)."""
+    summary = LedgerSummary(
+        site="north", entries=0, runs=[], epsilon=0.0, delta=1e-5, budget_epsilon=math.inf,
+        budget_left=math.inf, exhausted=False,
+    )  # fmt: skip
+    text = summary.model_dump_json()
+    assert '"budget_epsilon":"Infinity"' in text
+    assert LedgerSummary.model_validate_json(text) == summary

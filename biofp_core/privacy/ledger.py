@@ -96,9 +96,10 @@ class LedgerEntry(BaseModel):
 
 
 class LedgerSummary(BaseModel):
-    """ε spent against the site's budget, for people and for the CLI's JSON."""
+    """ε spent against the site's budget, for people and for the CLI's JSON (an unlimited
+    budget or a non-DP history is written as "Infinity" and read back as inf, not as null)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
     site: str | None
     entries: int
