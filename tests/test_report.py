@@ -374,5 +374,5 @@ def test_no_report_writes_none(reported: Path, cache_dir: Path, tmp_path: Path) 
         assert (run / "model.safetensors").exists() and (run / "summary.json").exists()
         assert not (run / REPORT_NAME).exists() and not (run / REPORT_DIR).exists()
         assert not (run / "comparisons").exists() and not list(run.rglob("*.png"))
-        summary = json.loads((run / "summary.json").read_text())  # inf budgets: not RunSummary
-        assert summary["report_path"] is None and summary["status"] == "completed"
+        summary = RunSummary.model_validate_json((run / "summary.json").read_bytes())
+        assert summary.report_path is None and summary.status == "completed"
