@@ -200,25 +200,24 @@ class M2AE(BioFPModel):
         tokens = self.encoders[MODALITIES[m]](tokens)
         return tokens + modality[:, m, None, None]  # (B, S, T'', D)
 
-    def _encode_windows(self, windows: tuple[Tensor | None, Tensor | None], B: int) -> Tensor:
-        """Every patch (and rhythm token) of the given windows (B, L), fused: (B, 1, M, D)."""
-        modality = self.modality(B)  # (B, 2, D)
-        tokens = [
-            self._encode(
-                m, patchify(x, self.config.patch_samples)[:, None], modality,
-                rhythm=self._rhythm_input(self._rhythm_features(m, x[:, None]), x),
-            )
-            for m, x in enumerate(windows)
-            if x is not None
-        ]  # fmt: skip
+    def _encode_windows(self, ecg: Tensor | None, ppg: Tensor | None, *, what: str) -> Tensor:
+        """Every patch (and rhythm token) of ECG, PPG or both (B, L), fused: (B, 1, M, D)."""
+        given = [(m, x) for m, x in enumerate((as_windows(ecg), as_windows(ppg))) if x is not None]
+        if not given:
+            raise ValueError(f"{what} needs ECG, PPG or both")
+        modality = self.modality(len(given[0][1]))  # (B, 2, D)
+        tokens = []
+        for m, x in given:
+            rhythm = None
+            if self.config.rhythm_token:  # beat detection only when the token is used
+                rhythm = self._rhythm_input(self._rhythm_features(m, x[:, None]), x)
+            patches = patchify(x, self.config.patch_samples)[:, None]  # (B, 1, T, P)
+            tokens.append(self._encode(m, patches, modality, rhythm=rhythm))
         return self.fusion(torch.cat(tokens, dim=2))  # (B, 1, M, D)
 
     def fingerprint(self, ecg: Tensor | None = None, ppg: Tensor | None = None) -> Tensor:
         """Fingerprints (B, D) from ECG, PPG or both; every patch is visible."""
-        windows = (as_windows(ecg), as_windows(ppg))
-        if all(x is None for x in windows):
-            raise ValueError("fingerprint needs ECG, PPG or both")
-        h = self._encode_windows(windows, next(len(x) for x in windows if x is not None))
+        h = self._encode_windows(ecg, ppg, what="fingerprint")
         return self.head(h.mean(dim=2)[:, 0])  # (B, D_fp)
 
     @torch.no_grad()
@@ -231,10 +230,7 @@ class M2AE(BioFPModel):
         """
         if target not in MODALITIES:
             raise ValueError(f"unknown modality {target!r}; valid: {', '.join(MODALITIES)}")
-        windows = (as_windows(ecg), as_windows(ppg))
-        if all(x is None for x in windows):
-            raise ValueError("reconstruct needs ECG, PPG or both")
-        fused = self._encode_windows(windows, next(len(x) for x in windows if x is not None))
+        fused = self._encode_windows(ecg, ppg, what="reconstruct")
         keep = torch.ones(fused.shape[:3], dtype=torch.bool, device=fused.device)  # (B, 1, M)
         return self.decoders[target](fused, keep)[:, 0].flatten(1)  # (B, L)
 

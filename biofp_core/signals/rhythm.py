@@ -97,12 +97,3 @@ def paired_statistics(
     count = ok_ecg.astype(np.float32) + ok_ppg
     total = s_ecg * ok_ecg[..., None] + s_ppg * ok_ppg[..., None]
     return (total / np.maximum(count, 1.0)[..., None]).astype(np.float32), count > 0
-
-
-def window_statistics(ecg: np.ndarray, ppg: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Statistics (n, 2) of windows (n, L) with mask (n, 2) [has_ecg, has_ppg]: (stats, ok)."""
-    features = [
-        np.where(mask[:, m, None], rhythm_features(x, modality=modality), 0.0)
-        for m, (modality, x) in enumerate(((Modality.ECG, ecg), (Modality.PPG, ppg)))
-    ]
-    return paired_statistics(*features)

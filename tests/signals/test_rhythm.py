@@ -9,8 +9,8 @@ from biofp_core.signals.rhythm import (
     RHYTHM_FEATURES,
     STAT_NAMES,
     beat_statistics,
+    paired_statistics,
     rhythm_features,
-    window_statistics,
 )
 from biofp_core.store import WindowStore
 
@@ -46,12 +46,16 @@ def test_irregular_rhythm_scores_higher_and_flat_windows_have_none() -> None:
     assert stats[0, 0] > 1.0 and (stats[1] == 0).all()
 
 
-def test_window_statistics_average_present_modalities() -> None:
+def test_paired_statistics_average_present_modalities() -> None:
     regular, faster = pulses(np.arange(0.2, 10.0, 1.0)), pulses(np.arange(0.2, 10.0, 0.5))
     ecg = np.stack([regular, regular, np.zeros(L)])
     ppg = np.stack([faster, np.zeros(L), np.zeros(L)])
     mask = np.array([[True, True], [True, False], [False, False]])
-    stats, ok = window_statistics(ecg, ppg, mask)
+    features = [  # as M2AE.loss builds them: an absent modality has no features
+        np.where(mask[:, m, None], rhythm_features(x, modality=name), 0.0)
+        for m, (name, x) in enumerate((("ecg", ecg), ("ppg", ppg)))
+    ]
+    stats, ok = paired_statistics(*features)
     assert ok.tolist() == [True, True, False]
     bpm = 25.0 * stats[:, 1] + 75.0
     assert bpm[0] == pytest.approx(90.0, abs=2.0)  # mean of 60 and 120 bpm
