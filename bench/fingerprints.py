@@ -255,15 +255,15 @@ def synthetic_figures(root: Path, args: argparse.Namespace, step: Callable[[str]
 
 
 def _study_rows(study) -> dict:
-    """task -> modality -> probe result with its ratio to paired."""
+    """task -> modality -> probe result with its ratio to paired (releases without noise)."""
+    from simulations.downstream import CLEAN
+
     out: dict = {}
-    for rows in study.ablation.values():
-        for r in rows:
-            out.setdefault(r.result.task, {})[r.fingerprints] = {
-                **r.result.model_dump(),
-                "relative": r.relative,
-            }
-        break  # the first variant: releases without noise
+    for r in study.ablation.get(CLEAN, []):
+        out.setdefault(r.result.task, {})[r.fingerprints] = {
+            **r.result.model_dump(),
+            "relative": r.relative,
+        }
     return out
 
 
