@@ -84,7 +84,8 @@ def start_ray(init_args: dict[str, Any]) -> bool:
 
     if ray.is_initialized():
         return False
-    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    paths = dict.fromkeys(p for p in [*sys.path, *inherited] if p)  # once each, across runs
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)  # what RayBackend.init_ray exports too
     ray.init(**init_args)
     return True
