@@ -57,6 +57,9 @@ class PreprocessConfig(Frozen):
     filter_order: int = Field(2, ge=1, le=8, description="Butterworth order (doubled by filtfilt)")
     max_gap_s: float = Field(1.0, ge=0, description="NaN gaps up to this long are interpolated")
     max_flat_frac: float = Field(0.25, ge=0, le=1, description="windows flatter than this drop")
+    min_duration_s: float = Field(
+        2.0, ge=0, description="shorter records drop; longer ones shorter than a window are padded"
+    )
     aliases: ChannelAliases = ChannelAliases()
 
     @property

@@ -138,10 +138,11 @@ def check_server(cfg: ServerConfig, *, insecure: bool) -> None:
 
 
 def check_site_data(site: SiteConfig) -> int:
-    """Number of WFDB records in the site's data directory; refuses an empty or missing one."""
-    from biofp_core.signals.read import find_records  # raises DataError (one line)
+    """Number of records (files of the folder's format) in the site's data directory; refuses an
+    empty or missing one."""
+    from biofp_core.signals.formats import open_source  # raises DataError (one line)
 
-    return len(find_records(site.data_dir))
+    return len(open_source(site.data_dir, site.reader).items)
 
 
 def check_federation_keys(fed: FederationConfig) -> None:

@@ -14,6 +14,7 @@ from biofp_core.deployment import FederationConfig, resolve_federation_paths
 from biofp_core.errors import ConfigError, DataError
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.signals.channels import normalise_name
+from biofp_core.signals.formats import ReaderConfig
 
 LABEL_KEYS = ("subject", "record")
 
@@ -57,6 +58,9 @@ class SiteConfig(BaseModel):
     subject_map_csv: Path | None = Field(None, description="CSV with columns record,subject")
     aliases: AliasOverrides = AliasOverrides()
     preprocess: dict = Field(default_factory=dict, description="PreprocessConfig overrides")
+    reader: ReaderConfig = Field(
+        default_factory=ReaderConfig, description="[reader]: the data folder's format"
+    )
     privacy: PrivacyBudget = PrivacyBudget()
     release: ReleasePolicy = ReleasePolicy()  # what fingerprint exports may let out
     federation: FederationConfig | None = Field(None, description="how the SuperNode joins")

@@ -10,6 +10,13 @@ store and an unchanged site reopens its store in milliseconds. Files:
     quality.npy                   (N, 2, 5) float32, QUALITY_FIELDS per modality, NaN if absent
     start_s.npy                   (N,) float64, window start in its record
     record_index.npy              (N,) int32, index into manifest.records
+    valid_n.npy                   (N,) int32, signal samples of each window (the rest is padding)
+    window_labels.npy             (N, C) str, window-level labels (manifest.window_label_columns)
+
+The manifest also holds the folder's format, the labels found per level (subject labels in the
+manifest, record labels on each record, window labels in window_labels.npy) and every file that
+was skipped with its reason. Windows are written to disk as records finish, so a site's store
+never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +41,15 @@ from biofp_core import __version__
 from biofp_core.config import PreprocessConfig
 from biofp_core.errors import DataError, RecordError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.signals.preprocess import preprocess_record
-from biofp_core.signals.read import find_records, read_record
-from biofp_core.signals.types import MODALITIES, SubjectWindows, Windows
+from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source, read_item
+from biofp_core.signals.preprocess import DROP_TOO_SHORT, preprocess_record
+from biofp_core.signals.types import MODALITIES, RawRecord, SubjectWindows, Windows
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 QUALITY_FIELDS = ("flat_frac", "clip_frac", "skewness", "template_corr", "score")
-ARRAY_NAMES = ("ecg", "ppg", "mask", "quality", "start_s", "record_index")
+ARRAY_NAMES = ("ecg", "ppg", "mask", "quality", "start_s", "record_index", "valid_n")
 
 
 class RecordSummary(BaseModel):
@@ -55,7 +63,10 @@ class RecordSummary(BaseModel):
     channels: dict[str, str | None]  # modality -> header channel name
     fs_hz: dict[str, float | None]  # modality -> original rate
     n_windows: int
+    n_padded: int = 0  # windows of a record shorter than a window, zero-padded
     dropped: dict[str, int]
+    default_subject: str = ""  # the subject the format gives (else the record id)
+    labels: dict[str, str] = {}  # record-level labels
 
 
 class RecordFailure(BaseModel):
@@ -72,10 +83,19 @@ class StoreManifest(BaseModel):
     code_version: str = __version__
     key: str
     data_dir: str
+    format: str = "wfdb"
     config: PreprocessConfig
     records: list[RecordSummary]
     failures: list[RecordFailure]
     n_windows: int
+    label_levels: dict[str, str] = {}  # label column -> "subject", "record" or "window"
+    subject_labels: dict[str, dict[str, str]] = {}
+    window_label_columns: list[str] = []  # columns of window_labels.npy
+    label_problems: list[RecordFailure] = []  # label files that could not be used, and why
+
+    @property
+    def n_padded(self) -> int:
+        return sum(r.n_padded for r in self.records)
 
     @property
     def hours(self) -> float:
@@ -90,6 +110,7 @@ class RecordResult:
     windows: Windows | None = None
     summary: dict | None = None
     problem: str | None = None
+    window_labels: dict[str, str] | None = None
 
 
 class WindowStore:
@@ -104,7 +125,9 @@ class WindowStore:
             raise DataError(f"{path}: unreadable window store: {exc}") from None
         self.ecg, self.ppg, self.mask = arrays["ecg"], arrays["ppg"], arrays["mask"]
         self.quality, self.start_s = arrays["quality"], arrays["start_s"]
-        self.record_index = arrays["record_index"]
+        self.record_index, self.valid_n = arrays["record_index"], arrays["valid_n"]
+        labels = path / "window_labels.npy"
+        self.window_labels = np.load(labels, mmap_mode="r") if labels.exists() else None
 
     def __len__(self) -> int:
         return self.manifest.n_windows
@@ -134,6 +157,7 @@ class WindowStore:
                     quality=np.asarray(self.quality[rows, :, score]),
                     start_s=np.asarray(self.start_s[rows]),
                     record_index=np.asarray(self.record_index[rows]),
+                    valid_n=np.asarray(self.valid_n[rows]),
                 )
             )
         return out
@@ -147,38 +171,40 @@ def build_store(
     subject_map: dict[str, str] | None = None,
     workers: int | None = None,
     on_record: Callable[[str], None] | None = None,
+    reader: ReaderConfig = ReaderConfig(),
 ) -> WindowStore:
     """Open the store for `data_dir` + `config`, building it first if the cache has none.
 
-    Bad records are skipped and listed in the manifest's failures; a site with no usable record
-    raises DataError. `on_record` is called with each record id as it finishes (for progress).
+    The folder's format is detected (or named by `reader`); bad files are skipped and listed in
+    the manifest's failures; a site with no usable record raises DataError. `on_record` is
+    called with each unit of reading's id as it finishes (for progress).
     """
     data_dir = Path(data_dir).resolve()
-    headers = find_records(data_dir)
-    key = store_key(data_dir, headers, config, Path(cache_dir))
+    source = open_source(data_dir, reader)
+    key = store_key(data_dir, source, config, Path(cache_dir))
     path = Path(cache_dir) / key
     if (path / "manifest.json").exists():
         store = WindowStore(path)
         if _subjects_match(store.manifest, subject_map):
             log.info("window store cache hit: %s", path)
             return store
-    results = _process_all(headers, data_dir, config, workers=workers, on_record=on_record)
-    _write_store(path, key, data_dir, config, results, subject_map or {})
+    _write_store(path, key, source, config, subject_map or {}, workers=workers, on_record=on_record)
     return WindowStore(path)
 
 
 def _subjects_match(manifest: StoreManifest, subject_map: dict[str, str] | None) -> bool:
     mapping = subject_map or {}
-    return all(r.subject_id == mapping.get(r.record_id, r.record_id) for r in manifest.records)
+    return all(
+        r.subject_id == mapping.get(r.record_id, r.default_subject) for r in manifest.records
+    )
 
 
-def store_key(
-    data_dir: Path, headers: list[Path], config: PreprocessConfig, cache_dir: Path
-) -> str:
-    """sha256 over (record file names, their content digests) and the config digest."""
-    files = sorted({f for h in headers for f in record_files(h)})
+def store_key(data_dir: Path, source: Source, config: PreprocessConfig, cache_dir: Path) -> str:
+    """sha256 over (record and label file names, their content digests) and the configs."""
+    files = sorted({f for item in source.items for f in item.files} | set(source.labels.files))
     digests = file_digests(files, memo_path=cache_dir / "digests.json")
-    h = hashlib.sha256(f"v{STORE_VERSION}:{config.digest()}".encode())
+    configs = f"{config.digest()}:{source.config.model_dump_json()}:{source.format}"
+    h = hashlib.sha256(f"v{STORE_VERSION}:{configs}".encode())
     for f in files:
         h.update(f"{f.relative_to(data_dir).as_posix()}={digests[f]};".encode())
     return h.hexdigest()[:24]
@@ -235,86 +261,167 @@ def file_digests(files: list[Path], *, memo_path: Path) -> dict[Path, str]:
     return out
 
 
-def _process_one(header: Path, data_dir: Path, config: PreprocessConfig) -> RecordResult:
-    record_id = header.relative_to(data_dir).with_suffix("").as_posix()
+def _process_item(item: Item, source: Source, config: PreprocessConfig) -> list[RecordResult]:
+    """Every record of one unit of reading, preprocessed; one failure if it is unreadable."""
     try:
-        raw = read_record(header, aliases=config.aliases, data_dir=data_dir)
+        raws = read_item(source.format, item, source.data_dir, source.config, config.aliases)
+    except RecordError as exc:
+        return [RecordResult(item.item_id, problem=exc.problem)]
+    return [_process_record(raw, config) for raw in raws]
+
+
+def _process_record(raw: RawRecord, config: PreprocessConfig) -> RecordResult:
+    try:
         windows = preprocess_record(raw, config)
     except RecordError as exc:
-        return RecordResult(record_id, problem=exc.problem)
+        return RecordResult(raw.record_id, problem=exc.problem)
     if len(windows) == 0:
+        if windows.dropped.get(DROP_TOO_SHORT):
+            problem = f"too short: {raw.duration_s:.1f} s < minimum {config.min_duration_s:g} s"
+            return RecordResult(raw.record_id, problem=problem)
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(windows.dropped.items())) or "none"
-        return RecordResult(record_id, problem=f"no usable windows (dropped {reasons})")
+        return RecordResult(raw.record_id, problem=f"no usable windows (dropped {reasons})")
     chans = {m.value: getattr(raw, m.value) for m in MODALITIES}
     summary = {
         "record_id": raw.record_id,
+        "default_subject": raw.subject_id or raw.record_id,
         "duration_s": raw.duration_s,
         "channels": {m: (c.name if c else None) for m, c in chans.items()},
         "fs_hz": {m: (c.fs_hz if c else None) for m, c in chans.items()},
         "n_windows": len(windows),
+        "n_padded": int((windows.valid_samples() < windows.ecg.shape[1]).sum()),
         "dropped": windows.dropped,
     }
-    return RecordResult(raw.record_id, windows=windows, summary=summary)
+    return RecordResult(
+        raw.record_id, windows=windows, summary=summary, window_labels=raw.window_labels
+    )
 
 
-def _process_all(
-    headers: list[Path],
-    data_dir: Path,
-    config: PreprocessConfig,
-    *,
-    workers: int | None,
-    on_record: Callable[[str], None] | None,
-) -> list[RecordResult]:
-    workers = workers or min(len(headers), os.cpu_count() or 1)
-    if workers <= 1 or len(headers) < 4:
-        results = []
-        for h in headers:
-            results.append(_process_one(h, data_dir, config))
-            if on_record:
-                on_record(results[-1].record_id)
-        return results
+def _results(
+    source: Source, config: PreprocessConfig, *, workers: int | None
+) -> Iterator[list[RecordResult]]:
+    """Results per unit of reading, in order, as they finish (never all held at once)."""
+    items = source.items
+    workers = workers or min(len(items), os.cpu_count() or 1)
+    if workers <= 1 or len(items) < 4:
+        for item in items:
+            yield _process_item(item, source, config)
+        return
     ctx = mp.get_context("fork")  # workers need numpy/scipy/wfdb only; fork starts in ~ms
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_process_one, h, data_dir, config) for h in headers]
-        results = []
-        for fut in futures:
-            results.append(fut.result())
-            if on_record:
-                on_record(results[-1].record_id)
-    return results
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(_process_item, item, source, config))
+            if len(pending) >= 4 * workers:  # a bounded window of work in flight
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _ArrayWriter:
+    """Append window arrays to raw files, then turn them into .npy files (bounded memory)."""
+
+    def __init__(self, folder: Path, window_n: int) -> None:
+        self.folder, self.n = folder, 0
+        self.spec = {
+            "ecg": (np.float32, (window_n,)),
+            "ppg": (np.float32, (window_n,)),
+            "mask": (np.bool_, (len(MODALITIES),)),
+            "quality": (np.float32, (len(MODALITIES), len(QUALITY_FIELDS))),
+            "start_s": (np.float64, ()),
+            "record_index": (np.int32, ()),
+            "valid_n": (np.int32, ()),
+        }
+        self.files = {name: open(folder / f"{name}.raw", "wb") for name in self.spec}  # noqa: SIM115
+
+    def add(self, w: Windows, record_index: int) -> None:
+        arrays = {
+            "ecg": w.ecg, "ppg": w.ppg, "mask": w.mask, "quality": _quality_array(w),
+            "start_s": w.start_s, "record_index": np.full(len(w), record_index),
+            "valid_n": w.valid_samples(),
+        }  # fmt: skip
+        for name, arr in arrays.items():
+            dtype, _ = self.spec[name]
+            self.files[name].write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+        self.n += len(w)
+
+    def finish(self) -> None:
+        """Write ``<name>.npy`` from each raw file, chunk by chunk."""
+        for name, fh in self.files.items():
+            fh.close()
+            dtype, shape = self.spec[name]
+            raw = self.folder / f"{name}.raw"
+            out = np.lib.format.open_memmap(
+                self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(self.n, *shape)
+            )
+            if self.n:
+                src = np.memmap(raw, dtype=dtype, mode="r", shape=(self.n, *shape))
+                for start in range(0, self.n, 8192):
+                    out[start : start + 8192] = src[start : start + 8192]
+                del src
+            out.flush()
+            del out
+            raw.unlink()
 
 
 def _write_store(
     path: Path,
     key: str,
-    data_dir: Path,
+    source: Source,
     config: PreprocessConfig,
-    results: list[RecordResult],
     subject_map: dict[str, str],
+    *,
+    workers: int | None,
+    on_record: Callable[[str], None] | None,
 ) -> None:
-    ok = [r for r in results if r.windows is not None]
-    failures = [RecordFailure(record_id=r.record_id, problem=r.problem or "") for r in results]
-    failures = [f for f, r in zip(failures, results, strict=True) if r.windows is None]
-    if not ok:
-        detail = f"; first: {failures[0].record_id}: {failures[0].problem}" if failures else ""
-        raise DataError(f"{data_dir}: no usable record ({len(failures)} failed{detail})")
-    summaries = [
-        RecordSummary(**r.summary, subject_id=subject_map.get(r.record_id, r.record_id)) for r in ok
-    ]
-    arrays = _concat([r.windows for r in ok])
-    manifest = StoreManifest(
-        key=key,
-        data_dir=str(data_dir),
-        config=config,
-        records=summaries,
-        failures=failures,
-        n_windows=len(arrays["start_s"]),
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
     try:
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", arr)
+        writer = _ArrayWriter(tmp, config.window_samples)
+        summaries: list[RecordSummary] = []
+        failures = [RecordFailure(record_id=f, problem=p) for f, p in source.skipped]
+        window_labels: dict[str, list[str]] = {}  # column -> value per window so far
+        for item, results in zip(
+            source.items, _results(source, config, workers=workers), strict=True
+        ):
+            for r in results:
+                if r.windows is None:
+                    failures.append(RecordFailure(record_id=r.record_id, problem=r.problem or ""))
+                    continue
+                summary = RecordSummary(**r.summary, subject_id="")
+                summary.subject_id = subject_map.get(summary.record_id, summary.default_subject)
+                summary.labels = source.labels.record.get(summary.record_id, {})
+                for column in set(window_labels) | set(r.window_labels):
+                    values = window_labels.setdefault(column, [""] * writer.n)
+                    values.extend([r.window_labels.get(column, "")] * len(r.windows))
+                writer.add(r.windows, len(summaries))
+                summaries.append(summary)
+            if on_record:
+                on_record(item.item_id)
+        writer.finish()
+        if not summaries:
+            detail = f"; first: {failures[0].record_id}: {failures[0].problem}" if failures else ""
+            raise DataError(f"{source.data_dir}: no usable record ({len(failures)} failed{detail})")
+        columns = sorted(window_labels)
+        table = np.zeros((writer.n, 0), dtype="<U1")
+        if columns:
+            table = np.array([window_labels[c] for c in columns], dtype=str).T
+        np.save(tmp / "window_labels.npy", table)
+        manifest = StoreManifest(
+            key=key,
+            data_dir=str(source.data_dir),
+            format=source.format,
+            config=config,
+            records=summaries,
+            failures=failures,
+            n_windows=writer.n,
+            label_levels=dict(sorted(source.labels.levels.items())),
+            subject_labels=_subject_labels(summaries, source),
+            window_label_columns=columns,
+            label_problems=[
+                RecordFailure(record_id=f, problem=p) for f, p in source.labels.problems
+            ],
+        )
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -323,21 +430,65 @@ def _write_store(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _concat(windows: list[Windows]) -> dict[str, np.ndarray]:
-    def quality(w: Windows) -> np.ndarray:
-        per_mod = [
-            np.stack([getattr(w.quality[m], f) for f in QUALITY_FIELDS], axis=-1)
-            for m in MODALITIES
-        ]
-        return np.stack(per_mod, axis=1).astype(np.float32)  # (n, 2, 5)
+def _subject_labels(summaries: list[RecordSummary], source: Source) -> dict[str, dict[str, str]]:
+    """Subject -> its labels: rows keyed by subject, or by one of its records (header labels)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in summaries:
+        row = source.labels.subject.get(r.subject_id) or source.labels.subject.get(r.record_id)
+        if row and r.subject_id not in out:
+            out[r.subject_id] = row
+    return dict(sorted(out.items()))
 
-    return {
-        "ecg": np.concatenate([w.ecg for w in windows]).astype(np.float32, copy=False),
-        "ppg": np.concatenate([w.ppg for w in windows]).astype(np.float32, copy=False),
-        "mask": np.concatenate([w.mask for w in windows]).astype(bool, copy=False),
-        "quality": np.concatenate([quality(w) for w in windows]),
-        "start_s": np.concatenate([w.start_s for w in windows]).astype(np.float64, copy=False),
-        "record_index": np.concatenate(
-            [np.full(len(w), i, dtype=np.int32) for i, w in enumerate(windows)]
-        ),
-    }
+
+def _quality_array(w: Windows) -> np.ndarray:
+    per_mod = [
+        np.stack([getattr(w.quality[m], f) for f in QUALITY_FIELDS], axis=-1) for m in MODALITIES
+    ]
+    return np.stack(per_mod, axis=1).astype(np.float32)  # (n, 2, 5)
+
+
+def label_rows(store: WindowStore) -> tuple[list[str], list[dict[str, str]]]:
+    """The store's labels as one table at its most specific level, for a site's labels CSV.
+
+    Columns ``record``, ``subject`` (and ``start_s`` when there are window labels: one row per
+    window, joined to window fingerprints by record and start), then every label column;
+    subject and record labels are repeated on each of their rows. ``([], [])`` without labels.
+    """
+    m = store.manifest
+    if not m.label_levels:
+        return [], []
+    columns = sorted(m.label_levels)
+    windowed = bool(m.window_label_columns)
+    head = ["record", "subject", *(["start_s"] if windowed else []), *columns]
+    rows: list[dict[str, str]] = []
+    per_record = [
+        {**m.subject_labels.get(r.subject_id, {}), **r.labels, "record": r.record_id,
+         "subject": r.subject_id}
+        for r in m.records
+    ]  # fmt: skip
+    if not windowed:
+        return head, [{c: row.get(c, "") for c in head} for row in per_record]
+    table = np.asarray(store.window_labels)
+    record_index, start_s = np.asarray(store.record_index), np.asarray(store.start_s)
+    for i in range(len(store)):
+        row = dict(per_record[int(record_index[i])])
+        row.update(zip(m.window_label_columns, table[i].tolist(), strict=True))
+        row["start_s"] = f"{float(start_s[i]):g}"
+        rows.append({c: row.get(c, "") for c in head})
+    return head, rows
+
+
+def write_labels_csv(store: WindowStore, path: Path) -> int:
+    """Write `label_rows` to `path` (atomically); returns the number of rows (0: no labels)."""
+    import csv
+    import io
+
+    head, rows = label_rows(store)
+    if not head:
+        return 0
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=head, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
+    return len(rows)

@@ -23,8 +23,26 @@ class RecordRow(BaseModel):
     duration_s: float | None = None
     channels: dict[str, str | None] = {}
     windows_kept: int = 0
+    windows_padded: int = 0
     windows_dropped: dict[str, int] = {}
     problem: str | None = None
+
+
+class FormatSummary(BaseModel):
+    """What the reader of the folder's format read, as `biofp site validate` prints it."""
+
+    format: str
+    records: int
+    subjects: int
+    modalities: dict[str, int]  # "ecg", "ppg", "ecg+ppg" -> records
+    rates_hz: dict[str, list[float]]  # modality -> distinct original rates
+    duration_s: tuple[float, float, float]  # min, median, max per record
+    windows_kept: int
+    windows_padded: int
+    windows_dropped: dict[str, int]  # reason -> windows
+    records_skipped: dict[str, int]  # reason -> records/files
+    label_levels: dict[str, str]  # column -> subject/record/window
+    label_problems: list[str]
 
 
 class ValidationReport(BaseModel):
@@ -40,6 +58,51 @@ class ValidationReport(BaseModel):
     windows: int
     hours: float
     labels: str | None = None  # "<n> rows keyed by subject" when a labels CSV was checked
+    summary: FormatSummary | None = None
+
+
+def _reason(problem: str) -> str:
+    """A failure's reason without its specifics, for counting: 'no usable windows (dropped ...'."""
+    for sep in (" (", ":"):
+        if sep in problem:
+            problem = problem.split(sep)[0]
+    return problem.strip()
+
+
+def format_summary(store: WindowStore) -> FormatSummary:
+    """Per-format totals of a store: records, subjects, modalities, rates, windows, labels."""
+    import numpy as np
+
+    m = store.manifest
+    modalities: dict[str, int] = {}
+    rates: dict[str, set[float]] = {}
+    dropped: dict[str, int] = {}
+    for r in m.records:
+        present = [k for k, v in r.channels.items() if v]
+        key = "+".join(present) or "-"
+        modalities[key] = modalities.get(key, 0) + 1
+        for k in present:
+            rates.setdefault(k, set()).add(round(float(r.fs_hz[k] or 0), 3))
+        for reason, n in r.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    skipped: dict[str, int] = {}
+    for f in m.failures:
+        skipped[_reason(f.problem)] = skipped.get(_reason(f.problem), 0) + 1
+    durations = np.array([r.duration_s for r in m.records])
+    return FormatSummary(
+        format=m.format,
+        records=len(m.records),
+        subjects=len(store.subject_ids()),
+        modalities=modalities,
+        rates_hz={k: sorted(v) for k, v in sorted(rates.items())},
+        duration_s=(float(durations.min()), float(np.median(durations)), float(durations.max())),
+        windows_kept=m.n_windows,
+        windows_padded=m.n_padded,
+        windows_dropped=dropped,
+        records_skipped=skipped,
+        label_levels=m.label_levels,
+        label_problems=[f"{p.record_id}: {p.problem}" for p in m.label_problems],
+    )
 
 
 def subject_map_for(config: SiteConfig) -> dict[str, str]:
@@ -64,6 +127,7 @@ def open_site_store(
         config=config.preprocess_config(),
         subject_map=subject_map_for(config),
         on_record=on_record,
+        reader=config.reader,
     )
 
 
@@ -82,6 +146,7 @@ def validate_site(
             duration_s=r.duration_s,
             channels=r.channels,
             windows_kept=r.n_windows,
+            windows_padded=r.n_padded,
             windows_dropped=r.dropped,
         )
         for r in m.records
@@ -108,6 +173,7 @@ def validate_site(
         windows=m.n_windows,
         hours=m.hours,
         labels=labels,
+        summary=format_summary(store),
     )
 
 

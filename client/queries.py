@@ -183,8 +183,9 @@ def probe_task(
     modality = FINGERPRINT_MODALITY[ref.modality]
     windows = window_fingerprints(open_site_store(site), model, modality=modality)
     # record means keyed by pseudonyms, without noise: prepared, never committed nor sent
+    level = "window" if labels.key == "window" else "record"  # window labels: window rows
     local = prepare_release(
-        windows, card=card, policy=ReleasePolicy(), key=key, modality=modality,
+        windows, card=card, policy=ReleasePolicy(level=level), key=key, modality=modality,
         default_delta=site.privacy.delta,
     ).table  # fmt: skip
     try:

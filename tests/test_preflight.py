@@ -266,7 +266,7 @@ def test_site_with_expired_or_missing_ca_is_refused(site_toml: Path, certs: Path
 def test_site_with_empty_data_directory_is_refused(site_toml: Path) -> None:
     for f in (site_toml.parent / "data").iterdir():
         f.unlink()
-    with pytest.raises(DataError, match="no WFDB records"):
+    with pytest.raises(DataError, match="no records found"):
         check_site(load_site_config(site_toml), insecure=False)
 
 
@@ -295,7 +295,7 @@ def test_reachable_trusted_site_passes(site_toml: Path, tls_server: int) -> None
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
-        ("empty-data", "no WFDB records"),
+        ("empty-data", "no records found"),
         ("key-perms", "chmod 600"),
         ("unreachable", "is unreachable"),
     ],

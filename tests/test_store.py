@@ -103,7 +103,7 @@ def test_site_without_usable_records_fails_clearly(tmp_path: Path, bidmc_dir: Pa
         build_store(data, cache_dir=tmp_path / "cache")
     assert "\n" not in str(exc.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no WFDB records"):
+    with pytest.raises(DataError, match="no records found"):
         build_store(tmp_path / "empty", cache_dir=tmp_path / "cache")
 
 

@@ -25,7 +25,9 @@ console = Console()
 
 @site_app.command("validate")
 def validate(
-    data: Path | None = typer.Option(None, "--data", help="folder of WFDB records"),
+    data: Path | None = typer.Option(
+        None, "--data", help="data folder: WFDB, MATLAB segments, text segments or EDF"
+    ),
     config: Path | None = typer.Option(None, "--config", help="site.toml"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
 ) -> None:
@@ -41,18 +43,52 @@ def validate(
         task = progress.add_task("reading records", total=None)
         report = validate_site(site, on_record=lambda _: progress.advance(task))
     console.print(render_report(report))
+    if report.summary is not None:
+        for line in summary_lines(report):
+            console.print(line, highlight=False, soft_wrap=True)
     if json_out is not None:
         write_report_json(report, json_out)
     if report.usable_records == 0:
         raise DataError(f"{site.data_dir}: no usable record")
 
 
+MAX_ROWS = 40  # usable records listed one per row; every skipped one is always listed
+
+
+def summary_lines(report: ValidationReport) -> list[str]:
+    """What the folder's reader read: one line per fact, then one per skipped file."""
+    s = report.summary
+    if s is None:
+        return []
+    lo, mid, hi = s.duration_s
+    rates = "; ".join(f"{m} {', '.join(f'{r:g}' for r in v)} Hz" for m, v in s.rates_hz.items())
+    dropped = ", ".join(f"{k} {v}" for k, v in s.windows_dropped.items()) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in s.records_skipped.items()) or "none"
+    levels: dict[str, list[str]] = {}
+    for column, level in s.label_levels.items():
+        levels.setdefault(level, []).append(column)
+    labels = "; ".join(f"{lv}: {', '.join(cols)}" for lv, cols in levels.items()) or "none"
+    mods = ", ".join(f"{k} {v}" for k, v in s.modalities.items())
+    lines = [
+        f"format {s.format}: {s.records} records, {s.subjects} subjects; modality: {mods}; "
+        f"rate: {rates}",
+        f"duration per record: min {lo:.1f} s, median {mid:.1f} s, max {hi:.1f} s",
+        f"windows: {s.windows_kept} kept ({s.windows_padded} padded), dropped: {dropped}",
+        f"records skipped: {skipped}",
+        f"labels found: {labels}",
+    ]
+    lines += [f"label problem: {p}" for p in s.label_problems]
+    return lines
+
+
 def render_report(report: ValidationReport) -> Table:
-    """The per-record table with a summary caption."""
+    """The per-record table (skipped records first, then up to MAX_ROWS usable ones)."""
     table = Table(title=f"site {report.site}: {report.data_dir}", show_lines=False)
-    for col in ("record", "subject", "fs ECG/PPG (Hz)", "min", "channels", "kept", "dropped"):
+    for col in ("record", "subject", "fs ECG/PPG (Hz)", "s", "channels", "kept", "dropped"):
         table.add_column(col)
-    for r in report.records:
+    failed = [r for r in report.records if not r.usable]
+    usable = [r for r in report.records if r.usable]
+    for r in failed + usable[:MAX_ROWS]:
         if not r.usable:
             table.add_row(r.record_id, "-", "-", "-", "-", "0", f"[red]{r.problem}[/red]")
             continue
@@ -63,11 +99,13 @@ def render_report(report: ValidationReport) -> Table:
             r.record_id,
             r.subject_id or "-",
             fs,
-            f"{(r.duration_s or 0) / 60:.1f}",
+            f"{r.duration_s or 0:.1f}",
             chans,
-            str(r.windows_kept),
+            str(r.windows_kept) + (f" ({r.windows_padded} padded)" if r.windows_padded else ""),
             dropped,
         )
+    if len(usable) > MAX_ROWS:
+        table.add_row(f"... {len(usable) - MAX_ROWS} more usable records", *[""] * 6)
     table.caption = (
         f"{report.usable_records} usable, {report.failed_records} failed records; "
         f"{report.subjects} subjects, {report.windows} windows, {report.hours:.2f} h"

@@ -54,7 +54,8 @@ def site_probe(
     table: FingerprintTable, labels: TaskLabels, *, level: str = "record", folds: int = 5,
     repeats: int = 5, seed: int = 0,
 ) -> SiteProbe:  # fmt: skip
-    """Cross-validate the task's probe on one site's fingerprints (see `probes.probe`)."""
+    """Cross-validate the task's probe on one site's fingerprints (see `probes.probe`); a
+    window-level task is probed per window, folds disjoint by subject."""
     X, y, groups = join(table, labels, level=level)
     n_classes = len(labels.classes)
     if labels.kind != "regression" and len(np.unique(y)) < 2:

@@ -4,7 +4,9 @@ A site's labels CSV names raw subjects and records; the site pseudonymises them 
 (`SiteKey`), so labels and fingerprints meet without a name ever leaving. A CSV already keyed by
 ``record_pseudonym`` or ``subject_pseudonym`` needs no key. The join column is the most specific
 one present: record, then subject. With both, every record's subject must agree with the
-fingerprint file's.
+fingerprint file's. A CSV keyed by record that also has a ``start_s`` column labels WINDOWS
+(a label per segment or window): its rows join window fingerprints by record and start, and
+probes on it run per window, with folds still disjoint by subject.
 
 A task's kind is inferred from its column: all numbers in {0, 1} -> binary; other numbers ->
 regression; text -> binary (2 values) or multiclass; numbers mixed with text is an error.
@@ -34,7 +36,13 @@ KEY_COLUMNS: dict[str, tuple[Literal["subject", "record"], bool]] = {
     "subject_pseudonym": ("subject", False),
     "subject": ("subject", True),
 }
-ID_COLUMNS = frozenset(KEY_COLUMNS) | {"site"}
+START_COLUMN = "start_s"  # with a record key: labels per window
+ID_COLUMNS = frozenset(KEY_COLUMNS) | {"site", START_COLUMN}
+
+
+def window_id(record: str, start_s: float | str) -> str:
+    """The join key of a window: its record (pseudonym) and start, e.g. 'r1b2@20'."""
+    return f"{record}@{float(start_s):g}"
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class LabelRows:
     """Label rows keyed by pseudonym (record or subject), read from one or more CSV files."""
 
     source: str  # the file(s), for messages
-    key: Literal["subject", "record"]
+    key: Literal["subject", "record", "window"]
     columns: tuple[str, ...]
     rows: dict[str, dict[str, str]]  # pseudonym -> {column: cell}
     subject_of: dict[str, str]  # record pseudonym -> subject pseudonym (when both are given)
@@ -55,7 +63,7 @@ class TaskLabels:
 
     task: str
     kind: TaskKind
-    key: Literal["subject", "record"]
+    key: Literal["subject", "record", "window"]
     values: dict[str, float]  # pseudonym -> class index (classes) or value (regression)
     classes: tuple[str, ...]  # class names, index order; () for regression
 
@@ -96,10 +104,11 @@ def read_labels(path: Path, *, key: SiteKey | None = None) -> LabelRows:
     path = Path(path)
     columns, rows = read_csv_rows(path)
     column = _key_column(path, columns)
-    join, _ = KEY_COLUMNS[column]
+    join: Literal["subject", "record", "window"] = KEY_COLUMNS[column][0]
+    windowed = join == "record" and START_COLUMN in columns
     to_pseudonym = _pseudonymiser(path, column, key)
     subject_col = next((c for c in ("subject_pseudonym", "subject") if c in columns), None)
-    if join != "record":
+    if join != "record" or windowed:
         subject_col = None
     to_subject = _pseudonymiser(path, subject_col, key) if subject_col else str
     keyed: dict[str, dict[str, str]] = {}
@@ -111,11 +120,20 @@ def read_labels(path: Path, *, key: SiteKey | None = None) -> LabelRows:
         if not raw:
             raise DataError(f"{path}: line {line}: empty {column}")
         pseudonym = to_pseudonym(raw)
+        if windowed:
+            try:
+                pseudonym = window_id(pseudonym, cells.get(START_COLUMN, ""))
+            except ValueError:
+                start = cells.get(START_COLUMN, "")
+                raise DataError(f"{path}: line {line}: start_s {start!r} is not a number") from None
+            raw = f"{raw}@{cells[START_COLUMN]}"
         if pseudonym in keyed:
             raise DataError(f"{path}: line {line}: duplicate {column} {raw!r}")
         keyed[pseudonym], raw_ids[pseudonym] = cells, raw
         if subject_col is not None:
             subject_of[pseudonym] = to_subject(cells.get(subject_col, ""))
+    if windowed:
+        join = "window"
     return LabelRows(str(path), join, tuple(columns), keyed, subject_of, raw_ids)
 
 
@@ -147,7 +165,7 @@ def check_against(labels: LabelRows, table: FingerprintTable) -> None:
     DataError
         Naming the labels file and an example of an unknown id or a disagreeing subject.
     """
-    known = set((table.record if labels.key == "record" else table.subject).astype(str))
+    known = set(_ids(table, labels.key))
     unknown = sorted(labels.raw_ids[p] for p in labels.rows if p not in known)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:3])
@@ -220,12 +238,24 @@ def task_labels(labels: LabelRows, task: str, *, kind: TaskKind | None = None) -
     return TaskLabels(task, kind, labels.key, {p: index[c] for p, c in cells.items()}, classes)
 
 
+def _ids(table: FingerprintTable, key: str) -> np.ndarray:
+    """Each row's join id for labels keyed by `key` (a window's is record@start)."""
+    if key == "window":
+        return np.array(
+            [window_id(r, s) for r, s in zip(table.record.astype(str), table.start_s, strict=True)]
+        )
+    return (table.record if key == "record" else table.subject).astype(str)
+
+
 def join(
     table: FingerprintTable, labels: TaskLabels, *, level: str = "record"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X, y, groups) of the labelled rows at `level`: fingerprints, labels, subject pseudonyms."""
-    rows = table.at_level(level)
-    ids = (rows.record if labels.key == "record" else rows.subject).astype(str)
+    """(X, y, groups) of the labelled rows at `level`: fingerprints, labels, subject pseudonyms.
+
+    Window labels always join window rows (whatever `level`).
+    """
+    rows = table.at_level("window" if labels.key == "window" else level)
+    ids = _ids(rows, labels.key)
     keep = np.array([i in labels.values for i in ids], dtype=bool)
     if not keep.any():
         raise DataError(

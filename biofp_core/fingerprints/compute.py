@@ -57,7 +57,10 @@ def _embed(
         idx = rows[start : start + batch]
         ecg = torch.from_numpy(np.asarray(store.ecg[idx])) if use_ecg else None
         ppg = torch.from_numpy(np.asarray(store.ppg[idx])) if use_ppg else None
-        out[start : start + len(idx)] = model.fingerprint(ecg=ecg, ppg=ppg).float().numpy()
+        valid = np.asarray(store.valid_n[idx])
+        valid_n = torch.from_numpy(valid) if (valid < store.ecg.shape[1]).any() else None
+        fp = model.fingerprint(ecg=ecg, ppg=ppg, valid_n=valid_n)
+        out[start : start + len(idx)] = fp.float().numpy()
         if on_batch is not None:
             on_batch(len(idx))
     return out
@@ -118,4 +121,5 @@ def window_fingerprints(
         quality=quality,
         n_windows=np.ones(len(rows), dtype=np.int32),
         fp=fp,
+        start_s=np.asarray(store.start_s[rows], dtype=np.float64),
     )

@@ -2,8 +2,10 @@
 
 Columns: ``subject_pseudonym``, ``record_pseudonym``, ``level`` ("record" | "window"),
 ``modality`` ("paired" | "ecg" | "ppg" | "mixed"), ``quality`` (float32), ``n_windows`` (int32)
-and ``fp`` (fixed-size list<float32> of D). The file is written uncompressed: float32 fingerprints
-barely compress, and a plain file lets an auditor grep it for names.
+``fp`` (fixed-size list<float32> of D) and ``start_s`` (float64: a window row's start in its
+record, NaN on record rows; files written before it have no such column). The file is written
+uncompressed: float32 fingerprints barely compress, and a plain file lets an auditor grep it for
+names.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def to_parquet_bytes(table: FingerprintTable, meta: FingerprintMeta) -> bytes:
             "quality": pa.array(table.quality, pa.float32()),
             "n_windows": pa.array(table.n_windows, pa.int32()),
             "fp": pa.FixedSizeListArray.from_arrays(flat, table.dim),
+            "start_s": pa.array(np.asarray(table.start_s, dtype=np.float64), pa.float64()),
         }
     ).replace_schema_metadata({META_KEY: meta.model_dump_json().encode()})
     sink = pa.BufferOutputStream()
@@ -158,5 +161,10 @@ def read_fingerprints(path: Path) -> tuple[FingerprintTable, FingerprintMeta]:
         quality=_column(path, arrow, "quality", pa.float32()),
         n_windows=_column(path, arrow, "n_windows", pa.int32()),
         fp=fp.astype(np.float32, copy=False),
+        start_s=(
+            arrow.column("start_s").to_numpy().astype(np.float64)
+            if "start_s" in arrow.column_names
+            else None
+        ),
     )
     return table, meta

@@ -27,9 +27,12 @@ class FingerprintTable:
     quality: np.ndarray  # (N,) float32: SQI score in [0, 1] of the windows behind the row
     n_windows: np.ndarray  # (N,) int32: windows averaged into the row (1 for a window)
     fp: np.ndarray  # (N, D) float32
+    start_s: np.ndarray | None = None  # (N,) float64: a window's start in its record; NaN else
 
     def __post_init__(self) -> None:
         n = len(self.fp)
+        if self.start_s is None:
+            object.__setattr__(self, "start_s", np.full(n, np.nan))
         for f in fields(self):
             if len(getattr(self, f.name)) != n:
                 raise ValueError(f"column {f.name} has {len(getattr(self, f.name))} rows, not {n}")

@@ -39,8 +39,13 @@ class BioFPModel(nn.Module, ABC):
     config: ModelConfig
 
     @abstractmethod
-    def fingerprint(self, ecg: Tensor | None = None, ppg: Tensor | None = None) -> Tensor:
-        """Fingerprints (B, D) from ECG, PPG or both; inputs (B, 1250) or (B, 1, 1250)."""
+    def fingerprint(
+        self, ecg: Tensor | None = None, ppg: Tensor | None = None, valid_n: Tensor | None = None
+    ) -> Tensor:
+        """Fingerprints (B, D) from ECG, PPG or both; inputs (B, 1250) or (B, 1, 1250).
+
+        `valid_n` (B,): signal samples of each window; the rest is padding (short records).
+        """
 
     @abstractmethod
     def draw_bag(

@@ -136,6 +136,16 @@ def info_nce(a: Tensor, b: Tensor, ok: Tensor, same: Tensor, temperature: float)
     return (ce * rows).sum(-1) / rows.sum(-1).clamp(min=1.0)
 
 
+def patch_valid(valid_n: Tensor | None, shape: tuple[int, ...], patch: int, device) -> Tensor:
+    """(…, T) bool: patches holding at least one signal sample (the rest is a short record's
+    zero padding); all True without `valid_n` (…)."""
+    T = shape[-1]
+    if valid_n is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    start = torch.arange(T, device=device) * patch  # (T,)
+    return start < valid_n.to(device)[..., None]
+
+
 def weighted_mean(err: Tensor, weight: Tensor) -> Tensor:
     """Per-subject mean of err (B, ...) over the True entries of weight (B, ...) -> (B,)."""
     w = weight.to(err.dtype)
@@ -184,11 +194,12 @@ class M2AE(BioFPModel):
 
     def _encode(
         self, m: int, patches: Tensor, modality: Tensor, position: Tensor | None = None,
-        rhythm: Tensor | None = None,
+        rhythm: Tensor | None = None, patch_ok: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Patches (B, S, T', P) of modality m at `position` (B, S, T') -> tokens (B, S, T'', D).
 
         With `rhythm` (B, S, F), the modality's rhythm token is appended: T'' = T' + 1.
+        `patch_ok` (B, S, T') False for padding patches: no token attends to them.
         modality (B, 2, D) holds both modality tokens, looked up once per forward pass (Opacus'
         ghost clipping refuses a module called twice).
         """
@@ -197,28 +208,50 @@ class M2AE(BioFPModel):
         if rhythm is not None:
             beat = apply_flat(self.rhythm[MODALITIES[m]], rhythm)[:, :, None]  # (B, S, 1, D)
             tokens = torch.cat([tokens, beat], dim=2)
-        tokens = self.encoders[MODALITIES[m]](tokens)
+        mask = None
+        if patch_ok is not None:
+            mask = key_padding_mask(self._token_ok(patch_ok, rhythm is not None))
+        tokens = self.encoders[MODALITIES[m]](tokens, mask)
         return tokens + modality[:, m, None, None]  # (B, S, T'', D)
 
-    def _encode_windows(self, ecg: Tensor | None, ppg: Tensor | None, *, what: str) -> Tensor:
-        """Every patch (and rhythm token) of ECG, PPG or both (B, L), fused: (B, 1, M, D)."""
+    @staticmethod
+    def _token_ok(patch_ok: Tensor, rhythm: bool) -> Tensor:
+        """Token mask (..., T' [+1]) from a patch mask: the rhythm token is always valid."""
+        if not rhythm:
+            return patch_ok
+        return torch.cat([patch_ok, patch_ok.new_ones(*patch_ok.shape[:-1], 1)], dim=-1)
+
+    def _encode_windows(
+        self, ecg: Tensor | None, ppg: Tensor | None, *, what: str, valid_n: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Every patch (and rhythm token) of ECG, PPG or both (B, L), fused: (B, 1, M, D), with
+        the token mask (B, 1, M): False for padding patches of windows shorter than L."""
         given = [(m, x) for m, x in enumerate((as_windows(ecg), as_windows(ppg))) if x is not None]
         if not given:
             raise ValueError(f"{what} needs ECG, PPG or both")
-        modality = self.modality(len(given[0][1]))  # (B, 2, D)
-        tokens = []
+        x0 = given[0][1]
+        modality = self.modality(len(x0))  # (B, 2, D)
+        shape = (len(x0), 1, self.config.n_patches)
+        lengths = None if valid_n is None else torch.as_tensor(valid_n)[:, None]  # (B, 1)
+        patch_ok = patch_valid(lengths, shape, self.config.patch_samples, x0.device)  # (B, 1, T)
+        tokens, token_ok = [], []
         for m, x in given:
             rhythm = None
             if self.config.rhythm_token:  # beat detection only when the token is used
                 rhythm = self._rhythm_input(self._rhythm_features(m, x[:, None]), x)
             patches = patchify(x, self.config.patch_samples)[:, None]  # (B, 1, T, P)
-            tokens.append(self._encode(m, patches, modality, rhythm=rhythm))
-        return self.fusion(torch.cat(tokens, dim=2))  # (B, 1, M, D)
+            tokens.append(self._encode(m, patches, modality, rhythm=rhythm, patch_ok=patch_ok))
+            token_ok.append(self._token_ok(patch_ok, rhythm is not None))
+        ok = torch.cat(token_ok, dim=2)  # (B, 1, M)
+        return self.fusion(torch.cat(tokens, dim=2), key_padding_mask(ok)), ok
 
-    def fingerprint(self, ecg: Tensor | None = None, ppg: Tensor | None = None) -> Tensor:
-        """Fingerprints (B, D) from ECG, PPG or both; every patch is visible."""
-        h = self._encode_windows(ecg, ppg, what="fingerprint")
-        return self.head(h.mean(dim=2)[:, 0])  # (B, D_fp)
+    def fingerprint(
+        self, ecg: Tensor | None = None, ppg: Tensor | None = None, valid_n: Tensor | None = None
+    ) -> Tensor:
+        """Fingerprints (B, D) from ECG, PPG or both; every signal patch is visible and padding
+        patches (past `valid_n` (B,) samples) are kept out of attention and pooling."""
+        h, ok = self._encode_windows(ecg, ppg, what="fingerprint", valid_n=valid_n)
+        return self.head(masked_mean(h, ok)[:, 0])  # (B, D_fp)
 
     @torch.no_grad()
     def reconstruct(
@@ -230,21 +263,32 @@ class M2AE(BioFPModel):
         """
         if target not in MODALITIES:
             raise ValueError(f"unknown modality {target!r}; valid: {', '.join(MODALITIES)}")
-        fused = self._encode_windows(ecg, ppg, what="reconstruct")
-        keep = torch.ones(fused.shape[:3], dtype=torch.bool, device=fused.device)  # (B, 1, M)
+        fused, keep = self._encode_windows(ecg, ppg, what="reconstruct")  # (B,1,M,D), (B,1,M)
         return self.decoders[target](fused, keep)[:, 0].flatten(1)  # (B, L)
 
     # ---- training objective ---------------------------------------------------------------------
 
-    def complementary_masks(self, B: int, K: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def complementary_masks(
+        self, B: int, K: int, device: torch.device, patch_ok: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Random disjoint masks per window.
 
         Returns hidden (B, K, 2, T) bool, True where a patch is hidden in ECG (index 0) or PPG (1),
         and visible (B, K, 2, V) the patch positions each modality keeps, V = T - hidden_patches.
+        With `patch_ok` (B, K, T) (a padded window's signal patches), signal patches are drawn
+        first and dealt alternately to the two hidden sets, so both modalities hide (and see)
+        some of a short window's signal.
         """
         T, n = self.config.n_patches, self.config.hidden_patches
-        perm = torch.rand(B, K, T, device=device).argsort(dim=-1)  # (B, K, T)
-        hide_ecg, hide_ppg, shared = perm[..., :n], perm[..., n : 2 * n], perm[..., 2 * n :]
+        key = torch.rand(B, K, T, device=device)
+        if patch_ok is not None:
+            key = key + (~patch_ok).to(key.dtype) * 2.0  # padding sorts last
+        perm = key.argsort(dim=-1)  # (B, K, T)
+        hide_ecg, hide_ppg, shared = (
+            perm[..., 0 : 2 * n : 2],
+            perm[..., 1 : 2 * n : 2],
+            perm[..., 2 * n :],
+        )
         visible = torch.stack(
             [torch.cat([hide_ppg, shared], -1), torch.cat([hide_ecg, shared], -1)], dim=2
         )  # (B, K, 2, V)
@@ -261,17 +305,18 @@ class M2AE(BioFPModel):
         dropped = torch.stack([drop & drop_ecg, drop & ~drop_ecg], dim=-1)  # (B, K, 2)
         return avail & ~dropped
 
-    def _fuse_views(self, tokens: Tensor, keep: Tensor, avail: Tensor) -> Tensor:
+    def _fuse_views(self, tokens: Tensor, keep: Tensor, avail: Tensor, token_ok: Tensor) -> Tensor:
         """One fusion call over the joint and the single-modality views of each window.
 
-        tokens (B, K, 2V, D) = [ECG visible | PPG visible]; keep/avail (B, K, 2).
+        tokens (B, K, 2V, D) = [ECG visible | PPG visible]; keep/avail (B, K, 2); token_ok
+        (B, K, 2V) False for padding patches, which no token attends to.
         Returns (B, 2K, 2V, D): [:, :K] the joint view, [:, K:] ECG-only and PPG-only side by side.
         """
         V = tokens.shape[2] // 2
         slot = torch.arange(2 * V, device=tokens.device) // V  # (2V,) modality of each slot
         same_modality = slot[:, None] == slot[None, :]  # (2V, 2V): block-diagonal
-        joint = key_padding_mask(keep.repeat_interleave(V, dim=-1))  # (B, K, 2V, 2V)
-        single = key_padding_mask(avail.repeat_interleave(V, dim=-1)) & same_modality
+        joint = key_padding_mask(keep.repeat_interleave(V, dim=-1) & token_ok)  # (B, K, 2V, 2V)
+        single = key_padding_mask(avail.repeat_interleave(V, dim=-1) & token_ok) & same_modality
         views = torch.cat([tokens, tokens], dim=1)  # (B, 2K, 2V, D)
         return self.fusion(views, torch.cat([joint, single], dim=1))
 
@@ -283,10 +328,14 @@ class M2AE(BioFPModel):
         patches = torch.stack(
             [patchify(batch[m].float(), cfg.patch_samples) for m in MODALITIES], 2
         )
-        hidden, visible = self.complementary_masks(B, K, avail.device)  # (B,K,2,T), (B,K,2,V)
+        patch_ok = patch_valid(
+            batch.get("valid_n"), (B, K, cfg.n_patches), cfg.patch_samples, avail.device
+        )  # (B, K, T): False for padding patches
+        hidden, visible = self.complementary_masks(B, K, avail.device, patch_ok)
         keep = self._drop_modality(avail)  # (B, K, 2)
         index = visible[..., None].expand(-1, -1, -1, -1, cfg.patch_samples)
         seen = patches.gather(3, index)  # (B, K, 2, V, P)
+        seen_ok = patch_ok[:, :, None].expand(-1, -1, 2, -1).gather(3, visible)  # (B, K, 2, V)
         modality = self.modality(B)  # (B, 2, D)
         present = avail.cpu().numpy()[..., None]  # (B, K, 2, 1): an absent modality has no beats
         features = [
@@ -297,21 +346,28 @@ class M2AE(BioFPModel):
             [
                 self._encode(
                     m, seen[:, :, m], modality, visible[:, :, m],
-                    rhythm=self._rhythm_input(features[m], patches),
+                    rhythm=self._rhythm_input(features[m], patches), patch_ok=seen_ok[:, :, m],
                 )
                 for m in (0, 1)
             ],
             dim=2,
         )  # (B, K, 2V, D); V counts the rhythm token  # fmt: skip
         V = tokens.shape[2] // 2
-        h = self._fuse_views(tokens, keep, avail)  # (B, 2K, 2V, D)
-        slot_keep = keep.repeat_interleave(V, dim=-1)  # (B, K, 2V)
+        rhythm = cfg.rhythm_token
+        token_ok = torch.cat([self._token_ok(seen_ok[:, :, m], rhythm) for m in (0, 1)], dim=-1)
+        h = self._fuse_views(tokens, keep, avail, token_ok)  # (B, 2K, 2V, D)
+        slot_keep = keep.repeat_interleave(V, dim=-1) & token_ok  # (B, K, 2V)
         pooled = torch.stack(
-            [masked_mean(h[:, :K], slot_keep), h[:, K:, :V].mean(2), h[:, K:, V:].mean(2)], dim=1
+            [
+                masked_mean(h[:, :K], slot_keep),
+                masked_mean(h[:, K:, :V], token_ok[..., :V]),
+                masked_mean(h[:, K:, V:], token_ok[..., V:]),
+            ],
+            dim=1,
         )  # (B, 3, K, D): joint, ECG-only, PPG-only
         z = apply_flat(self.head, pooled)  # (B, 3, K, D_fp)
         terms = {
-            **self._reconstruction(h[:, :K], slot_keep, patches, hidden, keep, avail),
+            **self._reconstruction(h[:, :K], slot_keep, patches, hidden, keep, avail, patch_ok),
             "align": self._alignment(z, keep, avail, batch.get("index")),
             "stats": self._statistics(z, keep, avail, *paired_statistics(*features)),
         }
@@ -325,13 +381,15 @@ class M2AE(BioFPModel):
 
     def _reconstruction(
         self, fused: Tensor, slot_keep: Tensor, patches: Tensor, hidden: Tensor, keep: Tensor,
-        avail: Tensor,
+        avail: Tensor, patch_ok: Tensor,
     ) -> dict[str, Tensor]:  # fmt: skip
-        """recon: MSE on hidden patches of kept modalities; cross: every patch of dropped ones."""
+        """recon: MSE on hidden patches of kept modalities; cross: every patch of dropped ones;
+        padding patches (patch_ok (B, K, T) False) are no target."""
         pred = torch.stack([self.decoders[m](fused, slot_keep) for m in MODALITIES], 2)
         err = (pred - patches).pow(2).mean(-1)  # (B, K, 2, T)
-        recon = hidden & keep[..., None]  # (B, K, 2, T)
-        cross = (avail & ~keep)[..., None].expand_as(hidden)  # (B, K, 2, T)
+        signal = patch_ok[:, :, None]  # (B, K, 1, T): padding is never a target
+        recon = hidden & keep[..., None] & signal  # (B, K, 2, T)
+        cross = (avail & ~keep)[..., None] & signal  # (B, K, 2, T)
         return {"recon": weighted_mean(err, recon), "cross": weighted_mean(err, cross)}
 
     def _alignment(self, z: Tensor, keep: Tensor, avail: Tensor, index: Tensor | None) -> Tensor:
@@ -371,7 +429,8 @@ class M2AE(BioFPModel):
         """K windows with ECG and/or PPG, good-quality first, with replacement if fewer than K.
 
         Returns arrays "ecg", "ppg" (K, L) float32, "mask" (K, 2) bool, "index" (K,) int64 (the
-        windows' positions in `subject`), or None when no window has either modality.
+        windows' positions in `subject`), "valid_n" (K,) int64 (signal samples; padding
+        follows), or None when no window has either modality.
         """
         mask = np.asarray(subject.mask, dtype=bool)
         usable = np.flatnonzero(mask.any(axis=1))
@@ -389,4 +448,5 @@ class M2AE(BioFPModel):
             "ppg": np.asarray(subject.ppg[chosen], dtype=np.float32),
             "mask": mask[chosen],
             "index": chosen.astype(np.int64),
+            "valid_n": subject.valid_samples()[chosen].astype(np.int64),
         }

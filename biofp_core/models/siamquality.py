@@ -182,8 +182,14 @@ class SiamQuality(BioFPModel):
         h = self.encoder(torch.stack([x, flags], dim=1))  # (B, 2, T) -> (B, C)
         return self.to_fingerprint(h)  # (B, D)
 
-    def fingerprint(self, ecg: Tensor | None = None, ppg: Tensor | None = None) -> Tensor:
-        """Fingerprints (B, D) from PPG (preferred), ECG, or both per `config.pair_fusion`."""
+    def fingerprint(
+        self, ecg: Tensor | None = None, ppg: Tensor | None = None, valid_n: Tensor | None = None
+    ) -> Tensor:
+        """Fingerprints (B, D) from PPG (preferred), ECG, or both per `config.pair_fusion`.
+
+        SiamQuality has no padding mask: a padded window (`valid_n`) is embedded as it is, and
+        training skips padded windows (`draw_bag`).
+        """
         ecg, ppg = as_windows(ecg), as_windows(ppg)
         if ppg is None and ecg is None:
             raise ValueError("fingerprint needs ecg, ppg or both")
@@ -228,7 +234,8 @@ class SiamQuality(BioFPModel):
         dict
             ``view_a`` (K, T) float32, ``view_b`` (K, T) float32, ``modality_b`` (K,) float32 flags.
         """
-        score = np.where(subject.mask[:, 1], subject.quality[:, 1], np.nan)
+        whole = subject.valid_samples() >= subject.ppg.shape[1]  # padded windows: not used
+        score = np.where(subject.mask[:, 1] & whole, subject.quality[:, 1], np.nan)
         ppg_idx = np.flatnonzero(np.isfinite(score))
         if len(ppg_idx) == 0:
             return None

@@ -39,6 +39,7 @@ MIN_STD = 1e-8  # windows with a smaller std (physical units) z-score to zeros
 DROP_NAN_GAP = "nan_gap"
 DROP_FLAT = "flat"
 DROP_TOO_SHORT = "too_short"
+MIN_PAD_SAMPLES = 16  # a padded window holds at least this many samples (filters need some)
 
 
 # --- resampling ---------------------------------------------------------------------------------
@@ -341,13 +342,37 @@ def _present_channels(raw: RawRecord) -> dict[Modality, Channel]:
     return present
 
 
+def _padded(raw: RawRecord, cfg: PreprocessConfig, n_samples: int) -> Windows:
+    """A record shorter than a window: one window of its whole length, zero-padded at the end.
+
+    Filtering, flatness and quality are judged on the record's own samples; ``valid_n`` says how
+    many of the window's samples are signal (models keep the rest out of attention and loss).
+    """
+    whole_s = n_samples / cfg.fs_hz
+    short = preprocess_record(raw, cfg.model_copy(update={"window_s": whole_s, "hop_s": whole_s}))
+    window_n = cfg.window_samples
+    pad = ((0, 0), (0, window_n - short.ecg.shape[1]))
+    return Windows(
+        record_id=short.record_id,
+        ecg=np.pad(short.ecg, pad),
+        ppg=np.pad(short.ppg, pad),
+        mask=short.mask,
+        start_s=short.start_s,
+        quality=short.quality,
+        dropped=short.dropped,
+        valid_n=np.full(len(short), short.ecg.shape[1], dtype=np.int32),
+    )
+
+
 def preprocess_record(raw: RawRecord, cfg: PreprocessConfig = PreprocessConfig()) -> Windows:
     """Turn one record into z-scored windows at ``cfg.fs_hz`` with masks, quality and drop counts.
 
     Windows start every ``cfg.hop_s`` from 0 s over the longest modality. Where ``mask`` is False
     for a modality, its window is all zeros and its ``quality`` entries are NaN. A dropped window
-    counts as ``"nan_gap"`` if any modality had a long gap there, else ``"flat"``; a record
-    shorter than one window gives no windows and ``dropped == {"too_short": 1}``.
+    counts as ``"nan_gap"`` if any modality had a long gap there, else ``"flat"``. A record
+    shorter than one window but at least ``cfg.min_duration_s`` long gives one window padded
+    with zeros after its ``valid_n`` samples; a shorter one gives no windows and
+    ``dropped == {"too_short": 1}``.
 
     Raises
     ------
@@ -360,7 +385,9 @@ def preprocess_record(raw: RawRecord, cfg: PreprocessConfig = PreprocessConfig()
     n_samples = max(round(len(ch.samples) * cfg.fs_hz / ch.fs_hz) for ch in channels.values())
     starts = window_starts(n_samples, window_n=window_n, hop_n=round(cfg.hop_s * cfg.fs_hz))
     if len(starts) == 0:
-        return _empty_windows(raw.record_id, window_n=window_n, dropped={DROP_TOO_SHORT: 1})
+        if n_samples < max(round(cfg.min_duration_s * cfg.fs_hz), MIN_PAD_SAMPLES):
+            return _empty_windows(raw.record_id, window_n=window_n, dropped={DROP_TOO_SHORT: 1})
+        return _padded(raw, cfg, n_samples)
     judged = {
         m: _judge_track(_prepare_channel(ch, band_hz=bands[m], cfg=cfg), starts=starts, cfg=cfg)
         for m, ch in channels.items()

@@ -43,6 +43,8 @@ class RawRecord:
     ppg: Channel | None
     comments: tuple[str, ...] = ()
     all_channels: tuple[str, ...] = ()  # every channel name in the header, for reports
+    subject_id: str | None = None  # the subject when the format says (else: the site's map)
+    window_labels: dict[str, str] = field(default_factory=dict)  # labels of every window cut
 
     @property
     def duration_s(self) -> float:
@@ -73,6 +75,13 @@ class Windows:
     start_s: np.ndarray  # (N,) float64, window start in seconds from record start
     quality: dict[Modality, QualityIndex]
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count of windows dropped
+    valid_n: np.ndarray | None = None  # (N,) int32 samples of each window that are signal
+
+    def valid_samples(self) -> np.ndarray:
+        """(N,) int32 valid samples per window: a short record's window is padded after them."""
+        if self.valid_n is None:
+            return np.full(len(self.start_s), self.ecg.shape[1], dtype=np.int32)
+        return self.valid_n
 
     def __len__(self) -> int:
         return len(self.start_s)
@@ -89,6 +98,13 @@ class SubjectWindows:
     quality: np.ndarray  # (n, 2) float32 SQI score in [0, 1], NaN where absent
     start_s: np.ndarray  # (n,) float64, window start within its record
     record_index: np.ndarray  # (n,) int, which of the subject's records each window comes from
+    valid_n: np.ndarray | None = None  # (n,) int32 signal samples per window; None: all whole
+
+    def valid_samples(self) -> np.ndarray:
+        """(n,) int32 signal samples per window; padding (zeros) follows them."""
+        if self.valid_n is None:
+            return np.full(len(self.start_s), self.ecg.shape[1], dtype=np.int32)
+        return np.asarray(self.valid_n, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.start_s)

@@ -324,10 +324,21 @@ def test_shorter_modality_is_masked_where_it_ends() -> None:
     assert w.mask[:, 1].tolist() == [True, True, True, False, False, False]
 
 
-def test_record_shorter_than_a_window() -> None:
+def test_record_shorter_than_a_window_is_padded() -> None:
     w = preprocess_record(_record(_pulses(fs_hz=FS_HZ, duration_s=9.0), None))
+    assert len(w) == 1 and w.ecg.shape == (1, WIN) and w.mask.tolist() == [[True, False]]
+    assert w.valid_samples().tolist() == [round(9.0 * 125)]
+    assert np.all(w.ecg[0, 9 * 125 :] == 0) and np.std(w.ecg[0, : 9 * 125]) == pytest.approx(
+        1, 0.01
+    )
+
+
+def test_record_shorter_than_the_minimum_duration() -> None:
+    w = preprocess_record(_record(_pulses(fs_hz=FS_HZ, duration_s=1.5), None))
     assert len(w) == 0 and w.dropped == {"too_short": 1}
     assert w.ecg.shape == (0, WIN) and w.mask.shape == (0, 2)
+    cfg = PreprocessConfig(min_duration_s=1.0)
+    assert len(preprocess_record(_record(_pulses(fs_hz=FS_HZ, duration_s=1.5), None), cfg)) == 1
 
 
 def test_record_without_samples_is_a_record_error() -> None:
