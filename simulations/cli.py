@@ -83,15 +83,35 @@ def simulate(
         help="then train comparison models, study released fingerprints, write OUT/report.md "
         "and plots (default: on; federated runs)",
     ),
+    cohort: str | None = typer.Option(
+        None, "--cohort", help="a shipped federation: 'public' (one site per public cohort)"
+    ),
+    quick: bool = typer.Option(False, "--quick", help="with --cohort: the few-minute CI variant"),
+    data_root: Path | None = typer.Option(
+        None,
+        "--data-root",
+        help="--cohort public: the cohorts' folder (default: $BIOFP_SHARED_DATA or ../shared/data)",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="run on this existing Ray cluster (host:port)"
+    ),
 ) -> None:
     """Federated pretraining on emulated hospitals with the real ClientApp and ServerApp,
     in Flower's simulation engine; writes config, per-round metrics, ledgers and the model
     (and, when asked, released fingerprints and federated_eval.json)."""
+    from simulations.public import cohort_config
     from simulations.run import load_simulation_config
     from simulations.run import simulate as run_simulation
 
+    if cohort is not None:
+        if config is not None:
+            raise ConfigError("give --cohort or --config, not both")
+        config = cohort_config(cohort, quick=quick)
+    elif quick:
+        raise ConfigError("--quick needs --cohort")
     cfg = load_simulation_config(
         config, sites=sites, epsilon=epsilon, out=out, centralized=centralized, report=report,
+        data_root=data_root, ray_address=ray_address,
         run=_run_overrides(
             num_rounds=rounds, strategy=strategy, model=model, dp=dp,
             collect_fingerprints=collect_fingerprints, probe_tasks=probe_tasks,

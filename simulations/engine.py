@@ -32,6 +32,8 @@ from biofp_core.errors import BioFPError
 from server.config import RunConfig, RunConfigValue
 from server.report import RoundMetrics, RunReport
 
+log = logging.getLogger(__name__)
+
 LOG_NAME = "run.log"
 _LOGGERS = ("flwr", "server", "client", "strategies", "simulations", "biofp_core")
 
@@ -58,8 +60,22 @@ def write_flower_app(app_dir: Path, run_config: dict[str, RunConfigValue]) -> Pa
     return app_dir
 
 
-def backend_config(*, cpus: int, cpus_per_site: float) -> dict[str, Any]:
-    """Ray settings for Flower's engine (see the module docstring)."""
+def backend_config(
+    *, cpus: int, cpus_per_site: float, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Ray settings for Flower's engine (see the module docstring).
+
+    With `ray_address` the engine joins that existing Ray cluster (``ray start --head`` on
+    some machine, BioFP installed on every node) instead of starting one: the cluster's own
+    CPUs are used, ``cpus_per_site`` each per ClientApp.
+    """
+    if ray_address:
+        return {
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "init_args": {
+                "address": ray_address, "logging_level": "ERROR", "log_to_driver": False,
+            },
+        }  # fmt: skip
     return {
         "client_resources": {"num_cpus": min(cpus_per_site, cpus), "num_gpus": 0.0},
         "init_args": {
@@ -151,6 +167,7 @@ def run_federation(
     cpus: int,
     cpus_per_site: float,
     on_round: Callable[[RoundMetrics], None] | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """Run the ServerApp and `num_sites` ClientApps in Flower's Simulation Engine.
 
@@ -177,9 +194,14 @@ def run_federation(
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
-    backend = backend_config(cpus=cpus, cpus_per_site=cpus_per_site)
+    backend = backend_config(cpus=cpus, cpus_per_site=cpus_per_site, ray_address=ray_address)
     with run_log(run_dir / LOG_NAME), watch_rounds(run_dir, on_round):
         started = start_ray(backend["init_args"])
+        if ray_address:
+            import ray
+
+            cpus_there = ray.cluster_resources().get("CPU", 0)
+            log.info("joined the Ray cluster at %s (%g CPUs)", ray_address, cpus_there)
         try:
             _run_simulation(
                 num_supernodes=num_sites, client_app=client_app, server_app=server_app,

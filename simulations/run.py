@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flwr.common.constant import PARTITION_ID_KEY
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from biofp_core.artifacts import (
     DataSummary,
@@ -55,6 +62,7 @@ from server.report import RoundMetrics, RunReport
 from simulations.cohort import Cohort, synthetic_cohort, wfdb_cohort, write_sites
 from simulations.engine import run_federation
 from simulations.partition import PARTITIONERS, Partition, make_partition
+from simulations.public import PublicSite, default_data_root, write_public_sites
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +77,21 @@ class SimulationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- data -----------------------------------------------------------------------------
-    dataset: Literal["synthetic", "wfdb"] = Field("synthetic", description="dataset adapter")
+    dataset: Literal["synthetic", "wfdb", "public"] = Field(
+        "synthetic", description="dataset adapter; public: one site per public cohort"
+    )
     data_dir: Path | None = Field(None, description="wfdb: folder of WFDB records")
     labels_csv: Path | None = Field(None, description="wfdb: labels (record, subject, ...)")
     synth_sites: int = Field(4, ge=1, description="synthetic: hospitals in the cohort")
     synth_subjects_per_site: int = Field(16, ge=1, description="synthetic: subjects each")
     synth_minutes: float = Field(5.0, gt=0, description="synthetic: minutes per record")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="cohorts + stores")
+    data_root: Path | None = Field(
+        None, description="public: folder of the cohorts (default $BIOFP_SHARED_DATA)"
+    )
+    public_sites: list[PublicSite] = Field(
+        default_factory=list, description="public: one hospital per cohort folder"
+    )
     # --- emulated hospitals -----------------------------------------------------------------
     sites: int = Field(4, ge=1, description="emulated hospitals (virtual SuperNodes)")
     partition: str = Field("iid", description="subject partitioner")
@@ -102,7 +118,20 @@ class SimulationConfig(BaseModel):
         default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPUs for the engine"
     )
     cpus_per_site: float = Field(1.0, gt=0, description="CPUs of one ClientApp run")
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster (host:port) instead of a local Ray"
+    )
     run: RunConfig = Field(default_factory=RunConfig, description="the federated run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _public_sites_are_the_sites(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("dataset") == "public":
+            sites = raw.get("public_sites") or []
+            if not sites:
+                raise ValueError("dataset 'public' needs [[public_sites]]")
+            raw = {**raw, "sites": len(sites)}
+        return raw
 
     @field_validator("partition")
     @classmethod
@@ -149,13 +178,12 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         raw = {**raw.pop("simulation", {}), **raw}
-    run = {**raw.pop("run", {}), **overrides.pop("run", {})}
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    if path is not None:
-        base = Path(path).parent
-        for key in ("data_dir", "labels_csv", "cache_dir", "sites_dir", "out"):
+        base = Path(path).parent  # paths in the file are relative to it; flags to the cwd
+        for key in ("data_dir", "labels_csv", "cache_dir", "sites_dir", "out", "data_root"):
             if raw.get(key) is not None:
                 raw[key] = base / Path(raw[key]).expanduser()
+    run = {**raw.pop("run", {}), **overrides.pop("run", {})}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return SimulationConfig.model_validate({**raw, "run": run})
     except ConfigError as exc:  # from the run config: already names the key
@@ -238,16 +266,26 @@ def prepare_sites(
     cfg: SimulationConfig, *, on_site: Callable[[str], None] | None = None
 ) -> SimulationSites:
     """Cohort, partition, site folders, window stores and the manifest the ClientApp reads."""
-    cohort = load_cohort(cfg)
-    partition = partition_cohort(cfg, cohort)
-    tomls = write_sites(
-        cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
-        delta=cfg.delta,
-    )  # fmt: skip
+    if cfg.dataset == "public":
+        tomls = write_public_sites(
+            cfg.public_sites, data_root=cfg.data_root or default_data_root(),
+            root=cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
+            delta=cfg.delta, seed=cfg.run.seed,
+        )  # fmt: skip
+        modalities = tuple(s.modality for s in cfg.public_sites)
+        name, scheme = "public cohorts", "one site per cohort"
+    else:
+        cohort = load_cohort(cfg)
+        partition = partition_cohort(cfg, cohort)
+        tomls = write_sites(
+            cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir,
+            epsilon=cfg.site_epsilon, delta=cfg.delta,
+        )  # fmt: skip
+        modalities, name, scheme = partition.modalities, cohort.name, partition.scheme
     for toml in tomls:
         _add_release_policy(toml, cfg.release)
     sites = []
-    for index, (toml, modality) in enumerate(zip(tomls, partition.modalities, strict=True)):
+    for index, (toml, modality) in enumerate(zip(tomls, modalities, strict=True)):
         open_site_store(load_site_config(toml))  # build once; clients reopen it from the cache
         seed = cfg.run.seed * 1000 + index if cfg.reproducible_noise else None
         sites.append(SiteRef(site_config=toml.resolve(), modality=modality, dp_seed=seed))
@@ -255,7 +293,7 @@ def prepare_sites(
             on_site(toml.parent.name)
     manifest = SimulationSites(sites=sites)
     manifest.write(cfg.out / SITES_MANIFEST)
-    log.info("%d sites from %s (%s)", len(sites), cohort.name, partition.scheme)
+    log.info("%d sites from %s (%s)", len(sites), name, scheme)
     return manifest
 
 
@@ -408,7 +446,7 @@ def simulate(
     try:
         run_federation(
             run, num_sites=cfg.sites, cpus=cfg.cpus, cpus_per_site=cfg.cpus_per_site,
-            on_round=on_round,
+            on_round=on_round, ray_address=cfg.ray_address,
         )  # fmt: skip
     except BioFPError as exc:
         error = exc

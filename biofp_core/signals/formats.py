@@ -49,6 +49,8 @@ LEVELS: tuple[str, ...] = ("subject", "record", "window")
 EDF_SUFFIXES = (".edf", ".bdf")
 SHEET_SUFFIXES = (".xlsx", ".csv")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+_UNITS = re.compile(r"\([^)]*\)")  # 'Sex(M/F)', 'BMI(kg/m^2)'
+
 _HEADER_FIELD = re.compile(r"<(\w+)>:\s*([^<]*)")
 
 # Liu et al. 2022: label codes of `labels` in each MPA_<id>.mat
@@ -56,8 +58,9 @@ LIU_RHYTHMS = {"0": "sinus", "1": "PVC", "2": "PAC", "3": "VT", "4": "SVT", "5":
 
 
 def column_name(name: str) -> str:
-    """A label column name as BioFP uses it: 'Age(year)' -> 'age_year'."""
-    return _NOT_ALNUM.sub("_", str(name).lower()).strip("_")
+    """A label column name as BioFP uses it, units dropped: 'Age(year)' -> 'age'."""
+    name = _UNITS.sub("", str(name)) or str(name)
+    return _NOT_ALNUM.sub("_", name.lower()).strip("_")
 
 
 class SegmentArray(BaseModel):

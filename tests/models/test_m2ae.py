@@ -219,3 +219,63 @@ def test_rhythm_token_carries_beat_intervals() -> None:
             1, ppg[:, None].unflatten(-1, (10, 125)), with_token.modality(2), rhythm=rhythm
         )
     assert tokens.shape == (2, 1, 11, 32)  # 10 patches + the rhythm token
+
+
+# ---- short records: padded windows ----------------------------------------------------------
+
+
+def test_padding_is_out_of_attention_and_pooling() -> None:
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, L, generator=g)
+    valid = torch.tensor([262, 1125])  # PPG-BP's 2.1 s and CinC's 9 s at 125 Hz
+    x[0, 262:] = 0
+    x[1, 1125:] = 0
+    noisy = x.clone()
+    noisy[0, 375:] = 5 * torch.randn(L - 375, generator=g)  # patches 3.. are all padding
+    noisy[1, 1125:] = 5 * torch.randn(L - 1125, generator=g)  # the last patch is padding
+    with torch.no_grad():
+        a = tiny(rhythm_token=False).eval().fingerprint(ppg=x, valid_n=valid)
+        b = tiny(rhythm_token=False).eval().fingerprint(ppg=noisy, valid_n=valid)
+        c = tiny(rhythm_token=False).eval().fingerprint(ppg=noisy)
+        full = model.fingerprint(ppg=x, valid_n=torch.tensor([L, L]))
+        plain = model.fingerprint(ppg=x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)  # without the mask the padding would count
+    torch.testing.assert_close(full, plain)
+
+
+def test_padded_windows_train_without_padding_in_the_loss() -> None:
+    model = tiny()
+    batch = random_batch(B=2, K=4)
+    batch["valid_n"] = torch.tensor([[262, 262, 1250, 1125], [1250, 1250, 1250, 1250]])
+    for m in ("ecg", "ppg"):
+        for k, n in enumerate(batch["valid_n"][0].tolist()):
+            batch[m][0, k, n:] = 0
+    batch["ecg"].requires_grad_(True)
+    batch["ppg"].requires_grad_(True)
+    loss, terms = model.loss(batch)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    assert all(torch.isfinite(t).all() for t in terms.values())
+    loss.sum().backward()
+    # padding patches (from sample 375 of a 262-sample window) get no gradient at all
+    assert batch["ppg"].grad[0, 0, 375:].abs().max() == 0
+    assert batch["ecg"].grad[0, 1, 375:].abs().max() == 0
+    assert batch["ppg"].grad[0, 0, :250].abs().max() > 0
+    # subject 1's loss does not depend on subject 0's windows (DP: one subject per row)
+    batch2 = {k: v.detach().clone() for k, v in batch.items()}
+    batch2["ppg"][0] = torch.randn(4, L)
+    torch.manual_seed(1)
+    l1, _ = model.loss({k: v.detach() for k, v in batch.items()})
+    torch.manual_seed(1)
+    l2, _ = model.loss(batch2)
+    torch.testing.assert_close(l1[1], l2[1])
+
+
+def test_draw_bag_carries_valid_samples() -> None:
+    s = subject(3)
+    s = SubjectWindows(**{**s.__dict__, "valid_n": np.array([262, 1250, 1125], np.int32)})
+    bag = tiny().draw_bag(s, bag_size=6, rng=np.random.default_rng(0))
+    assert bag is not None and bag["valid_n"].shape == (6,)
+    assert set(bag["valid_n"].tolist()) <= {262, 1250, 1125}
+    assert np.all(bag["valid_n"] == s.valid_n[bag["index"]])

@@ -125,7 +125,7 @@ def test_ppgbp_text_segments_padded_with_sheet_labels(tmp_path: Path) -> None:
     assert (m.format, len(store), m.n_padded) == ("textseg", 5, 5)
     assert store.subject_ids() == ["2", "3", "6"]
     assert m.subject_labels["2"]["hypertension"] == "Stage 2 hypertension"
-    assert m.subject_labels["2"]["age_year"] == "45"
+    assert m.subject_labels["2"]["age"] == "45"
     assert m.records[0].fs_hz["ppg"] == 1000.0
     assert np.asarray(store.valid_n).tolist() == [262] * 5  # 2.1 s at 125 Hz
     # the window store's subjects carry the padding to the models
@@ -228,4 +228,4 @@ def test_validate_prints_what_each_format_read(tmp_path: Path) -> None:
     out = result.output
     assert "format textseg: 3 records, 2 subjects; modality: ppg 3; rate: ppg 1000 Hz" in out
     assert "windows: 3 kept (3 padded), dropped: none" in out
-    assert "labels found: subject: age_year" in out and "hypertension" in out
+    assert "labels found: subject: age, bmi" in out and "hypertension" in out

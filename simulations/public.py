@@ -1,0 +1,179 @@
+"""The public federation: each real public cohort is one hospital, read in its own format.
+
+``biofp simulate --cohort public`` reads ``simulations/configs/public.toml`` (``--quick``:
+``public-quick.toml``): one :class:`PublicSite` per cohort folder under the data root
+(``--data-root``, default ``$BIOFP_SHARED_DATA`` or ``../shared/data``). Each site is laid out
+as a real one would be: its own ``site.toml`` whose ``data_dir`` is the cohort folder exactly as
+shipped (or, with ``max_subjects``, a folder of links to that many of its subjects' files), its
+privacy budget and state folder, and a ``labels.csv`` written from what its reader found
+(subject, record or window labels: its own tasks). The split between sites is the natural one:
+a site holds one cohort, so device, modality, rate, population and labels all differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from biofp_core.errors import ConfigError, DataError
+from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source
+from biofp_core.site import load_site_config
+from biofp_core.store import write_labels_csv
+from biofp_core.validate import open_site_store
+from simulations.cohort import SITE_TOML
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+COHORT_CONFIGS = {"public": "public.toml"}
+QUICK_SUFFIX = "-quick"
+LABELS_NAME = "labels.csv"
+
+
+class PublicSite(BaseModel):
+    """One hospital of the public federation: a cohort folder and what the site may use."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    folder: str = Field(description="the cohort's folder, relative to the data root")
+    modality: Literal["both", "ecg", "ppg"] = "both"
+    max_subjects: int | None = Field(
+        None, ge=2, description="use this many subjects (seeded choice); None: all of them"
+    )
+    reader: ReaderConfig = Field(default_factory=ReaderConfig)
+
+
+def cohort_config(cohort: str, *, quick: bool = False) -> Path:
+    """The sim.toml shipped for `cohort` (``--quick``: its CI-sized variant)."""
+    if cohort not in COHORT_CONFIGS:
+        raise ConfigError(f"unknown cohort {cohort!r}; valid: {', '.join(COHORT_CONFIGS)}")
+    name = COHORT_CONFIGS[cohort]
+    if quick:
+        name = name.replace(".toml", f"{QUICK_SUFFIX}.toml")
+    return CONFIG_DIR / name
+
+
+def default_data_root() -> Path:
+    """``$BIOFP_SHARED_DATA``, else ``../shared/data`` from the current folder."""
+    env = os.environ.get("BIOFP_SHARED_DATA")
+    return Path(env) if env else Path("..") / "shared" / "data"
+
+
+def item_subject(source: Source, item: Item) -> str:
+    """The subject a unit of reading belongs to, known before reading it."""
+    if source.format == "matseg":
+        return item.path.stem
+    if source.format == "textseg":
+        match = re.fullmatch(source.config.textseg.name_pattern, item.path.stem)
+        return match.group("subject") if match else item.item_id
+    return item.item_id
+
+
+def _link_subset(source: Source, folder: Path, max_subjects: int, seed: int) -> None:
+    """Links in `folder` to the files of `max_subjects` subjects (seeded) and the label files."""
+    subjects = sorted({item_subject(source, i) for i in source.items})
+    rng = np.random.default_rng(seed)
+    chosen = {subjects[i] for i in rng.permutation(len(subjects))[:max_subjects]}
+    wanted = {f for i in source.items if item_subject(source, i) in chosen for f in i.files}
+    wanted |= set(source.labels.files)
+    links = set()
+    for f in sorted(wanted):
+        link = folder / f.relative_to(source.data_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and Path(os.readlink(link)) == f.resolve():
+            links.add(link)
+            continue
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(f.resolve())
+        links.add(link)
+    for stale in folder.rglob("*"):
+        if stale.is_symlink() and stale not in links:
+            stale.unlink()
+
+
+def _toml_table(name: str, values: dict) -> str:
+    """A TOML table of scalars and one level of sub-tables (what ReaderConfig holds)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v)
+
+    return f"\n[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
+
+
+def _site_toml(
+    site: PublicSite, data_dir: Path, *, cache_dir: Path, epsilon: float, delta: float,
+    labels: bool,
+) -> str:  # fmt: skip
+    budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
+    text = (
+        f'name = "{site.name}"\ndata_dir = {json.dumps(str(data_dir))}\nstate_dir = "state"\n'
+        f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
+        + (f'labels_csv = "{LABELS_NAME}"\n' if labels else "")
+        + f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n"
+    )
+    reader = site.reader.model_dump(mode="json", exclude_defaults=True)
+    return text + (_toml_table("reader", reader) if reader else "")
+
+
+def write_public_sites(
+    sites: list[PublicSite],
+    *,
+    data_root: Path,
+    root: Path,
+    cache_dir: Path,
+    epsilon: float,
+    delta: float,
+    seed: int,
+) -> list[Path]:
+    """One folder per public site under `root`, its window store built and its labels written.
+
+    Returns the site.toml paths. A site's ``state/`` (ledger, audit log) is never touched.
+
+    Raises
+    ------
+    DataError
+        A cohort folder is missing (one line naming it and the data root).
+    """
+    data_root = Path(data_root).expanduser().resolve()
+    tomls = []
+    for index, site in enumerate(sites):
+        folder = data_root / site.folder
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder}: cohort folder of site {site.name} not found "
+                "(give --data-root or set BIOFP_SHARED_DATA)"
+            )
+        site_dir = Path(root) / site.name
+        site_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = folder
+        if site.max_subjects is not None:
+            data_dir = site_dir / "data"
+            source = open_source(folder, site.reader)
+            _link_subset(source, data_dir, site.max_subjects, seed * 1000 + index)
+        toml = site_dir / SITE_TOML
+        kw = {"cache_dir": cache_dir, "epsilon": epsilon, "delta": delta}
+        toml.write_text(_site_toml(site, data_dir, labels=False, **kw))
+        store = open_site_store(load_site_config(toml))
+        rows = write_labels_csv(store, site_dir / LABELS_NAME)
+        if rows:
+            toml.write_text(_site_toml(site, data_dir, labels=True, **kw))
+        log.info(
+            "public site %s: %s, %d records, %d windows, %d label rows",
+            site.name, store.manifest.format, len(store.manifest.records), len(store), rows,
+        )  # fmt: skip
+        tomls.append(toml)
+    return tomls
