@@ -136,18 +136,31 @@ class WindowStore:
         return sorted({r.subject_id for r in self.manifest.records})
 
     def subjects(self, *, only: Iterable[str] | None = None) -> list[SubjectWindows]:
-        """Windows grouped by subject (arrays loaded into memory), in subject-id order."""
+        """Windows grouped by subject, in subject-id order.
+
+        A subject whose windows are contiguous in the store (one record, or adjacent records)
+        gets views of the memory-mapped signal arrays, so a site of thousands of subjects is
+        not loaded into memory; others get copies of their rows.
+        """
         wanted = set(only) if only is not None else None
         by_subject: dict[str, list[int]] = {}
         for i, rec in enumerate(self.manifest.records):
             if wanted is None or rec.subject_id in wanted:
                 by_subject.setdefault(rec.subject_id, []).append(i)
         score = QUALITY_FIELDS.index("score")
+        record_index = np.asarray(self.record_index)
+        bounds = np.searchsorted(record_index, np.arange(len(self.manifest.records) + 1))
         out = []
         for subject_id in sorted(by_subject):
-            rows = np.flatnonzero(np.isin(self.record_index, by_subject[subject_id]))
-            if len(rows) == 0:
+            # windows are stored record after record: a subject is a few contiguous ranges,
+            # and a single range stays a view of the memory map (read only when drawn)
+            ranges = [(bounds[i], bounds[i + 1]) for i in by_subject[subject_id]]
+            ranges = [r for r in ranges if r[1] > r[0]]
+            if not ranges:
                 continue
+            rows: slice | np.ndarray = np.concatenate([np.arange(a, b) for a, b in ranges])
+            if len(rows) == ranges[-1][1] - ranges[0][0]:
+                rows = slice(ranges[0][0], ranges[-1][1])
             out.append(
                 SubjectWindows(
                     subject_id=subject_id,

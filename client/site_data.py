@@ -80,14 +80,19 @@ def _restrict_modality(subject: SubjectWindows, modality: Modality) -> SubjectWi
     if modality == "both":
         return subject
     keep = 0 if modality == "ecg" else 1
-    rows = np.flatnonzero(subject.mask[:, keep])
+    rows: slice | np.ndarray = np.flatnonzero(subject.mask[:, keep])
     if len(rows) == 0:
         return None
-    mask = np.zeros((len(rows), 2), dtype=bool)
+    n = len(rows)
+    if n == len(subject):
+        rows = slice(None)  # every window has it: keep (memory-mapped) views, copy nothing
+    mask = np.zeros((n, 2), dtype=bool)
     mask[:, keep] = True
-    quality = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    quality = np.full((n, 2), np.nan, dtype=np.float32)
     quality[:, keep] = subject.quality[rows, keep]
-    zeros = np.zeros_like(subject.ecg[rows])
+    zeros = np.broadcast_to(
+        np.zeros((1, subject.ecg.shape[1]), np.float32), (n, subject.ecg.shape[1])
+    )
     return SubjectWindows(
         subject_id=subject.subject_id,
         ecg=subject.ecg[rows] if keep == 0 else zeros,
@@ -96,6 +101,7 @@ def _restrict_modality(subject: SubjectWindows, modality: Modality) -> SubjectWi
         quality=quality,
         start_s=subject.start_s[rows],
         record_index=subject.record_index[rows],
+        valid_n=subject.valid_samples()[rows],
     )
 
 
