@@ -1,6 +1,11 @@
-"""WFDB -> windows throughput on all of BIDMC: cold (no cache) and cached, in hours of signal/s.
+"""Records -> windows throughput per format: cold (no cache) and cached, in hours of signal/s.
 
-.venv/bin/python bench/signals.py [--repeats 3]
+Formats: WFDB with .dat signals (all of BIDMC), WFDB with .mat signals (CinC 2017, 3,000
+records), MATLAB segment arrays (Liu 2022, 28 files, 10,620 segments), text segments + .xlsx
+(PPG-BP, 657 files of 2.1 s) and EDF (BIDMC's ECG II + PLETH written as EDF here with edfio).
+Cohorts absent from $BIOFP_SHARED_DATA are left out of the table.
+
+.venv/bin/python bench/signals.py [--repeats 1] [--only bidmc,cinc2017,liu2022,ppg-bp,edf]
 """
 
 from __future__ import annotations
@@ -8,41 +13,66 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from common import median_time, report, shared_data
 
 from biofp_core.store import build_store
 
+COHORTS = {
+    "bidmc": "bidmc",
+    "cinc2017": "public/cinc2017",
+    "liu2022": "public/liu2022-ppg-arrhythmia",
+    "ppg-bp": "public/ppg-bp",
+}
+EDF_RECORDS = 20  # BIDMC records written as EDF
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    bidmc = shared_data() / "bidmc"
-    tmp = Path(tempfile.mkdtemp(prefix="biofp-bench-"))
-    try:
-        fresh = iter(range(10**6))
 
-        def cold() -> None:
-            build_store(bidmc, cache_dir=tmp / f"cold-{next(fresh)}")
+def write_bidmc_edf(out: Path) -> Path:
+    """The first EDF_RECORDS BIDMC records' ECG II and PLETH as EDF files in `out`."""
+    import edfio
 
-        def cached_open() -> None:
-            build_store(bidmc, cache_dir=tmp / "warm")
+    from biofp_core.signals.read import find_records, read_record
 
-        def cached_load() -> None:
-            build_store(bidmc, cache_dir=tmp / "warm").subjects()
+    out.mkdir(parents=True, exist_ok=True)
+    headers = [h for h in find_records(shared_data() / "bidmc") if not h.stem.endswith("n")]
+    for header in headers[:EDF_RECORDS]:
+        raw = read_record(header)
+        signals = [
+            edfio.EdfSignal(ch.samples, sampling_frequency=ch.fs_hz, label=label)
+            for ch, label in ((raw.ecg, "ECG II"), (raw.ppg, "Pleth"))
+            if ch is not None
+        ]
+        edfio.Edf(signals).write(out / f"{header.stem}.edf")
+    return out
 
-        cold_s, cold_all = median_time(cold, repeats=args.repeats)
-        store = build_store(bidmc, cache_dir=tmp / "warm")
-        hours = store.manifest.hours
-        open_s, _ = median_time(cached_open, repeats=max(5, args.repeats))
-        load_s, _ = median_time(cached_load, repeats=max(5, args.repeats))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    payload = {
+
+def measure(name: str, folder: Path, tmp: Path, repeats: int) -> dict:
+    """Cold and cached store builds of one folder."""
+    fresh = iter(range(10**6))
+
+    def cold() -> None:
+        build_store(folder, cache_dir=tmp / f"{name}-cold-{next(fresh)}")
+
+    def cached(load: bool) -> Callable[[], None]:
+        def run() -> None:
+            store = build_store(folder, cache_dir=tmp / f"{name}-warm")
+            if load:
+                store.subjects()
+
+        return run
+
+    cold_s, cold_all = median_time(cold, repeats=repeats)
+    store = build_store(folder, cache_dir=tmp / f"{name}-warm")
+    open_s, _ = median_time(cached(False), repeats=5)
+    load_s, _ = median_time(cached(True), repeats=3)
+    hours = store.manifest.hours
+    return {
+        "format": store.manifest.format,
         "records": len(store.manifest.records),
         "windows": len(store),
+        "padded": store.manifest.n_padded,
         "hours": hours,
         "cold_s": cold_s,
         "cold_samples_s": cold_all,
@@ -52,16 +82,35 @@ def main() -> None:
         "cached_load_s": load_s,
         "cached_load_hours_per_s": hours / load_s,
     }
-    report(
-        "signals",
-        [
-            ("BIDMC signal (h)", f"{hours:.2f}", f"{len(store.manifest.records)} records"),
-            ("cold: read+preprocess+store (h/s)", f"{hours / cold_s:.1f}", ">= 10"),
-            ("cached: open store (h/s)", f"{hours / open_s:.0f}", ">= 200"),
-            ("cached: open + load all subjects (h/s)", f"{hours / load_s:.0f}", "(info)"),
-        ],
-        payload,
-    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=1, help="cold builds per format")
+    parser.add_argument("--only", default=",".join([*COHORTS, "edf"]))
+    args = parser.parse_args()
+    wanted = args.only.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="biofp-bench-"))
+    results: dict[str, dict] = {}
+    try:
+        folders = {n: shared_data() / p for n, p in COHORTS.items() if n in wanted}
+        if "edf" in wanted:
+            folders["edf"] = write_bidmc_edf(tmp / "edf-data")
+        for name, folder in folders.items():
+            if folder.is_dir():
+                results[name] = measure(name, folder, tmp, args.repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for name, r in results.items():
+        what = f"{name} ({r['format']}): {r['records']} records, {r['windows']} windows"
+        rows += [
+            (f"{what}, {r['padded']} padded (h)", f"{r['hours']:.2f}", ""),
+            (f"{name}: cold read+preprocess+store (h/s)", f"{r['cold_hours_per_s']:.1f}", ">= 10"),
+            (f"{name}: cached open (h/s)", f"{r['cached_hours_per_s']:.0f}", ">= 200"),
+            (f"{name}: cached open + subjects (h/s)", f"{r['cached_load_hours_per_s']:.0f}", ""),
+        ]
+    report("signals", rows, results)
 
 
 if __name__ == "__main__":

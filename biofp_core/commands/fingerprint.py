@@ -16,7 +16,7 @@ console = Console()
 
 def fingerprint(
     model: Path = typer.Option(..., "--model", help="model artifact (stem or either file)"),
-    data: Path | None = typer.Option(None, "--data", help="folder of WFDB records"),
+    data: Path | None = typer.Option(None, "--data", help="data folder: WFDB, MATLAB segments, text segments or EDF (format detected)"),
     config: Path | None = typer.Option(None, "--config", help="site.toml: release policy, budget"),
     out: Path = typer.Option(..., "--out", help="Parquet file to write"),
     modality: str = typer.Option("paired", "--modality", help="paired | ecg | ppg"),
