@@ -226,3 +226,16 @@ def test_loss_decreases_on_bidmc_ppg(bidmc_dir: Path) -> None:
         opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05
+
+
+def test_draw_bag_skips_padded_windows() -> None:
+    ppg = labelled_windows(4)
+    s = make_subject(ppg, np.full(4, 0.9, np.float32))
+    whole, short = np.full(4, T, np.int32), np.array([262, T, 262, T], np.int32)
+    only_padded = SubjectWindows(**{**s.__dict__, "valid_n": np.full(4, 262, np.int32)})
+    assert tiny().draw_bag(only_padded, bag_size=4, rng=np.random.default_rng(0)) is None
+    mixed = SubjectWindows(**{**s.__dict__, "valid_n": short})
+    bag = tiny().draw_bag(mixed, bag_size=8, rng=np.random.default_rng(0))
+    assert bag is not None and set(np.unique(bag["view_a"][:, 0]).tolist()) == {1.0, 3.0}
+    assert tiny().draw_bag(SubjectWindows(**{**s.__dict__, "valid_n": whole}), bag_size=2,
+                           rng=np.random.default_rng(0)) is not None  # fmt: skip
