@@ -274,10 +274,12 @@ def file_digests(files: list[Path], *, memo_path: Path) -> dict[Path, str]:
     return out
 
 
-def _process_item(item: Item, source: Source, config: PreprocessConfig) -> list[RecordResult]:
+def _process_item(
+    item: Item, fmt: str, data_dir: Path, reader: ReaderConfig, config: PreprocessConfig
+) -> list[RecordResult]:
     """Every record of one unit of reading, preprocessed; one failure if it is unreadable."""
     try:
-        raws = read_item(source.format, item, source.data_dir, source.config, config.aliases)
+        raws = read_item(fmt, item, data_dir, reader, config.aliases)
     except RecordError as exc:
         return [RecordResult(item.item_id, problem=exc.problem)]
     return [_process_record(raw, config) for raw in raws]
@@ -315,16 +317,17 @@ def _results(
 ) -> Iterator[list[RecordResult]]:
     """Results per unit of reading, in order, as they finish (never all held at once)."""
     items = source.items
+    args = (source.format, source.data_dir, source.config, config)  # small: pickled per item
     workers = workers or min(len(items), os.cpu_count() or 1)
     if workers <= 1 or len(items) < 4:
         for item in items:
-            yield _process_item(item, source, config)
+            yield _process_item(item, *args)
         return
     ctx = mp.get_context("fork")  # workers need numpy/scipy/wfdb only; fork starts in ~ms
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(_process_item, item, source, config))
+            pending.append(pool.submit(_process_item, item, *args))
             if len(pending) >= 4 * workers:  # a bounded window of work in flight
                 yield pending.popleft().result()
         while pending:
