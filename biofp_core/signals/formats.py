@@ -72,8 +72,36 @@ class SegmentArray(BaseModel):
     fs_hz: float = Field(gt=0)
 
 
+MATSEG_PRESETS: dict[str, dict] = {
+    "liu2022": {
+        "signals": {"ppgseg": {"modality": "ppg", "fs_hz": 100.0}},
+        "labels": {"labels": "rhythm"},
+        "values": {"rhythm": LIU_RHYTHMS},
+    }
+}
+TEXTSEG_PRESETS: dict[str, dict] = {
+    "ppg-bp": {
+        "modality": "ppg",
+        "fs_hz": 1000.0,
+        "name_pattern": r"(?P<subject>[A-Za-z0-9]+)_(?P<segment>\d+)",
+        "label_key": "subject_ID",
+    }
+}
+
+
+def _with_preset(raw: object, presets: dict[str, dict]) -> object:
+    """A preset's values under the keys a site gives itself."""
+    if isinstance(raw, dict) and raw.get("preset") in presets:
+        return {**presets[raw["preset"]], **raw}
+    return raw
+
+
 class MatSegConfig(BaseModel):
-    """``[reader.matseg]``: which arrays of each .mat file are signals and which labels."""
+    """``[reader.matseg]``: which arrays of each .mat file are signals and which labels.
+
+    The defaults are the ``liu2022`` preset; ``preset = "liu2022"`` fills every key the site
+    does not set from it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -82,9 +110,18 @@ class MatSegConfig(BaseModel):
     labels: dict[str, str] = {"labels": "rhythm"}  # array -> label column (one per segment)
     values: dict[str, dict[str, str]] = {"rhythm": LIU_RHYTHMS}  # column -> code -> name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: object) -> object:
+        return _with_preset(raw, MATSEG_PRESETS)
+
 
 class TextSegConfig(BaseModel):
-    """``[reader.textseg]``: one segment per text file, labels per subject in a sheet."""
+    """``[reader.textseg]``: one segment per text file, labels per subject in a sheet.
+
+    The defaults are the ``ppg-bp`` preset; ``preset = "ppg-bp"`` fills every key the site does
+    not set from it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -96,6 +133,11 @@ class TextSegConfig(BaseModel):
         None, description="sheet file name (default: the first .xlsx/.csv with the key column)"
     )
     label_key: str = "subject_ID"  # the sheet's subject column
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: object) -> object:
+        return _with_preset(raw, TEXTSEG_PRESETS)
 
     @model_validator(mode="after")
     def _check_pattern(self) -> TextSegConfig:

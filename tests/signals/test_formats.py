@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from biofp_core.cli import app
 from biofp_core.errors import DataError
 from biofp_core.signals.formats import ReaderConfig, TextSegConfig, open_source
+from biofp_core.site import load_site_config
 from biofp_core.store import build_store, label_rows
+from biofp_core.validate import validate_site
 
 PUBLIC = shared_data_dir() / "public"
 CINC, LIU, PPGBP = PUBLIC / "cinc2017", PUBLIC / "liu2022-ppg-arrhythmia", PUBLIC / "ppg-bp"
@@ -229,3 +231,26 @@ def test_validate_prints_what_each_format_read(tmp_path: Path) -> None:
     assert "format textseg: 3 records, 2 subjects; modality: ppg 3; rate: ppg 1000 Hz" in out
     assert "windows: 3 kept (3 padded), dropped: none" in out
     assert "labels found: subject: age, bmi" in out and "hypertension" in out
+
+
+def test_site_toml_maps_arrays_to_modalities_and_rates(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(2500) / 250
+    ecg = np.stack([np.sin(2 * np.pi * 1.2 * t)] * 3)
+    ppg = np.stack([np.sin(2 * np.pi * 1.2 * t[::2])] * 3)  # 125 Hz
+    scipy.io.savemat(data / "w1.mat", {"ecg_seg": ecg, "ppg_seg": ppg, "af": [[0], [1], [1]]})
+    toml = tmp_path / "site.toml"
+    toml.write_text(
+        f'name = "west"\ndata_dir = "data"\ncache_dir = "{tmp_path / "cache"}"\n'
+        '[reader]\nformat = "matseg"\n[reader.matseg]\n'
+        'signals = { ecg_seg = { modality = "ecg", fs_hz = 250.0 }, '
+        'ppg_seg = { modality = "ppg", fs_hz = 125.0 } }\n'
+        'labels = { af = "af" }\nvalues = { af = { "0" = "no", "1" = "yes" } }\n'
+    )
+    report = validate_site(load_site_config(toml))
+    assert report.summary is not None and report.summary.format == "matseg"
+    assert report.summary.modalities == {"ecg+ppg": 3}
+    assert report.summary.rates_hz == {"ecg": [250.0], "ppg": [125.0]}
+    assert report.summary.label_levels == {"af": "window"}
+    assert report.windows == 3 and report.subjects == 1
