@@ -16,7 +16,11 @@ console = Console()
 
 def fingerprint(
     model: Path = typer.Option(..., "--model", help="model artifact (stem or either file)"),
-    data: Path | None = typer.Option(None, "--data", help="data folder: WFDB, MATLAB segments, text segments or EDF (format detected)"),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="data folder (WFDB, EDF, MATLAB or text segments)",
+    ),
     config: Path | None = typer.Option(None, "--config", help="site.toml: release policy, budget"),
     out: Path = typer.Option(..., "--out", help="Parquet file to write"),
     modality: str = typer.Option("paired", "--modality", help="paired | ecg | ppg"),

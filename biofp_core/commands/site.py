@@ -52,6 +52,30 @@ def validate(
         raise DataError(f"{site.data_dir}: no usable record")
 
 
+@site_app.command("labels")
+def labels(
+    out: Path = typer.Option(..., "--out", help="labels CSV to write (stays at the site)"),
+    data: Path | None = typer.Option(None, "--data", help="data folder (format detected)"),
+    config: Path | None = typer.Option(None, "--config", help="site.toml"),
+) -> None:
+    """Write the labels the reader found beside the data as a labels CSV for `labels_csv`.
+
+    One row per record (subject labels repeated), or per window with a ``start_s`` column when
+    there are window labels; ids are the site's raw ids (pseudonymised only when probed).
+    """
+    from biofp_core.site import load_site_config
+    from biofp_core.store import write_labels_csv
+    from biofp_core.validate import open_site_store
+
+    site = load_site_config(config, data_dir=data)
+    store = open_site_store(site)
+    rows = write_labels_csv(store, out)
+    if rows == 0:
+        raise DataError(f"{site.data_dir}: no labels found beside the data")
+    levels = ", ".join(f"{c} ({lv})" for c, lv in store.manifest.label_levels.items())
+    console.print(f"wrote {rows} rows to {out}: {levels}", highlight=False, soft_wrap=True)
+
+
 MAX_ROWS = 40  # usable records listed one per row; every skipped one is always listed
 
 

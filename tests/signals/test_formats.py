@@ -254,3 +254,17 @@ def test_site_toml_maps_arrays_to_modalities_and_rates(tmp_path: Path) -> None:
     assert report.summary.rates_hz == {"ecg": [250.0], "ppg": [125.0]}
     assert report.summary.label_levels == {"af": "window"}
     assert report.windows == 3 and report.subjects == 1
+
+
+def test_site_labels_writes_the_labels_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    needs(CINC)
+    data = tmp_path / "cinc"
+    for name in ("A00003", "A00005"):
+        for suffix in (".hea", ".mat"):
+            link(CINC / f"{name}{suffix}", data / f"{name}{suffix}")
+    link(CINC / "REFERENCE.csv", data / "REFERENCE.csv")
+    monkeypatch.setenv("BIOFP_CACHE_DIR", str(tmp_path / "cache"))
+    code, err = run_cli("site", "labels", "--data", str(data), "--out", str(tmp_path / "l.csv"))
+    assert code == 0, err
+    lines = (tmp_path / "l.csv").read_text().splitlines()
+    assert lines == ["record,subject,rhythm", "A00003,A00003,N", "A00005,A00005,A"]
