@@ -53,6 +53,7 @@ _UNITS = re.compile(r"\([^)]*\)")  # 'Sex(M/F)', 'BMI(kg/m^2)'
 
 _HEADER_FIELD = re.compile(r"<(\w+)>:\s*([^<]*)")
 
+MISSING = frozenset({"?", "na", "n/a", "nan", "none", "unknown"})  # header values: no label
 # Liu et al. 2022: label codes of `labels` in each MPA_<id>.mat
 LIU_RHYTHMS = {"0": "sinus", "1": "PVC", "2": "PAC", "3": "VT", "4": "SVT", "5": "AF"}
 
@@ -512,7 +513,7 @@ def _header_labels(items: list[Item], labels: SiteLabels) -> None:
         fields = {
             column_name(k): v.strip()
             for k, v in _HEADER_FIELD.findall(comments)
-            if len(v.split()) == 1 and "://" not in v
+            if len(v.split()) == 1 and "://" not in v and v.strip().lower() not in MISSING
         }
         if fields:
             found[item.item_id] = fields
