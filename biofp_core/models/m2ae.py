@@ -234,16 +234,21 @@ class M2AE(BioFPModel):
         shape = (len(x0), 1, self.config.n_patches)
         lengths = None if valid_n is None else torch.as_tensor(valid_n)[:, None]  # (B, 1)
         patch_ok = patch_valid(lengths, shape, self.config.patch_samples, x0.device)  # (B, 1, T)
+        padded = not bool(patch_ok.all())  # whole windows: no mask, the fast attention path
         tokens, token_ok = [], []
         for m, x in given:
             rhythm = None
             if self.config.rhythm_token:  # beat detection only when the token is used
                 rhythm = self._rhythm_input(self._rhythm_features(m, x[:, None]), x)
             patches = patchify(x, self.config.patch_samples)[:, None]  # (B, 1, T, P)
-            tokens.append(self._encode(m, patches, modality, rhythm=rhythm, patch_ok=patch_ok))
+            tokens.append(
+                self._encode(
+                    m, patches, modality, rhythm=rhythm, patch_ok=patch_ok if padded else None
+                )
+            )
             token_ok.append(self._token_ok(patch_ok, rhythm is not None))
         ok = torch.cat(token_ok, dim=2)  # (B, 1, M)
-        return self.fusion(torch.cat(tokens, dim=2), key_padding_mask(ok)), ok
+        return self.fusion(torch.cat(tokens, dim=2), key_padding_mask(ok) if padded else None), ok
 
     def fingerprint(
         self, ecg: Tensor | None = None, ppg: Tensor | None = None, valid_n: Tensor | None = None
@@ -336,6 +341,7 @@ class M2AE(BioFPModel):
         index = visible[..., None].expand(-1, -1, -1, -1, cfg.patch_samples)
         seen = patches.gather(3, index)  # (B, K, 2, V, P)
         seen_ok = patch_ok[:, :, None].expand(-1, -1, 2, -1).gather(3, visible)  # (B, K, 2, V)
+        padded = not bool(patch_ok.all())
         modality = self.modality(B)  # (B, 2, D)
         present = avail.cpu().numpy()[..., None]  # (B, K, 2, 1): an absent modality has no beats
         features = [
@@ -346,7 +352,8 @@ class M2AE(BioFPModel):
             [
                 self._encode(
                     m, seen[:, :, m], modality, visible[:, :, m],
-                    rhythm=self._rhythm_input(features[m], patches), patch_ok=seen_ok[:, :, m],
+                    rhythm=self._rhythm_input(features[m], patches),
+                    patch_ok=seen_ok[:, :, m] if padded else None,
                 )
                 for m in (0, 1)
             ],
