@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from common import median_time, report, shared_data
 
 from biofp_core.store import build_store
@@ -39,8 +40,13 @@ def write_bidmc_edf(out: Path) -> Path:
     headers = [h for h in find_records(shared_data() / "bidmc") if not h.stem.endswith("n")]
     for header in headers[:EDF_RECORDS]:
         raw = read_record(header)
+        whole = int(raw.duration_s)  # EDF data records of 1 s: whole seconds only
         signals = [
-            edfio.EdfSignal(ch.samples, sampling_frequency=ch.fs_hz, label=label)
+            edfio.EdfSignal(
+                np.nan_to_num(ch.samples[: int(whole * ch.fs_hz)]),
+                sampling_frequency=ch.fs_hz,
+                label=label,
+            )
             for ch, label in ((raw.ecg, "ECG II"), (raw.ppg, "Pleth"))
             if ch is not None
         ]
