@@ -214,7 +214,7 @@ def _subjects_match(manifest: StoreManifest, subject_map: dict[str, str] | None)
 
 def store_key(data_dir: Path, source: Source, config: PreprocessConfig, cache_dir: Path) -> str:
     """sha256 over (record and label file names, their content digests) and the configs."""
-    files = sorted({f for item in source.items for f in item.files} | set(source.labels.files))
+    files = sorted({f for item in source.items for f in item.files} | set(source.label_files))
     digests = file_digests(files, memo_path=cache_dir / "digests.json")
     configs = f"{config.digest()}:{source.config.model_dump_json()}:{source.format}"
     h = hashlib.sha256(f"v{STORE_VERSION}:{configs}".encode())

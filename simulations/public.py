@@ -84,7 +84,7 @@ def _link_subset(source: Source, folder: Path, max_subjects: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     chosen = {subjects[i] for i in rng.permutation(len(subjects))[:max_subjects]}
     wanted = {f for i in source.items if item_subject(source, i) in chosen for f in i.files}
-    wanted |= set(source.labels.files)
+    wanted |= set(source.label_files)
     links = set()
     for f in sorted(wanted):
         link = folder / f.relative_to(source.data_dir)

@@ -25,6 +25,7 @@ majority format; files of the others are listed as skipped, each with the reason
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -187,14 +188,22 @@ class SiteLabels:
 
 @dataclass
 class Source:
-    """A site's data folder as read: its format, units of reading, skipped files and labels."""
+    """A site's data folder as read: its format, units of reading, skipped files and labels.
+
+    `label_files` are the files labels may come from (cheap: for cache keys); `labels` reads
+    them on first use only, so reopening a cached store parses no spreadsheet.
+    """
 
     data_dir: Path
     format: str
     items: list[Item]
     skipped: list[tuple[str, str]]  # (file relative to data_dir, reason)
-    labels: SiteLabels
     config: ReaderConfig
+    label_files: list[Path] = field(default_factory=list)
+
+    @functools.cached_property
+    def labels(self) -> SiteLabels:
+        return _labels(self.format, self.data_dir, self.items, self.config)
 
 
 # ---- detection ------------------------------------------------------------------------------
@@ -204,33 +213,23 @@ def _rel(path: Path, data_dir: Path) -> str:
     return path.relative_to(data_dir).as_posix()
 
 
-def _candidates(data_dir: Path, cfg: ReaderConfig) -> dict[str, list[Path]]:
-    """Files that look like records of each format (WFDB signal files belong to WFDB)."""
-    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    headers = [p for p in files if p.suffix == ".hea"]
-    wfdb = find_records(data_dir) if headers else []
-    claimed = {data_dir / f for h in headers for f in _header_files(h)}
+def _candidates(data_dir: Path, cfg: ReaderConfig) -> tuple[dict[str, list[Path]], list[Item]]:
+    """Files that look like records of each format, and the WFDB records as items (their
+    signal files, e.g. CinC's .mat, belong to them and are not MATLAB segment files)."""
+    files = sorted(
+        (p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith(".")), key=str
+    )
+    has_headers = any(p.suffix == ".hea" for p in files)
+    wfdb = [_item(h, data_dir, "wfdb") for h in find_records(data_dir)] if has_headers else []
+    claimed = {f for item in wfdb for f in item.files}
     pattern = re.compile(cfg.textseg.name_pattern)
-    return {
-        "wfdb": wfdb,
+    found = {
+        "wfdb": [item.path for item in wfdb],
         "matseg": [p for p in files if p.suffix == ".mat" and p not in claimed],
         "textseg": [p for p in files if p.suffix == ".txt" and pattern.fullmatch(p.stem)],
         "edf": [p for p in files if p.suffix.lower() in EDF_SUFFIXES],
     }
-
-
-def _header_files(header: Path) -> list[str]:
-    """Signal files a WFDB header names, relative to the data folder's layout."""
-    try:
-        lines = header.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    names = []
-    for line in lines[1:]:
-        parts = line.split()
-        if parts and not line.startswith("#"):
-            names.append((header.parent / parts[0]).as_posix())
-    return names
+    return found, wfdb
 
 
 def open_source(data_dir: Path, config: ReaderConfig = ReaderConfig()) -> Source:
@@ -245,7 +244,7 @@ def open_source(data_dir: Path, config: ReaderConfig = ReaderConfig()) -> Source
     if not data_dir.is_dir():
         problem = "not a directory" if data_dir.exists() else "data directory not found"
         raise DataError(f"{data_dir}: {problem}")
-    found = _candidates(data_dir, config)
+    found, wfdb_items = _candidates(data_dir, config)
     present = {f: paths for f, paths in found.items() if paths}
     if config.format != "auto":
         fmt = config.format
@@ -266,9 +265,21 @@ def open_source(data_dir: Path, config: ReaderConfig = ReaderConfig()) -> Source
     ]
     if skipped:
         log.warning("%s: %d files of other formats than %s skipped", data_dir, len(skipped), fmt)
-    items = [_item(p, data_dir, fmt) for p in found[fmt]]
-    labels = _labels(fmt, data_dir, items, config)
-    return Source(data_dir, fmt, items, skipped, labels, config)
+    items = wfdb_items if fmt == "wfdb" else [_item(p, data_dir, fmt) for p in found[fmt]]
+    return Source(data_dir, fmt, items, skipped, config, _label_files(fmt, data_dir, config))
+
+
+def _label_files(fmt: str, data_dir: Path, cfg: ReaderConfig) -> list[Path]:
+    """Every file labels of this format may be read from (headers are record files already)."""
+    if fmt == "wfdb":
+        path = data_dir / cfg.record_labels
+        return [path] if path.is_file() else []
+    if fmt == "textseg":
+        if cfg.textseg.label_sheet is not None:
+            path = data_dir / cfg.textseg.label_sheet
+            return [path] if path.is_file() else []
+        return sorted(p for p in data_dir.rglob("*") if p.suffix in SHEET_SUFFIXES and p.is_file())
+    return []
 
 
 def _item(path: Path, data_dir: Path, fmt: str) -> Item:
