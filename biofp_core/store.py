@@ -328,14 +328,29 @@ def _results(
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(_process_item, item, *args))
-            if len(pending) >= 4 * workers:  # a bounded window of work in flight
+            if len(pending) >= 16 * workers:  # a bounded window of work in flight
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
+NPY_HEADER_BYTES = 128  # a v1.0 .npy header padded to this size, rewritten with the final shape
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A .npy v1.0 header of exactly NPY_HEADER_BYTES for `dtype` and `shape`."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                 "fortran_order": False, "shape": shape})  # fmt: skip
+    pad = NPY_HEADER_BYTES - 10 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"shape {shape} does not fit a {NPY_HEADER_BYTES}-byte .npy header")
+    body = (text + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
 class _ArrayWriter:
-    """Append window arrays to raw files, then turn them into .npy files (bounded memory)."""
+    """Append window arrays to .npy files as records finish (bounded memory); the headers are
+    rewritten with the final row count at the end."""
 
     def __init__(self, folder: Path, window_n: int) -> None:
         self.folder, self.n = folder, 0
@@ -348,7 +363,9 @@ class _ArrayWriter:
             "record_index": (np.int32, ()),
             "valid_n": (np.int32, ()),
         }
-        self.files = {name: open(folder / f"{name}.raw", "wb") for name in self.spec}  # noqa: SIM115
+        self.files = {name: open(folder / f"{name}.npy", "wb") for name in self.spec}  # noqa: SIM115
+        for name, fh in self.files.items():
+            fh.write(_npy_header(self.spec[name][0], (0, *self.spec[name][1])))
 
     def add(self, w: Windows, record_index: int) -> None:
         arrays = {
@@ -362,22 +379,12 @@ class _ArrayWriter:
         self.n += len(w)
 
     def finish(self) -> None:
-        """Write ``<name>.npy`` from each raw file, chunk by chunk."""
+        """Rewrite each file's header with the number of rows written."""
         for name, fh in self.files.items():
-            fh.close()
             dtype, shape = self.spec[name]
-            raw = self.folder / f"{name}.raw"
-            out = np.lib.format.open_memmap(
-                self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(self.n, *shape)
-            )
-            if self.n:
-                src = np.memmap(raw, dtype=dtype, mode="r", shape=(self.n, *shape))
-                for start in range(0, self.n, 8192):
-                    out[start : start + 8192] = src[start : start + 8192]
-                del src
-            out.flush()
-            del out
-            raw.unlink()
+            fh.seek(0)
+            fh.write(_npy_header(dtype, (self.n, *shape)))
+            fh.close()
 
 
 def _write_store(
