@@ -279,3 +279,36 @@ def test_draw_bag_carries_valid_samples() -> None:
     assert bag is not None and bag["valid_n"].shape == (6,)
     assert set(bag["valid_n"].tolist()) <= {262, 1250, 1125}
     assert np.all(bag["valid_n"] == s.valid_n[bag["index"]])
+
+
+@pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
+def test_padded_bags_keep_opacus_per_subject_gradients() -> None:
+    """Under DP-SGD, subject b's per-sample gradient with padded windows is its own loss's."""
+    import copy
+
+    from biofp_core.privacy import DPConfig, PrivateTraining
+    from biofp_core.training import collate_bags
+
+    model = tiny(modality_dropout=0.5)
+    reference = copy.deepcopy(model)
+    rng = np.random.default_rng(1)
+    data = []
+    for n, valid in ((3, [262, 262, 1250]), (3, [1125, 1250, 1250]), (2, [262, 375])):
+        s = subject(n)
+        s = SubjectWindows(**{**s.__dict__, "valid_n": np.array(valid, np.int32)})
+        bag = model.draw_bag(s, bag_size=3, rng=rng)
+        data.append({k: torch.as_tensor(v) for k, v in bag.items()})
+    private = PrivateTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
+        batch_subjects=3, steps=1, collate_fn=collate_bags,
+    )  # fmt: skip
+    batch = collate_bags(data)
+    torch.manual_seed(5)
+    private.backward(model.loss(batch)[0])
+    torch.manual_seed(5)
+    loss, _ = reference.loss(batch)
+    params = dict(reference.named_parameters())
+    for b in range(3):
+        grads = torch.autograd.grad(loss[b], list(params.values()), retain_graph=True)
+        for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad_sample[b], g, atol=1e-5, rtol=1e-4, msg=name)
