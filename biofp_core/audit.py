@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import BioFPError
+from biofp_core.fsutil import fsync_path
 
 AUDIT_FILENAME = "audit.jsonl"
 
@@ -48,6 +49,9 @@ class AuditEntry(BaseModel):
     metric_keys: list[str]
     epsilon: float | None = Field(ge=0, description="ε spent by the site when it was sent")
     note: str | None = None
+    ledger_entry: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="hash of the ledger entry that paid for it"
+    )
 
 
 class AuditLog:
@@ -79,7 +83,7 @@ class AuditLog:
         finally:
             os.close(fd)  # also releases the lock
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
 
     def entries(self) -> list[AuditEntry]:
         """Every entry, oldest first; [] when nothing was logged yet.
@@ -109,13 +113,22 @@ class AuditLog:
                 ) from None
         return out
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def readable_entries(self) -> list[AuditEntry]:
+        """Every entry that parses, skipping lines a crash tore (``entries`` reports them)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
+        out = []
+        for line in raw.split(b"\n"):
+            if line.strip():
+                try:
+                    out.append(AuditEntry.model_validate_json(line))
+                except ValueError:
+                    continue
+        return out
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:

@@ -160,6 +160,22 @@ def check_federation_keys(fed: FederationConfig) -> None:
     load_node_key(fed.node_key)
 
 
+def check_site_state(state_dir: Path) -> None:
+    """A site's ledger verifies, or the state folder is brand new (the start initialises it).
+
+    Raises
+    ------
+    PrivacyLedgerError
+        The ledger is missing, edited or behind its marker, or the audit log contradicts it.
+    """
+    from biofp_core.audit import AUDIT_FILENAME
+    from biofp_core.privacy.ledger import LEDGER_FILENAME, MARKER_FILENAME, PrivacyLedger
+
+    names = (LEDGER_FILENAME, MARKER_FILENAME, AUDIT_FILENAME)
+    if any((Path(state_dir) / name).exists() for name in names):
+        PrivacyLedger.at(state_dir).verify()
+
+
 def check_site(site: SiteConfig, *, insecure: bool, config_path: Path | None = None) -> None:
     """Every check before ``biofp client start``; raises the first failure."""
     fed = site.federation
@@ -173,6 +189,7 @@ def check_site(site: SiteConfig, *, insecure: bool, config_path: Path | None = N
         check_federation_keys(fed)
     check_site_data(site)
     check_writable_dir(site.resolved_state_dir(), what="site state folder (ledger, audit log)")
+    check_site_state(site.resolved_state_dir())
     check_reachable(fed.host, fed.port, timeout_s=fed.connect_timeout_s)
     if not insecure and fed.ca_cert is not None:
         check_tls_handshake(

@@ -103,9 +103,12 @@ def prepare_supernode(config_path: Path, *, insecure: bool) -> SuperNodeLaunch:
 
 
 def warm_store(launch: SuperNodeLaunch) -> int:
-    """Build the site's window store now (or find it cached); returns its subject count."""
+    """Initialise a brand-new site's state (ledger + marker) and build the site's window store
+    now (or find it cached); returns its subject count."""
+    from biofp_core.privacy.ledger import initialise_site_state
     from biofp_core.validate import open_site_store
 
+    initialise_site_state(launch.site.resolved_state_dir(), name=launch.site.name)
     return len(open_site_store(launch.site).subjects())
 
 

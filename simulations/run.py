@@ -86,6 +86,9 @@ class SimulationConfig(BaseModel):
         None, gt=0, description="each site's privacy budget ε; default 8 with DP, inf without"
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="each site's δ")
+    site_privacy: dict[str, Any] = Field(
+        default_factory=dict, description="more [privacy] keys of every site (limits, noise)"
+    )
     sites_dir: Path | None = Field(None, description="site folders and ledgers; default OUT/sites")
     release: ReleasePolicy | None = Field(
         default_factory=ReleasePolicy,
@@ -242,7 +245,7 @@ def prepare_sites(
     partition = partition_cohort(cfg, cohort)
     tomls = write_sites(
         cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
-        delta=cfg.delta,
+        delta=cfg.delta, limits=cfg.site_privacy,
     )  # fmt: skip
     for toml in tomls:
         _add_release_policy(toml, cfg.release)

@@ -82,21 +82,68 @@ def _existing_site_dir(site_dir: Path) -> Path:
     return site_dir
 
 
+def _state_of(site_dir: Path, config: Path | None) -> tuple[Path, Path | None]:
+    """(state folder, site.toml) of `--site-dir`: the state folder itself, or the site's folder
+    holding its site.toml; a folder with neither a ledger nor a site.toml is an error."""
+    from biofp_core.privacy.ledger import LEDGER_FILENAME, MARKER_FILENAME
+    from biofp_core.site import load_site_config
+
+    site_dir = _existing_site_dir(site_dir)
+    toml = site_dir / "site.toml"
+    if config is None and toml.is_file():
+        return load_site_config(toml).resolved_state_dir(), toml
+    if (site_dir / LEDGER_FILENAME).exists() or (site_dir / MARKER_FILENAME).exists():
+        return site_dir, config
+    raise ConfigError(
+        f"{site_dir}: no privacy ledger here; give the site's state folder or the folder "
+        "holding its site.toml"
+    )
+
+
+@site_app.command("init")
+def init(
+    config: Path = typer.Option(..., "--config", help="the site's site.toml"),
+) -> None:
+    """Initialise the site's state folder once: the privacy ledger and its marker (site.json).
+
+    Run once per site; afterwards a missing or edited ledger refuses every charged action.
+    A ledger written by an older BioFP is migrated into the hash chain.
+    """
+    from biofp_core.privacy.ledger import initialise_site_state
+    from biofp_core.site import load_site_config
+
+    site = load_site_config(config)
+    state = site.resolved_state_dir()
+    marker = initialise_site_state(state, name=site.name)
+    console.print(
+        f"site {site.name}: state folder {state} initialised (site id {marker.site_id[:12]}, "
+        f"{marker.entries} ledger entries)", highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
 @site_app.command("ledger")
 def ledger(
-    site_dir: Path = typer.Option(..., "--site-dir", help="the site's state folder"),
+    site_dir: Path = typer.Option(
+        ..., "--site-dir", help="the site's state folder, or its folder holding site.toml"
+    ),
     config: Path | None = typer.Option(None, "--config", help="site.toml (budget from [privacy])"),
     as_json: bool = typer.Option(False, "--json", help="print summary and entries as JSON"),
 ) -> None:
-    """Print the privacy ledger: every charged round, ε spent, the budget and what is left."""
+    """Print the privacy ledger: every charged round, ε spent, the budget and what is left.
+
+    The ledger is verified first (hash chain, marker, audit log): a tampered or missing ledger
+    is an error, never "no privacy spent".
+    """
     import json
 
     from biofp_core.privacy.ledger import PrivacyLedger
     from biofp_core.site import PrivacyBudget, load_site_config
 
+    state_dir, config = _state_of(site_dir, config)
     site = load_site_config(config) if config is not None else None
     budget = site.privacy if site is not None else PrivacyBudget()
-    book = PrivacyLedger.at(_existing_site_dir(site_dir))
+    book = PrivacyLedger.at(state_dir)
+    book.verify()
     summary = book.summary(budget=budget, site=site.name if site is not None else None)
     if as_json:
         doc = {
