@@ -27,6 +27,7 @@ from biofp_core.protocol import (
     NUM_EXAMPLES,
     QUERY_FINGERPRINT_ACTION,
     QUERY_PROBE_ACTION,
+    REFUSED,
     FingerprintReplyMetrics,
     ProbeReplyMetrics,
     TrainReplyMetrics,
@@ -124,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
         return replies.content(metrics, charged=outcome.charged)
 
-    return _answer(replies, body, lambda exc: {NUM_EXAMPLES: 0})
+    return _answer(replies, body, lambda exc: {NUM_EXAMPLES: 0, REFUSED: 1})
 
 
 @app.query(QUERY_FINGERPRINT_ACTION)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import ModelCard, load_model, save_model
 from biofp_core.audit import arrays_sha256
-from biofp_core.errors import BioFPError, DataError
+from biofp_core.errors import DataError, SiteLimitError
 from biofp_core.evaluation import read_labels, task_labels
 from biofp_core.evaluation.federated import private_site_probe
 from biofp_core.fingerprints.compute import window_fingerprints
@@ -60,7 +60,7 @@ RELEASES_DIR = "releases"  # under the site's state folder: the bytes of charged
 FINGERPRINT_MODALITY = {"both": "paired", "ecg": "ecg", "ppg": "ppg"}  # site sensors -> modality
 
 
-class QueryRefusedError(BioFPError):
+class QueryRefusedError(SiteLimitError):
     """The site declines a query under its own rules: no release policy, no usable labels for the
     task, or a charged release it cannot send again."""
 
@@ -210,7 +210,7 @@ def probe_task(
             "refused"
         )
     state_dir, kind = site.resolved_state_dir(), f"probe:{task}"[:70]
-    key = SiteKey.load(state_dir)
+    key = SiteKey.load_or_create(state_dir)
     try:
         labels = task_labels(read_labels(site.labels_csv, key=key), task)
     except DataError as exc:

@@ -23,7 +23,6 @@ from biofp_core.audit import AuditLog, arrays_sha256
 from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.protocol import (
-    ALLOWED_EVAL_REPLY_METRIC_KEYS,
     ARRAYS_KEY,
     COMPRESSION,
     CONFIG_KEY,
@@ -31,6 +30,7 @@ from biofp_core.protocol import (
     LR,
     METRICS_KEY,
     PACKED_KEY,
+    REPLY_KEYS,
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
@@ -61,6 +61,10 @@ TINY_RUN = {
     "bag-size": 2, "noise-multiplier": 3.0, "wait-timeout-s": 30.0, "round-timeout-s": 300.0,
 }  # fmt: skip
 
+EVAL_REPLY_KEYS = {k for k in REPLY_KEYS["evaluate"] if k != "refused"}  # an answer
+
+TINY_SITE_LIMITS = {"min_train_subjects": 1}  # tiny emulated sites loosen the default
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -71,6 +75,7 @@ def sim_config(cache_dir: Path, out: Path, sites_dir: Path, **run: object) -> Si
     """A tiny simulation: 3 sites of 3 one-minute subjects each."""
     return load_simulation_config(
         None, sites=3, synth_sites=3, synth_subjects_per_site=3, synth_minutes=1.0,
+        site_privacy=TINY_SITE_LIMITS,
         cache_dir=cache_dir, out=out, sites_dir=sites_dir, run={**TINY_RUN, **run},
     )  # fmt: skip
 
@@ -156,7 +161,7 @@ def test_every_audited_reply_holds_only_allowed_keys(base_run: SimulationConfig)
                 assert all(is_allowed_reply_metric_key(k) for k in entry.metric_keys)
             else:
                 assert entry.arrays_sha256 is None
-                assert set(entry.metric_keys) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+                assert set(entry.metric_keys) == EVAL_REPLY_KEYS
 
 
 def test_resume_continues_at_the_next_round_with_the_same_weights(
@@ -395,7 +400,7 @@ def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> No
                        site_context(run, site_toml))  # fmt: skip
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS_KEY}
-    assert set(reply.content[METRICS_KEY].keys()) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+    assert set(reply.content[METRICS_KEY].keys()) == EVAL_REPLY_KEYS
 
 
 def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:

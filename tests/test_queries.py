@@ -58,6 +58,8 @@ TINY_RUN = {
 }  # fmt: skip
 NOISY = ReleasePolicy(clip_norm=1.0, epsilon=4.0)  # record means clipped to 1, ε = 4 per vector
 
+TINY_SITE_LIMITS = {"min_train_subjects": 1}  # tiny emulated sites loosen the default
+
 
 # ---- one simulation: 3 sites, 1 round, then the queries --------------------------------------
 
@@ -70,6 +72,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulationConfig:
                  steps=40, delta=1e-5)  # fmt: skip
     cfg = load_simulation_config(
         None, sites=3, synth_sites=3, synth_subjects_per_site=3, synth_minutes=1.0,
+        site_privacy=TINY_SITE_LIMITS,
         cache_dir=root / "cache", out=root / "run", sites_dir=root / "sites", release=NOISY,
         run={**TINY_RUN, "num-rounds": 1, "collect-fingerprints": True,
              "probe-tasks": "age,no_such_column"},

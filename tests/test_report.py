@@ -67,6 +67,8 @@ TINY_RUN = {
 }  # fmt: skip
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+TINY_SITE_LIMITS = {"min_train_subjects": 1}  # tiny emulated sites loosen the default
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -76,6 +78,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sim(cache_dir: Path, out: Path, **fields: object) -> SimulationConfig:
     return load_simulation_config(
         None, sites=4, synth_sites=4, synth_subjects_per_site=6, synth_minutes=1.0,
+        site_privacy=TINY_SITE_LIMITS,
         cache_dir=cache_dir, out=out, cpus=2, run=TINY_RUN, **fields,
     )  # fmt: skip
 
