@@ -57,6 +57,10 @@ def main() -> None:
     except BioFPError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except OSError as exc:  # a path the user gave that cannot be written: one line, no traceback
+        line = f"{exc.filename or 'file'}: {exc.strerror or exc}"
+        err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)

@@ -54,3 +54,41 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         yield  # closing the file releases the lock
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first existing ancestor of `path` that is not a folder, if any."""
+    for parent in reversed(Path(path).absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_file(path: Path, *, what: str = "output file") -> Path:
+    """`path` if a file can be written there; ConfigError (one line) naming the problem.
+
+    Checked before any work, so a command that would charge privacy or run for minutes fails
+    first and writes nothing.
+    """
+    from biofp_core.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of the {what}")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{path}: {blocker} is a file, not a folder")
+    return path
+
+
+def check_output_dir(path: Path, *, what: str = "output folder") -> Path:
+    """`path` if it is, or can become, a folder; ConfigError (one line) naming the problem."""
+    from biofp_core.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder; give a path for the {what}")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{path}: {blocker} is a file, not a folder")
+    return path

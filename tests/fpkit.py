@@ -70,3 +70,24 @@ def run_cli(*args: str) -> tuple[int, str]:
     finally:
         sys.argv = argv
     return code, err.getvalue()
+
+
+def run_cli_out(*args: str) -> tuple[int, str]:
+    """Run `biofp ARGS` in this process; (exit code, stdout text)."""
+    import contextlib
+    import io
+    import sys
+
+    from biofp_core.cli import main
+
+    out = io.StringIO()
+    argv, sys.argv = sys.argv, ["biofp", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue()

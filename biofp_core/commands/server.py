@@ -59,7 +59,8 @@ def connect(
 @server_app.command("app")
 def app(out: Path = typer.Option(..., "--out", help="folder for the app's pyproject.toml")) -> None:
     """Write a code-free Flower app folder for `flwr run DIR biofp --run-config run.toml`."""
+    from biofp_core.fsutil import check_output_dir
     from server.launch import write_app_folder
 
-    folder = write_app_folder(out)
+    folder = write_app_folder(check_output_dir(out, what="app folder"))
     console.print(f"Flower app (no code, the sites run their installed BioFP): {folder}")

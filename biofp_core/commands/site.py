@@ -13,6 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from biofp_core.errors import ConfigError, DataError
+from biofp_core.fsutil import check_output_file
 
 if TYPE_CHECKING:
     from biofp_core.audit import AuditEntry
@@ -37,6 +38,8 @@ def validate(
     from biofp_core.validate import validate_site, write_report_json
 
     site = load_site_config(config, data_dir=data)
+    if json_out is not None:
+        check_output_file(json_out, what="JSON report")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("reading records", total=None)
         report = validate_site(site, on_record=lambda _: progress.advance(task))
