@@ -126,3 +126,27 @@ def test_site_ledger_reads_the_site_folder_and_refuses_a_folder_without_a_ledger
     empty.mkdir()
     code, err = run_cli("site", "ledger", "--site-dir", str(empty))
     one_line_error(code, err, "no privacy ledger here")
+
+
+def test_the_documented_audit_check_runs_on_a_site_that_released(
+    cohort: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    site = site_config(tmp_path / "site", cohort / "site_00", cache=tmp_path / "cache",
+                       release="clip_norm = 1.0\nepsilon = 2.0")  # fmt: skip
+    model = tiny_artifact(tmp_path / "model")
+    toml = str(tmp_path / "site" / "site.toml")
+    code, err = run_cli("fingerprint", "--model", str(model), "--config", toml, "--out",
+                        str(tmp_path / "f.parquet"))  # fmt: skip
+    assert code == 0, err
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "hospital-it.md").read_text()
+    snippet = doc.split("A short check with the JSON output:")[1].split("```bash")[1]
+    snippet = snippet.split("```")[0].replace("STATE", str(site.resolved_state_dir()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "only allowed metric keys" in done.stdout
