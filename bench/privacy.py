@@ -2,8 +2,9 @@
 
 Usage: ``.venv/bin/python bench/privacy.py [--out DIR]``. Runs the default ``biofp simulate``
 (synthetic cohort, 4 sites x 16 subjects, 3 rounds x 8 local steps, σ = 1.5, no report) and reads
-each site's ledger: ε of the training entries alone, with the training metrics' noise, and with
-the held-out evaluations, at the site's δ. The spread the noise adds is the standard deviation
+each site's ledger: ε of DP-SGD alone (σ recovered from each round's σ_eff), of the rounds as
+charged (gradients and noisy losses together), and with the held-out evaluations, at the site's
+δ. The spread the noise adds is the standard deviation
 of the sent value around the exact one: held-out loss σ_e·C / n_holdout; training loss
 σ_m·C·√steps / (q·n·steps). Prints a table and writes ``bench/results/privacy.json``.
 """
@@ -36,18 +37,18 @@ def site_figures(site_toml: Path, holdout_fraction: float) -> dict:
     config = load_site_config(site_toml)
     limits, delta = config.privacy, config.privacy.delta
     entries = PrivacyLedger.at(config.resolved_state_dir()).entries
-    kinds = {
-        "train": ["train"],
-        "train+metrics": ["train", "train-metrics"],
-        "all": ["train", "train-metrics", "evaluate"],
-    }
+    trained = [e for e in entries if e.kind == "train"]
+    sigma_m = limits.train_metric_noise
+    gradients_only = [  # what DP-SGD alone would have cost: σ from σ_eff and σ_m
+        ((e.noise_multiplier**-2 - sigma_m**-2) ** -0.5, e.sample_rate, e.steps) for e in trained
+    ]
     eps = {
-        name: rdp_epsilon([e.mechanism for e in entries if e.kind in ks], delta=delta)
-        for name, ks in kinds.items()
+        "train": rdp_epsilon(gradients_only, delta=delta),
+        "train+metrics": rdp_epsilon([e.mechanism for e in trained], delta=delta),
+        "all": rdp_epsilon([e.mechanism for e in entries], delta=delta),
     }
     data = load_site_data(SiteRef(site_config=site_toml), holdout_fraction=holdout_fraction)
-    train = [e for e in entries if e.kind == "train-metrics"]
-    q, steps = (train[0].sample_rate, train[0].steps) if train else (math.nan, 0)
+    q, steps = (trained[0].sample_rate, trained[0].steps) if trained else (math.nan, 0)
     n = len(data.train)
     return {
         "site": config.name,

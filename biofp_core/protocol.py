@@ -122,8 +122,8 @@ REPLY_KEYS: dict[str, dict[str, ReplyKey]] = {
     "train": {
         ARRAYS_ENTRY: _k("dp-sgd", "train"),
         NUM_EXAMPLES: _k("count"),
-        TRAIN_LOSS: _k("gaussian", "train-metrics"),
-        LOSS_TERMS_ENTRY: _k("gaussian", "train-metrics"),
+        TRAIN_LOSS: _k("gaussian", "train"),
+        LOSS_TERMS_ENTRY: _k("gaussian", "train"),
         EPSILON: _k("ledger"),
         DELTA: _k("setting"),
         PAYLOAD_BYTES: _k("count"),

@@ -23,7 +23,7 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import DataError
 from biofp_core.models.base import Batch, BioFPModel, SubjectWindows
 from biofp_core.privacy import DPConfig, PrivacyReport, PrivateTraining
 from biofp_core.privacy.mechanisms import NoisyLossSums, metric_rows, noise_rng
@@ -164,7 +164,7 @@ class _Meter:
     def add(self, loss: Tensor, terms: Mapping[str, Tensor], step: int) -> None:
         loss = loss.detach()
         if not torch.isfinite(loss).all():
-            raise ConfigError(f"loss is not finite at step {step}: lower lr or check the data")
+            raise DataError(f"loss is not finite at step {step}: lower lr or check the data")
         self.n += len(loss)
         self.loss += float(loss.sum())
         self.last = float(loss.mean())

@@ -149,7 +149,11 @@ def release_fingerprints(
         released = _released_before(site, card, run_key=run_key, server_round=server_round)
         if released is None:
             check_query_cap(site, run_key=run_key)
-            seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, "release", server_round)
+            seed = (
+                None
+                if ref.dp_seed is None
+                else round_seed(ref.dp_seed, run_key, "release", server_round)
+            )
             report, blob = release_store(
                 open_site_store(site), model, card, site=site, out=None,
                 modality=FINGERPRINT_MODALITY[ref.modality], run_id=run_key,
@@ -235,7 +239,7 @@ def probe_task(
         ).table  # fmt: skip
         limits = site.privacy
         sigma = gaussian_noise_multiplier(epsilon=limits.probe_epsilon, delta=limits.delta)
-        seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, kind, server_round)
+        seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, run_key, kind, server_round)
         try:
             probe = private_site_probe(
                 local, labels, group_subjects=limits.probe_group_subjects,

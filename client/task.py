@@ -46,7 +46,7 @@ from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.accounting import rdp_epsilon
-from biofp_core.privacy.ledger import Charge, LedgerEntry, Mechanism, PrivacyLedger
+from biofp_core.privacy.ledger import Charge, LedgerEntry, PrivacyLedger
 from biofp_core.privacy.mechanisms import noise_rng, noisy_mean
 from biofp_core.protocol import (
     COMPRESSION,
@@ -134,11 +134,11 @@ def model_from_arrays(run: RunConfig, arrays: Mapping[str, np.ndarray]) -> BioFP
     return model
 
 
-def _dp_config(site: SiteData, run: RunConfig, server_round: int) -> DPConfig | None:
+def _dp_config(site: SiteData, run: RunConfig, server_round: int, run_key: str) -> DPConfig | None:
     """The round's DP-SGD settings: the server's σ and clip, the site's δ (and noise seed)."""
     if not run.dp:
         return None
-    seed = None if site.dp_seed is None else round_seed(site.dp_seed, server_round)
+    seed = None if site.dp_seed is None else round_seed(site.dp_seed, run_key, server_round)
     return DPConfig(
         noise_multiplier=run.noise_multiplier,
         max_grad_norm=run.max_grad_norm,
@@ -158,22 +158,24 @@ class RoundPlan:
     steps: int
 
     def charges(self, run_key: str, server_round: int) -> list[Charge]:
-        """The ledger entries of the round: DP-SGD and its noisy metrics, or one σ = 0 entry
-        for a round without DP (a site with an unlimited budget)."""
+        """The round's ledger entry: one σ = 0 entry for a round without DP (a site with an
+        unlimited budget); else ONE sampled Gaussian for the gradients and the noisy losses
+        together, since both are drawn from the same Poisson batch each step: stacking the
+        clipped gradient (norm C, noise σC) and the clipped losses rescaled to noise σC gives
+        one vector of noise multiplier σ_eff = (σ⁻² + σ_m⁻²)^(-1/2) (module docstring)."""
         q, n = self.sample_rate, self.steps
         if self.dp is None:
             return [Charge(run_key, server_round, "train", (0.0, q, n))]
-        train: Mechanism = (self.dp.noise_multiplier, q, n)
-        charges = [Charge(run_key, server_round, "train", train)]
+        sigma = self.dp.noise_multiplier
         if self.metric_noise is not None:
-            metrics: Mechanism = (self.metric_noise.noise_multiplier, q, n)
-            charges.append(Charge(run_key, server_round, "train-metrics", metrics))
-        return charges
+            sigma = (sigma**-2 + self.metric_noise.noise_multiplier**-2) ** -0.5
+        return [Charge(run_key, server_round, "train", (sigma, q, n))]
 
 
 def plan_round(
-    site: SiteData, run: RunConfig, instruction: TrainInstruction, model: BioFPModel
-) -> RoundPlan:
+    site: SiteData, run: RunConfig, instruction: TrainInstruction, model: BioFPModel,
+    run_key: str,
+) -> RoundPlan:  # fmt: skip
     """The round's training settings and privacy cost (σ, q, steps) at this site.
 
     Raises
@@ -198,8 +200,10 @@ def plan_round(
             f"site {site.config.name}: {trainable} training subject(s) can train, below its "
             f"min_train_subjects {limits.min_train_subjects}; refused"
         )
-    dp = _dp_config(site, run, server_round)
-    seed = None if site.dp_seed is None else round_seed(site.dp_seed, "metrics", server_round)
+    dp = _dp_config(site, run, server_round, run_key)
+    seed = (
+        None if site.dp_seed is None else round_seed(site.dp_seed, run_key, "metrics", server_round)
+    )
     noise = MetricNoise(clip=limits.metric_clip, noise_multiplier=limits.train_metric_noise,
                         seed=seed)  # fmt: skip
     return RoundPlan(
@@ -432,17 +436,17 @@ def _train_round(
     if replayed is not None:
         return replayed
     model = model_from_arrays(run, global_arrays)
-    plan = plan_round(site, run, instruction, model)
+    plan = plan_round(site, run, instruction, model, run_key)
     check_round_budget(site, plan)
     history = PrivacyLedger.at(site.state_dir).history
+    server_round = instruction.server_round
+    charged, epsilon, delta, exhausted = charge_round(
+        site, plan, run_key=run_key, server_round=server_round
+    )  # before any patient is touched: a round that fails later is spent all the same
     result = train_local(
         model, site.train, plan.cfg, dp=plan.dp, metric_noise=plan.metric_noise,
         ledger_history=history,
     )  # fmt: skip
-    server_round = instruction.server_round
-    charged, epsilon, delta, exhausted = charge_round(
-        site, plan, run_key=run_key, server_round=server_round
-    )  # noise was drawn: the round is spent whatever happens next
     if result.examples == 0:
         raise DataError(
             f"site {site.config.name}: no subject was sampled in {result.steps} steps "
@@ -522,7 +526,11 @@ def evaluate_round(
             budget=limits,
         )  # fmt: skip
         if private:
-            seed = None if site.dp_seed is None else round_seed(site.dp_seed, "eval", server_round)
+            seed = (
+                None
+                if site.dp_seed is None
+                else round_seed(site.dp_seed, run_key, "eval", server_round)
+            )
             loss = float(noisy_mean(rows[:, :1], clip=limits.metric_clip, noise_multiplier=sigma,
                                     rng=noise_rng(seed))[0])  # fmt: skip
         else:

@@ -222,7 +222,7 @@ def test_exact_training_loss_needs_one_training_patient_and_gets_neither(
             break
         losses.append(float(reply.content[METRICS_KEY][TRAIN_LOSS]))
     ledger = PrivacyLedger.at(tmp_path / "loose" / "state")
-    charged = [e for e in ledger.entries if e.kind == "train-metrics"]
+    charged = [e for e in ledger.entries if e.kind == "train"]
     assert len(charged) == len(losses) >= 3  # each loss paid for
     spread = float(np.std(np.diff(losses)))
     assert spread > 100 * (1.0 / PATCH)  # noise swamps the 1/1250-scale signal of one sample
@@ -398,3 +398,63 @@ def test_a_corrupt_ledger_during_evaluate_is_an_audited_fixed_reason_error(
     assert reply.has_error()
     assert "/" not in reply.error.reason and str(tmp_path) not in reply.error.reason
     assert "corrupt" in (AuditLog.at(tmp_path / "state").entries()[-1].note or "")
+
+
+# ---- found by the red team (tests/test_redteam.py on its branch), kept as regressions -------
+
+
+def blow_up(run: RunConfig, scale: float) -> dict[str, np.ndarray]:
+    """Every weight zero but one row of the ECG patch embedding: the first token is
+    scale·Σ(visible patch), so whether the loss overflows depends on the patient's samples."""
+    arrays = crafted(run)
+    arrays["embed.ecg.proj.weight"][0, :] = scale
+    return arrays
+
+
+def test_a_round_that_fails_on_patient_data_is_charged_and_not_answered_again(
+    cohort: Path, tmp_path: Path
+) -> None:
+    site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache")
+    toml, state = tmp_path / "site.toml", tmp_path / "state"
+    run = RunConfig.from_run_config({**ATTACK_RUN, "batch-subjects": 8, "noise-multiplier": 5.0})
+    assert not train(run, toml, blow_up(run, 1.0), 1).has_error()
+    charged = len(PrivacyLedger.at(state).entries)
+    replies = [train(run, toml, blow_up(run, 1e21), 2) for _ in range(3)]  # one key, thrice
+    assert replies[0].has_error()  # the loss overflowed on patient data ...
+    assert "invalid" not in replies[0].error.reason  # ... which is not the server's config
+    assert len(PrivacyLedger.at(state).entries) == charged + 1  # ... and it was paid for first
+    for again in replies[1:]:  # the same question again: refused, never a free second bit
+        assert not again.has_error(), again.error
+        assert TrainReplyMetrics.from_metrics(dict(again.content[METRICS_KEY])).refused
+    assert len(PrivacyLedger.at(state).entries) == charged + 1
+
+
+def test_gradients_and_losses_of_one_batch_are_charged_as_one_joint_mechanism(
+    cohort: Path, tmp_path: Path
+) -> None:
+    site = site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", budget=1e6)
+    run = RunConfig.from_run_config(
+        {**ATTACK_RUN, "model-options": json.dumps(TINY), "batch-subjects": 1, "local-steps": 8}
+    )
+    arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
+    assert not train(run, tmp_path / "site.toml", arrays, 1).has_error()
+    (entry,) = PrivacyLedger.at(tmp_path / "state").entries
+    sigma, sigma_m = run.noise_multiplier, site.privacy.train_metric_noise
+    assert entry.noise_multiplier == pytest.approx((sigma**-2 + sigma_m**-2) ** -0.5)
+
+
+def test_seeded_simulation_noise_differs_between_run_keys(cohort: Path, tmp_path: Path) -> None:
+    from client.site_data import SimulationSites
+
+    site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", budget=1e6)
+    toml = tmp_path / "site.toml"
+    SimulationSites(sites=[SiteRef(site_config=toml, dp_seed=1000)]).write(tmp_path / "sites.json")
+    run = RunConfig.from_run_config({**ATTACK_RUN, "sim-sites": str(tmp_path / "sites.json")})
+    sim = Context(run_id=9, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=run.to_run_config())  # fmt: skip
+    answers = []
+    for key in ("a", "b"):  # the same weights and round under two run keys
+        ask = {SERVER_ROUND: 1, RUN_KEY: key}
+        reply = client_app(message(run, "evaluate", crafted(run), **ask), sim)
+        answers.append(float(reply.content[METRICS_KEY][EVAL_LOSS]))
+    assert answers[0] != answers[1]  # two charges, two independent draws: nothing cancels

@@ -127,14 +127,14 @@ def test_epsilon_grows_across_rounds_runs_and_processes(
 ) -> None:
     sites_dir = base_run.site_root
     first = {  # ε reported after each round's training (DP-SGD + its noisy metrics)
-        name: [e.epsilon_after for e in lg.entries if e.kind == "train-metrics"]
+        name: [e.epsilon_after for e in lg.entries if e.kind == "train"]
         for name, lg in ledgers(sites_dir).items()
     }
     assert len(first) == 3
     for name, eps in first.items():
         assert len(eps) == 2 and 0 < eps[0] < eps[1]
         kinds = [e.kind for e in ledgers(sites_dir)[name].entries]
-        assert kinds == ["train", "train-metrics", "evaluate"] * 2  # every round, all charged
+        assert kinds == ["train", "evaluate"] * 2  # every round, all charged
     report = RunReport.read(base_run.out)
     assert report is not None
     card_max = load_model(base_run.out / "model")[1].privacy.max_epsilon
@@ -392,8 +392,10 @@ def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
         {**TINY_RUN, "strategy": "compressed", "compression": "int8", "dp": False}
     )
     ctx = site_context(run, site_toml, run_id=17)  # another run: round 1 of run 7 is charged
-    infinite = site_toml.with_name("site-nodp.toml")
-    infinite.write_text(site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf"))
+    infinite = site_toml.with_name("site-nodp.toml")  # its own state: an unprotected round
+    text = site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf")  # makes ε infinite
+    infinite.write_text(text.replace('state_dir = "state"', 'state_dir = "state-nodp"'))
+    initialise_site_state(infinite.parent / "state-nodp", name="site_00")
     ctx.node_config["site-config"] = str(infinite)
     msg = instruction(run, MessageType.TRAIN, run_id=17, **{SERVER_ROUND: 1, COMPRESSION: "int8"})
     reply = client_app(msg, ctx)

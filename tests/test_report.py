@@ -299,7 +299,7 @@ def test_report_numbers_are_those_of_the_downstream_json(reported: Path) -> None
         assert close(row[5], report.site_epsilon[row[0]])
         assert report.site_epsilon[row[0]] == pytest.approx(ledger.epsilon(delta=1e-5))
         kinds = [e.kind for e in ledger.entries]
-        assert kinds == ["train", "train-metrics", "evaluate"] * 2 + ["release"] * 3
+        assert kinds == ["train", "evaluate"] * 2 + ["release"] * 3
         assert float(row[5]) > float(row[4]) and row[6] == "8"
     recon = tables[("site", "subject (pseudonym)", "start (s)", "r")]
     assert [(r[1], float(r[3])) for r in recon] == [

@@ -7,9 +7,10 @@ runs compose under RDP; the stored ``epsilon_after`` is for people reading the f
 
 What is charged (``kind``)
 --------------------------
-- ``train``: one round of DP-SGD, σ = noise std / clipping norm, q = Poisson rate of subjects,
-  ``steps`` optimizer steps. σ = 0 records a round trained without DP (ε becomes infinite).
-- ``train-metrics``: the round's noisy loss sums (one sampled Gaussian per step, same q and steps).
+- ``train``: one round of DP-SGD and its noisy loss sums, drawn from the same Poisson batch each
+  step and charged together as one sampled Gaussian (σ_eff = (σ⁻² + σ_m⁻²)^(-1/2), q = Poisson
+  rate of subjects, ``steps`` optimizer steps). σ = 0 records a round trained without DP (ε
+  becomes infinite).
 - ``evaluate``: the noisy held-out loss (one Gaussian, q = 1, steps = 1).
 - ``release``: a Gaussian fingerprint release (q = 1, steps = 1; see ``fingerprints.policy``).
 - ``probe:<task>``: the noisy scalars of one task's probe (q = 1, steps = 1).
@@ -69,7 +70,7 @@ LEDGER_FILENAME = "privacy_ledger.json"
 MARKER_FILENAME = "site.json"
 LEDGER_FORMAT = "biofp-privacy-ledger"
 LEDGER_VERSION = 2
-KIND_PATTERN = r"^(train|train-metrics|evaluate|release|probe:[A-Za-z0-9_.-]{1,64})$"
+KIND_PATTERN = r"^(train|evaluate|release|probe:[A-Za-z0-9_.-]{1,64})$"
 RECOVER = "restore the state folder from a backup; a ledger is never reset"
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,13 @@ adding, removing or replacing one subject moves the sum by at most C (add/remove
 (replace); the ledger accounts add/remove with σ as its noise multiplier, as for DP-SGD.
 
 - Training (:class:`NoisyLossSums`): one noisy sum per DP-SGD step over the Poisson-sampled
-  subjects of that step, so the round's metrics are a sampled Gaussian mechanism with the step's
-  q and the round's steps; charged as ``train-metrics`` with (σ_m, q, steps). An empty batch still
-  draws its noise. The estimate sent is the sum over steps divided by the expected subjects per
-  step times the steps.
+  subjects of that step. The gradients and the losses of a step come from the same batch, so
+  they are charged together as ONE sampled Gaussian: the clipped gradient (norm C, noise σC) and
+  the clipped loss vector rescaled by σC/(σ_m C_m) (norm σC/σ_m, noise σC) stack into one vector
+  of norm C·√(1 + σ²/σ_m²) with noise σC, i.e. noise multiplier σ_eff = (σ⁻² + σ_m⁻²)^(-1/2),
+  with the step's q and the round's steps (``train``). An empty batch still draws its noise.
+  The estimate sent is the sum over steps divided by the expected subjects per step times the
+  steps.
 - Evaluation (:func:`noisy_mean`): one noisy sum over the held-out subjects (q = 1, one step),
   divided by their count (a count the site chose to reveal: ``num-examples``).
 Non-finite losses are clipped like any other (to the vector (C, 0, ...)), so a crafted model
