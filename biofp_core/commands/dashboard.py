@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-console = Console(stderr=True, markup=False, highlight=False)
+console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)  # URLs whole
 
 
 def dashboard(

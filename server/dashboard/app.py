@@ -1,8 +1,8 @@
 """The dashboard's web app (Starlette): three pages, their JSON, the vendored scripts.
 
-Pages are static HTML shells (``static/*.html``) whose script polls the JSON API every second,
-with ``If-None-Match``, so a round's files show on the page within about a second of being
-written, without reload. Every route is GET (read-only). A run is named by its id from
+Pages are static HTML shells (``static/*.html``) whose script polls the JSON API twice a second,
+with ``If-None-Match`` (a 304 when nothing changed), so a round's files show on the page within
+about half a second of being written, without reload. Every route is GET (read-only). A run is named by its id from
 :func:`server.dashboard.runs.discover`; a figure by a file name checked against a pattern and
 resolved inside the run's ``report/`` folder. A request whose path holds ``..`` is refused
 outright, and an unknown id or name is a 404, never a file read.
@@ -152,7 +152,8 @@ def create_app(roots: list[Path], *, token: str | None = None, loopback: bool = 
 
     def page(name: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            if "run_id" in request.path_params and reader.find(request.path_params["run_id"]) is None:
+            run_id = request.path_params.get("run_id")
+            if run_id is not None and reader.find(run_id) is None:
                 return _plain(404, "no such run")
             return _static_file(f"{name}.html")
 

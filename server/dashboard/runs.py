@@ -125,9 +125,7 @@ def discover(roots: list[Path]) -> list[RunDir]:
         if _is_run(root):
             found = [root]
         elif root.is_dir():
-            found = sorted(
-                p for p in root.iterdir() if not p.name.startswith(".") and _is_run(p)
-            )
+            found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and _is_run(p))
         else:
             found = []
         for path in found:
@@ -244,7 +242,11 @@ class RunReader:
         key = self._read_json(run, RUN_KEY) or {}
         sim = self._read_json(run, SIMULATION) or {}
         done = max((r.server_round for r in report.rounds), default=0) if report else 0
-        total = (report.num_rounds if report else None) or config.get("num_rounds")
+        total = (
+            (report.num_rounds if report else None)
+            or config.get("num_rounds")
+            or (sim.get("run") or {}).get("num_rounds")
+        )
         sites = {s.label for r in report.rounds for s in r.sites} if report else set()
         updated = max(
             (t for t in (_mtime(run.path / n) for n in RUN_FILES) if t is not None), default=None

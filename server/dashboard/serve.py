@@ -152,3 +152,10 @@ class BackgroundDashboard:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(5.0)
+
+
+def start_background(roots: list[Path], *, port: int = DEFAULT_PORT) -> BackgroundDashboard:
+    """The dashboard of `roots` on loopback, serving from a thread of this process."""
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+    return BackgroundDashboard(check_settings(roots, port=port, token=None)).start()

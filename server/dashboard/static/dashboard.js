@@ -1,8 +1,8 @@
-/* BioFP dashboard: polls the JSON API every second and redraws what changed. No dependency
+/* BioFP dashboard: polls the JSON API twice a second and redraws what changed. No dependency
    but the vendored uPlot (run page charts). Read-only: it only ever sends GET requests. */
 "use strict";
 
-const POLL_MS = 1000;
+const POLL_MS = 500;
 const $ = (sel) => document.querySelector(sel);
 
 function el(tag, attrs, ...children) {
