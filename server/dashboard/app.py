@@ -2,10 +2,10 @@
 
 Pages are static HTML shells (``static/*.html``) whose script polls the JSON API twice a second,
 with ``If-None-Match`` (a 304 when nothing changed), so a round's files show on the page within
-about half a second of being written, without reload. Every route is GET (read-only). A run is named by its id from
-:func:`server.dashboard.runs.discover`; a figure by a file name checked against a pattern and
-resolved inside the run's ``report/`` folder. A request whose path holds ``..`` is refused
-outright, and an unknown id or name is a 404, never a file read.
+about half a second of being written, without reload. Every route is GET (read-only). A run is
+named by its id from :func:`server.dashboard.runs.discover`; a figure by a file name checked
+against a pattern and resolved inside the run's ``report/`` folder. A request whose path holds
+``..`` is refused outright, and an unknown id or name is a 404, never a file read.
 
 With a token (any non-loopback bind), every request must carry it: ``?token=`` once (the page
 then keeps it in an HttpOnly, SameSite=Strict cookie) or ``Authorization: Bearer``. It is compared

@@ -35,9 +35,11 @@ SIMULATION = "simulation.json"
 REPORT_MD = "report.md"
 REPORT_DIR = "report"
 CHECKPOINTS = "checkpoints"
-# the run-directory files the dashboard may read or serve: nothing else
+# the run-directory files the dashboard may read or serve: nothing else (besides the report's
+# figures, and the header of the latest checkpoint for the size of a dense update)
 RUN_FILES = (METRICS, CONFIG, RUN_KEY, SUMMARY, SIMULATION, REPORT_MD)
 _MARKERS = (METRICS, CONFIG, RUN_KEY, SIMULATION)
+_MAX_HEADER = 16 * 2**20
 _FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.png$")
 _SITE_NAME_KEYS = ("site", "site_name", "name")
 _SITE_BUDGET_KEYS = ("epsilon_budget", "budget_epsilon", "budget")
@@ -177,6 +179,23 @@ def _json(path: Path) -> Any:
         return _UNREADABLE
 
 
+def _dense_bytes(path: Path) -> Any:
+    """Bytes of the global model's arrays in a checkpoint, from its safetensors header only."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= _MAX_HEADER:
+                return None
+            header = json.loads(fh.read(size))
+        return sum(
+            int(v["data_offsets"][1]) - int(v["data_offsets"][0])
+            for k, v in header.items()
+            if k.startswith("global/")
+        )
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
 def _report(path: Path) -> Any:
     try:
         return ReportView.model_validate_json(path.read_bytes())
@@ -311,6 +330,12 @@ class RunReader:
                     budgets.setdefault(site.label, default)
         return budgets
 
+    def model_bytes(self, run: RunDir) -> int | None:
+        """Size of one dense update (the global arrays of the latest checkpoint), if any."""
+        folder = run.path / CHECKPOINTS
+        latest = max(folder.glob("round-*.safetensors"), default=None) if folder.is_dir() else None
+        return self._cache.get(latest, _dense_bytes) if latest is not None else None
+
     def figures(self, run: RunDir) -> list[str]:
         """The report's figures (``report/*.png``), by file name."""
         folder = run.path / REPORT_DIR
@@ -360,6 +385,7 @@ class RunReader:
                 "rounds": rounds,
                 "site_names": sites,
                 "budgets": self.budgets(run, report),
+                "model_bytes": self.model_bytes(run),
                 "has_report": completed and (run.path / REPORT_MD).is_file(),
                 "figures": self.figures(run) if completed else [],
             }

@@ -203,7 +203,9 @@ function renderCharts(data) {
   const comp = data.compression || "none";
   const ok = data.rounds.reduce((a, r) => a + r.contributed, 0);
   const total = data.rounds.reduce((a, r) => a + r.bytes, 0);
-  $("#compression").textContent = `(compression: ${comp}; ${bytes(ok ? total / ok : null)} per update)`;
+  const perUpdate = ok ? total / ok : null;
+  const ratio = perUpdate && data.model_bytes ? ` = ${fmt(data.model_bytes / perUpdate, 3)}× smaller than the ${bytes(data.model_bytes)} model` : "";
+  $("#compression").textContent = `(compression: ${comp}; ${bytes(perUpdate)} per update${ratio})`;
 }
 
 function renderConfig(config) {
