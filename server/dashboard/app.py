@@ -24,6 +24,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -202,7 +203,7 @@ def create_app(roots: list[Path], *, token: str | None = None, loopback: bool = 
         Route("/runs/{run_id}/figures/{name}", figure),
         Route("/static/{name:path}", static),
     ]
-    middleware = [Middleware(Guard, token=token)]
+    middleware = [Middleware(Guard, token=token), Middleware(GZipMiddleware, minimum_size=1024)]
     if loopback and token is None:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
     return Starlette(routes=routes, middleware=middleware)
