@@ -354,3 +354,90 @@ def test_a_non_loopback_bind_needs_a_token(tmp_path: Path) -> None:
         assert get(f"{url}?token={token}")[0] == 200
     finally:
         stop(proc)
+
+
+def test_a_finished_run_shows_its_report_with_figures_and_no_raw_html(
+    dashboard: tuple[str, Path], page: Page
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, runs = dashboard
+    reported = runs / "reported"
+    shutil.copytree(runs / "live", reported, ignore=shutil.ignore_patterns("sites"))
+    (reported / "report").mkdir()
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1, 2, 3], [3.0, 2.0, 1.5])
+    fig.savefig(reported / "report" / "loss.png")
+    plt.close(fig)
+    (reported / "report.md").write_text(
+        "# Research report\n\n| round | loss |\n|---|---|\n| 1 | 3.0 |\n\n"
+        "![loss](report/loss.png)\n\n<script>window.__injected = 1</script>\n"
+    )
+    page.goto(base + "/runs/reported")
+    expect(page.locator("#report h1")).to_have_text("Research report")
+    expect(page.locator("#report table td").first).to_have_text("1")
+    report_img = page.locator('#report img[alt="loss"]')
+    expect(report_img).to_have_attribute("src", "/runs/reported/figures/loss.png")
+    expect(page.locator("#figures figcaption")).to_have_text("loss.png")
+    page.wait_for_function("() => [...document.images].every((i) => i.complete)")
+    assert report_img.evaluate("(img) => img.naturalWidth") > 0  # served from report/
+    assert page.evaluate("window.__injected") is None  # raw HTML shown as text, never run
+    expect(page.locator("#report")).to_contain_text("<script>")
+
+
+def test_statuses_and_a_grown_schema_read_back(dashboard: tuple[str, Path]) -> None:
+    base, runs = dashboard
+    report = json.loads((runs / "live" / "metrics.json").read_text())
+    for rnd in report["rounds"]:  # fields a newer server may add: kept, and used where known
+        for i, site in enumerate(rnd["sites"]):
+            site["site"] = f"hospital-{i}"
+            site["epsilon_budget"] = 9.5
+        rnd["new_round_field"] = {"x": 1}
+    report["status"] = "failed"
+    report["error"] = "round 6: no site contributed an update"
+    for name, checkpoints in (("crashed", True), ("dead", False)):
+        run = runs / name
+        run.mkdir()
+        shutil.copy(runs / "live" / "config.json", run / "config.json")
+        (run / "metrics.json").write_text(json.dumps(report))
+        if checkpoints:
+            shutil.copytree(runs / "live" / "checkpoints", run / "checkpoints")
+    statuses = {r["id"]: r["status"] for r in json.loads(get(f"{base}/api/runs")[1])["runs"]}
+    assert statuses["crashed"] == "resumable" and statuses["dead"] == "failed"
+    assert statuses["live"] == "completed"
+    detail = json.loads(get(f"{base}/api/runs/crashed")[1])
+    assert detail["site_names"] == ["hospital-0", "hospital-1", "hospital-2"]
+    assert set(detail["budgets"].values()) == {9.5}
+    assert detail["error"] == report["error"]
+    assert detail["model_bytes"] > 0
+
+
+def test_server_start_serves_the_dashboard_of_its_workdir(live_run: Path, tmp_path: Path) -> None:
+    from localfed import kill_tree
+
+    server = tmp_path / "server"
+    shutil.copytree(
+        live_run / "live", server / "runs" / "pretrain", ignore=shutil.ignore_patterns("sites")
+    )
+    link_port, port = free_port(), free_port()
+    (server / "server.toml").write_text(
+        f'[superlink]\nhost = "127.0.0.1"\nport = {link_port}\npublic_name = "localhost"\n'
+        'state_dir = "state"\nworkdir = "runs"\n'
+    )
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    proc = subprocess.Popen(
+        [*BIOFP, "server", "start", "--config", str(server / "server.toml"), "--insecure",
+         "--dashboard", "--dashboard-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/runs", proc, timeout_s=60)
+        runs = json.loads(get(f"http://127.0.0.1:{port}/api/runs")[1])["runs"]
+        assert [(r["id"], r["status"], r["rounds_done"]) for r in runs] == [
+            ("pretrain", "completed", ROUNDS)
+        ]
+    finally:
+        kill_tree(proc)

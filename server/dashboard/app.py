@@ -126,7 +126,7 @@ def render_markdown(text: str, figure_base: str) -> str:
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     default_image = md.renderer.rules.get("image")
 
-    def image(tokens: Any, idx: int, options: Any, env: Any) -> str:
+    def image(renderer: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
         token = tokens[idx]
         src = str(token.attrGet("src") or "")
         name = src.rsplit("/", 1)[-1]
