@@ -93,11 +93,12 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def raw_get(port: int, path: str) -> tuple[int, bytes]:
+def raw_get(port: int, path: str, host: str | None = None) -> tuple[int, bytes]:
     """GET `path` exactly as written (no client-side normalisation of ``..``)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host or f"127.0.0.1:{port}")
         conn.endheaders()
         resp = conn.getresponse()
         return resp.status, resp.read()
@@ -299,7 +300,9 @@ def test_a_corrupt_metrics_file_shows_updating_then_recovers(
     expect(page.locator("#run-status")).to_have_text("updating")
 
 
-def test_paths_cannot_escape_the_run_folder(dashboard: tuple[str, Path]) -> None:
+def test_paths_cannot_escape_the_run_folder_nor_other_hosts_reach_it(
+    dashboard: tuple[str, Path],
+) -> None:
     base, _ = dashboard
     port = int(base.rsplit(":", 1)[1])
     for path in (
@@ -317,6 +320,9 @@ def test_paths_cannot_escape_the_run_folder(dashboard: tuple[str, Path]) -> None
         assert raw_get(port, path)[0] == 404, path
     assert get(f"{base}/static/vendor/uPlot.iife.min.js")[0] == 200  # served from the package
     assert raw_get(port, "/api/runs")[0] == 200
+    # a web page that rebinds its own name to 127.0.0.1 still sends its name: refused
+    assert raw_get(port, "/api/runs", host=f"attacker.example:{port}")[0] == 400
+    assert raw_get(port, "/api/runs", host=f"localhost:{port}")[0] == 200
 
 
 def test_a_non_loopback_bind_needs_a_token(tmp_path: Path) -> None:

@@ -25,18 +25,17 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.dashboard.runs import RunReader
+from server.dashboard.serve import is_loopback
 
 log = logging.getLogger(__name__)
 
 TOKEN_COOKIE = "biofp_dashboard_token"
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 STATIC = resources.files("server.dashboard") / "static"
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 _SECURITY_HEADERS = {
@@ -50,11 +49,13 @@ _SECURITY_HEADERS = {
 
 
 class Guard:
-    """ASGI middleware: refuses ``..`` paths and, with a token, requests without it."""
+    """ASGI middleware: refuses ``..`` paths, requests without the token (when there is one) and,
+    when `loopback_only`, a ``Host`` header that is not a loopback name."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, loopback_only: bool = False) -> None:
         self.app = app
         self.token = token.encode() if token else None
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,6 +66,9 @@ class Guard:
             await _plain(400, "bad path")(scope, receive, send)
             return
         request = Request(scope)
+        if self.loopback_only and not is_loopback(_host_name(request.headers.get("host", ""))):
+            await _plain(400, "invalid host header")(scope, receive, send)
+            return
         set_cookie = False
         if self.token is not None:
             given = _given_token(request)
@@ -91,6 +95,13 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a ``Host`` header, without its port (IPv6 in brackets)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _given_token(request: Request) -> str | None:
@@ -203,7 +214,6 @@ def create_app(roots: list[Path], *, token: str | None = None, loopback: bool = 
         Route("/runs/{run_id}/figures/{name}", figure),
         Route("/static/{name:path}", static),
     ]
-    middleware = [Middleware(Guard, token=token), Middleware(GZipMiddleware, minimum_size=1024)]
-    if loopback and token is None:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS))
+    guard = Middleware(Guard, token=token, loopback_only=loopback and token is None)
+    middleware = [guard, Middleware(GZipMiddleware, minimum_size=1024)]
     return Starlette(routes=routes, middleware=middleware)

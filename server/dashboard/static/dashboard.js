@@ -83,7 +83,7 @@ function renderRuns(data) {
   const body = $("#runs tbody");
   body.replaceChildren(...data.runs.map((r) => el("tr", { "data-run": r.id },
     el("td", {}, el("a", { href: `/runs/${encodeURIComponent(r.id)}`, text: r.name })),
-    el("td", {}, statusBadge(r.status)),
+    el("td", { title: r.error ?? "" }, statusBadge(r.status)),
     el("td", { class: "rounds", text: `${r.rounds_done} / ${r.num_rounds ?? "?"}` }),
     el("td", { text: r.strategy ?? "–" }),
     el("td", { text: r.model ?? "–" }),
