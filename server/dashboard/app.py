@@ -30,7 +30,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.dashboard.runs import RunReader
+from server.dashboard.runs import RunReader, finite
 from server.dashboard.serve import is_loopback
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,10 @@ def create_app(roots: list[Path], *, token: str | None = None, loopback: bool = 
         return endpoint
 
     async def api_runs(request: Request) -> Response:
-        return _json_etagged(
-            request, reader.etag(), lambda: {"runs": [reader.summary(r) for r in reader.runs()]}
-        )
+        def build() -> dict[str, Any]:
+            return {"runs": finite([reader.summary(r) for r in reader.runs()])}
+
+        return _json_etagged(request, reader.etag(), build)
 
     async def api_run(request: Request) -> Response:
         run = reader.find(request.path_params["run_id"])

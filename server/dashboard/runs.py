@@ -43,7 +43,10 @@ _MAX_HEADER = 16 * 2**20
 _FIGURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.png$")
 _SITE_NAME_KEYS = ("site", "site_name", "name")
 _SITE_BUDGET_KEYS = ("epsilon_budget", "budget_epsilon", "budget")
-GRID_STATUS = {"ok": "ok", "refused": "refused", "failed": "failed", "missing": "timed out"}
+GRID_STATUS = {
+    "ok": "ok", "refused": "refused", "failed": "failed", "missing": "timed out",
+    "timeout": "timed out", "timed-out": "timed out", "timed_out": "timed out",
+}  # fmt: skip
 
 
 class SiteRoundView(BaseModel):
@@ -51,7 +54,7 @@ class SiteRoundView(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    node_id: int | None = None
+    node_id: int | str | None = None
     status: str = "unknown"
     num_examples: int = 0
     train_loss: float | None = None
@@ -414,7 +417,7 @@ class RunReader:
                         row["runs"].append(run.id)
                     row["refusals"] += site.status == "refused"
                     row["failures"] += site.status == "failed"
-                    row["timeouts"] += site.status == "missing"
+                    row["timeouts"] += GRID_STATUS.get(site.status) == "timed out"
                     row["rounds_ok"] += site.status == "ok"
                     answered = site.status in ("ok", "refused", "failed")
                     if answered and (row["last_seen"] or "") <= (seen_at or ""):
@@ -452,7 +455,7 @@ def _reason(site: SiteRoundView, config: dict[str, Any] | None) -> str | None:
         if site.budget_exhausted:
             return f"privacy budget exhausted{eps}"
         return f"refused the round{eps}"
-    if site.status == "missing":
+    if GRID_STATUS.get(site.status) == "timed out":
         timeout = (config or {}).get("round_timeout_s")
         return f"no reply within round-timeout-s ({timeout:g} s)" if timeout else "no reply"
     return None

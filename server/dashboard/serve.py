@@ -83,8 +83,9 @@ def check_settings(
             f"one, or --token / ${TOKEN_ENV}; or bind 127.0.0.1 and use an SSH tunnel"
         )
     for root in roots:
-        if root.exists() and not root.is_dir():
-            raise DashboardError(f"{root}: not a folder of run directories")
+        if not root.is_dir():
+            problem = "not a folder" if root.exists() else "no such folder"
+            raise DashboardError(f"{root}: {problem} (--runs: a run directory or a folder of them)")
     settings = DashboardSettings(roots=list(roots), host=host, port=port, token=token or None)
     _check_port(settings)
     return settings
