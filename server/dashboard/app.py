@@ -126,7 +126,11 @@ def _static_file(name: str) -> Response:
 def _json_etagged(request: Request, etag: str, build: Any) -> Response:
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"etag": etag})
-    body = json.dumps(build(), allow_nan=False, separators=(",", ":"))
+    try:
+        body = json.dumps(build(), allow_nan=False, separators=(",", ":"))
+    except Exception:  # files changing under us in a way not foreseen: never a 500 page
+        log.exception("dashboard: cannot read %s", request.url.path)
+        return JSONResponse({"status": "updating"}, status_code=503, headers={"retry-after": "1"})
     return Response(body, media_type="application/json", headers={"etag": etag})
 
 
