@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from biofp_core.commands.certs import certs_app
 from biofp_core.commands.client import client_app
+from biofp_core.commands.dashboard import dashboard
 from biofp_core.commands.data import data_app
 from biofp_core.commands.demo import demo
 from biofp_core.commands.evaluate import evaluate
@@ -33,6 +34,7 @@ app.add_typer(client_app, name="client")
 app.command("demo")(demo)
 app.command("fingerprint")(fingerprint)
 app.command("evaluate")(evaluate)
+app.command("dashboard")(dashboard)
 
 err_console = Console(stderr=True)
 

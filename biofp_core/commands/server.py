@@ -19,6 +19,10 @@ def start(
     config: Path = typer.Option(..., "--config", help="server.toml"),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
+    dashboard: bool = typer.Option(
+        False, "--dashboard", help="also serve the live dashboard of [superlink] workdir (loopback)"
+    ),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="the dashboard's port"),
 ) -> None:
     """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
     from server.launch import prepare_superlink, run_superlink
@@ -36,6 +40,11 @@ def start(
             "register each site's key: flwr supernode register SITE.pub biofp "
             "(after: biofp server connect --config ...)"
         )
+    if dashboard:
+        from server.dashboard.serve import start_background
+
+        live = start_background([cfg.superlink.workdir], port=dashboard_port)
+        console.print(f"dashboard of {cfg.superlink.workdir}: {live.settings.url}")
     run_superlink(launch)
 
 
