@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -46,6 +46,7 @@ cache_dir = "cache"
 sites_dir = "sites"
 out = "runs/live"
 report = false
+site_privacy = {{ min_train_subjects = 1 }}  # tiny emulated sites loosen the default
 
 [run]
 model = "siamquality"
@@ -154,6 +155,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sim.toml, and site_01 already over its ε budget (8) from an earlier study."""
     root = tmp_path_factory.mktemp("dash")
     (root / "sim.toml").write_text(SIM_TOML)
+    initialise_site_state(root / "sites" / "site_01" / "state", name="site_01")
     spent = PrivacyLedger.at(root / "sites" / "site_01" / "state")
     spent.charge(run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0,
                  steps=40, delta=1e-5)  # fmt: skip
