@@ -32,13 +32,16 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
     strategy = build_strategy(run.strategy, **run.strategy_kwargs())
     run_dir = RunDirectory(run, strategy)
-    done, arrays = run_dir.start()
+    done, arrays = run_dir.start(flower_run_id=context.run_id)
     try:
         arrays = run_rounds(
             strategy, grid, run, arrays=arrays, first_round=done + 1, on_round=run_dir.record_round
         )
     except BioFPError as exc:
         run_dir.fail(exc)
+        raise
+    except BaseException as exc:  # flwr stop (RunNotRunningException), SIGTERM (SystemExit)...
+        run_dir.stop(f"stopped during the run ({type(exc).__name__}: {exc})".replace(": )", ")"))
         raise
     path = run_dir.finish(arrays)
     log.info("final model after %d rounds: %s", run.num_rounds, path)

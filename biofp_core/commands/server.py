@@ -18,6 +18,11 @@ INSECURE_HELP = "no TLS, no SuperNode authentication: a local test only"
 def start(
     config: Path = typer.Option(..., "--config", help="server.toml"),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    insecure_non_loopback: bool = typer.Option(
+        False,
+        "--insecure-non-loopback",
+        help="DANGEROUS: allow --insecure on an address other than 127.0.0.1/::1",
+    ),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
 ) -> None:
     """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
@@ -26,7 +31,8 @@ def start(
     if insecure:
         warnings.warn("--insecure: traffic is not encrypted and any SuperNode may join",
                       UserWarning, stacklevel=1)  # fmt: skip
-    launch = prepare_superlink(config, insecure=insecure)
+    insecure = insecure or insecure_non_loopback
+    launch = prepare_superlink(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     cfg = launch.config
     console.print(f"checks passed; SuperLink for {cfg.address}")
     if check:
