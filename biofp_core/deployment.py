@@ -66,11 +66,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def derived_runtime_port(state_dir: Path) -> int:
-    """The default runtime port of a site: a stable function of its state folder, so several
-    sites on one host get distinct ports without configuring any (a collision is caught by the
-    pre-start check, which then picks a free port)."""
-    digest = zlib.crc32(str(Path(state_dir).resolve()).encode())
+def derived_runtime_port(site_toml: Path) -> int:
+    """The default runtime port of a site: a stable function of its site.toml's path, so
+    several sites on one host get distinct ports without configuring any (a collision is caught
+    by the pre-start check, which then picks a free port)."""
+    digest = zlib.crc32(str(Path(site_toml).expanduser().resolve()).encode())
     return RUNTIME_PORT_BASE + digest % RUNTIME_PORT_SPAN
 
 
@@ -105,7 +105,7 @@ class FederationConfig(BaseModel):
         gt=0,
         lt=65536,
         description="local port (127.0.0.1 only) of the SuperNode's runtime API; default: "
-        "derived from the site's state folder (distinct per site), another free one if taken",
+        "derived from the site.toml path (distinct per site), another free one if taken",
     )
     flower_home: Path | None = Field(None, description="Flower's app cache (default: state dir)")
     max_retries: int | None = Field(None, ge=0, description="reconnect attempts (None: forever)")

@@ -120,7 +120,8 @@ def choose_runtime_port(site: SiteConfig, config_path: Path | None = None) -> tu
     """(port, how it was chosen) of the SuperNode's runtime API on 127.0.0.1.
 
     A configured ``[federation] runtime_port`` must be free (else one line naming the key); the
-    default is derived from the site's state folder, so sites on one host differ, and when that
+    default is derived from the path of site.toml (`config_path`; else the state folder), so
+    sites on one host differ, and when that
     port is taken another free port is chosen.
     """
     fed = site.federation
@@ -133,9 +134,9 @@ def choose_runtime_port(site: SiteConfig, config_path: Path | None = None) -> tu
         )
         check_port_free(RUNTIME_HOST, fed.runtime_port, key=where)
         return fed.runtime_port, "federation.runtime_port"
-    derived = derived_runtime_port(site.resolved_state_dir())
+    derived = derived_runtime_port(config_path or site.resolved_state_dir())
     if port_is_free(RUNTIME_HOST, derived):
-        return derived, "derived from the state folder"
+        return derived, "the default for this site.toml"
     chosen = pick_free_port(RUNTIME_HOST)
     log.warning("runtime port %d (derived) is taken; using %d", derived, chosen)
     return chosen, f"chosen free: {derived} was taken"

@@ -4,7 +4,7 @@ The SuperNode dials the coordinator's SuperLink (``[federation] superlink``) ove
 only the federation's CA (``--root-certificates``), and authenticates with the site's own EC key
 (``--auth-supernode-private-key``, OpenSSH format, from ``biofp certs node``). It opens no
 inbound port: its Runtime API listens on 127.0.0.1 only (``--host 127.0.0.1 --port
-runtime_port``; by default a port derived from the site's state folder, so that several sites
+runtime_port``; by default a port derived from the path of site.toml, so that several sites
 on one host never share one), for the ClientApp processes it starts. Its node config carries
 the path of site.toml (``site-config``), from which the ClientApp finds the site's data, state
 (privacy ledger, audit log) and budget (client/site_data.py). Flower's app cache lives in the
@@ -45,10 +45,9 @@ def supernode_command(
     fed: FederationConfig, site_toml: Path, *, insecure: bool, runtime_port: int | None = None
 ) -> list[str]:
     """The flower-supernode command line for a site (`runtime_port`: default the configured
-    one, else the one derived from the site's state folder)."""
+    one, else the one derived from the path of site.toml)."""
     if runtime_port is None:
-        site = load_site_config(site_toml)
-        runtime_port = fed.runtime_port or derived_runtime_port(site.resolved_state_dir())
+        runtime_port = fed.runtime_port or derived_runtime_port(site_toml)
     argv = [
         flower_executable("flower-supernode"),
         "--superlink", fed.superlink,
