@@ -69,3 +69,28 @@ def app(out: Path = typer.Option(..., "--out", help="folder for the app's pyproj
 
     folder = write_app_folder(out)
     console.print(f"Flower app (no code, the sites run their installed BioFP): {folder}")
+
+
+@server_app.command("status")
+def status(
+    config: Path = typer.Option(..., "--config", help="server.toml"),
+    run: str = typer.Option(..., "--run", help="the run's out-dir (relative: under workdir)"),
+    wait: bool = typer.Option(False, "--wait", help="wait while the run is running"),
+    timeout_s: float = typer.Option(3600.0, "--timeout", help="give up waiting after this"),
+    as_json: bool = typer.Option(False, "--json", help="print metrics.json's summary as JSON"),
+) -> None:
+    """A run's status: run key and Flower run ids, each round's sites by name, the model.
+
+    Exits 0 when the run completed, 1 when it failed or was stopped (or is still running
+    after --timeout).
+    """
+    from server.status import read_status, render_status
+
+    report, run_dir = read_status(config, run, wait=wait, timeout_s=timeout_s)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=1))
+    else:
+        for line in render_status(report, run_dir):
+            typer.echo(line)
+    if report.status != "completed":
+        raise typer.Exit(1)
