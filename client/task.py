@@ -57,6 +57,7 @@ from biofp_core.protocol import (
     SERVER_ROUND,
     TrainReplyMetrics,
 )
+from biofp_core.signals.types import WINDOW_S
 from biofp_core.training import SubjectBagDataset, TrainConfig, evaluate_loss, train_local
 from client.site_data import SiteData
 from server.config import RunConfig
@@ -362,6 +363,16 @@ def _encode(
     return encoded.to_arrays(), encoded.nbytes
 
 
+def data_counts(site: SiteData) -> dict[str, int | float]:
+    """The site's training set in counts, for the model card: subjects, windows, hours."""
+    windows = sum(len(subject) for subject in site.train)
+    return {
+        "data_subjects": len(site.train),
+        "data_windows": windows,
+        "data_hours": round(windows * WINDOW_S / 3600, 4),
+    }
+
+
 def train_round(
     site: SiteData,
     run: RunConfig,
@@ -428,6 +439,7 @@ def _train_round(
         delta=delta,
         payload_bytes=payload,
         budget_exhausted=exhausted,
+        **data_counts(site),
     )
     outcome = TrainOutcome(arrays=arrays, metrics=metrics)
     if result.privacy is not None:  # charged: a replay of this round gets this very reply

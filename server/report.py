@@ -185,6 +185,12 @@ def site_rounds(train_replies: Iterable[Message], report: RoundReplies) -> list[
             site.delta = metrics.delta if site.epsilon is not None else None
             site.budget_exhausted = metrics.budget_exhausted
             site.payload_bytes = metrics.payload_bytes
+            if metrics.data_subjects is not None:
+                site.data = SiteData(
+                    subjects=metrics.data_subjects,
+                    windows=metrics.data_windows or 0,
+                    hours=metrics.data_hours or 0.0,
+                )
         sites.append(site)
     return sites
 
