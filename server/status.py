@@ -71,5 +71,6 @@ def render_status(report: RunReport, run_dir: Path) -> list[str]:
             label = node_label(site.node_id, names)
             lines.append(f"  {label} (node {site.node_id}): {site.status}{eps}{why}")
     if report.model_path:
-        lines.append(f"model: {report.model_path}")
+        model = Path(report.model_path)  # relative to the SuperLink's workdir, like out-dir
+        lines.append(f"model: {model if model.is_absolute() else run_dir / model.name}")
     return lines
