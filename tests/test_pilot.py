@@ -19,7 +19,17 @@ import subprocess
 import time
 from pathlib import Path
 
-from localfed import BIN, _alive, _signal_if_same, descendants, free_port
+from localfed import (
+    BIN,
+    LocalFederation,
+    _alive,
+    _signal_if_same,
+    descendants,
+    free_port,
+    read_json,
+    wait_until,
+    write_app,
+)
 
 from biofp_core.artifacts import load_model
 from biofp_core.audit import AuditLog
@@ -126,3 +136,31 @@ def test_the_docs_pilot_runs_as_written(tmp_path: Path) -> None:
         assert {e.flower_run_id for e in audit if e.run_key == run_key} == {flower_run}
         ledger = PrivacyLedger.at(state)
         assert check_audit(audit, ledger.entries, ledger_epsilon=ledger.epsilon(delta=1e-5)) == []
+
+
+def test_flwr_stop_marks_the_run_stopped(tmp_path: Path) -> None:
+    """A run waiting for sites that never come, stopped by the coordinator: metrics.json says
+    "stopped" (it stayed "running" before)."""
+    fed = LocalFederation(root=tmp_path, port=free_port(), server_toml=tmp_path / "server.toml",
+                          certs=tmp_path / "certs", flwr_home=tmp_path / "flwr-home",
+                          insecure=True)  # fmt: skip
+    fed.server_toml.write_text(
+        f'[superlink]\nhost = "127.0.0.1"\nport = {fed.port}\nstate_dir = "state"\n'
+        'workdir = "runs"\n'
+    )
+    with fed:
+        fed.start_server()
+        fed.connect_cli()
+        app = write_app(fed, tmp_path / "app")
+        run_id = fed.submit(app, {"min-sites": 3, "wait-timeout-s": 600.0, "out-dir": "stopme"})
+        metrics = tmp_path / "runs" / "stopme" / "metrics.json"  # server.toml workdir
+        wait_until(lambda: (read_json(metrics) or {}).get("status") == "running", timeout_s=120,
+                   what="the ServerApp waiting for sites")  # fmt: skip
+        done = fed.flwr("stop", run_id, "biofp")
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = wait_until(
+            lambda: (r := read_json(metrics)) and r["status"] != "running" and r,
+            timeout_s=60, what="metrics.json to leave running",
+        )  # fmt: skip
+    assert report["status"] == "stopped" and "flwr stop" in report["error"]
+    assert report["flower_run_ids"] == [int(run_id)]
