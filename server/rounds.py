@@ -123,6 +123,8 @@ def run_round(
         strategy.aggregate_evaluate(server_round, eval_replies)
         eval_loss = add_eval_losses(sites, eval_replies)
     name_sites(sites, names)
+    log.info("round %d sites: %s", server_round,
+             ", ".join(f"{node_label(s.node_id, names)} {s.status}" for s in sites))  # fmt: skip
     epsilons = [s.epsilon for s in sites if s.epsilon is not None]
     metrics = RoundMetrics(
         server_round=server_round,
