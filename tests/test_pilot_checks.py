@@ -32,6 +32,8 @@ from server.report import RoundMetrics, RunReport, SiteData, SiteRound
 from server.status import render_status
 
 BIOFP = [sys.executable, "-m", "biofp_core"]
+TINY_MODEL = json.dumps({"stem_channels": 8, "stage_channels": [8, 8], "groups": 4,
+                         "proj_dim": 16, "pred_hidden": 8, "fingerprint_dim": 8})  # fmt: skip
 
 
 def _site(folder: Path, *, runtime_port: int | None = None) -> Path:
@@ -297,3 +299,28 @@ def test_status_names_sites_and_maps_run_key_to_flower_run(tmp_path: Path) -> No
     done = subprocess.run([*BIOFP, "server", "status", "--config", str(server), "--run", "nope"],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 1 and "no run report" in done.stderr.splitlines()[-1]
+
+
+# ---- a site that never answers ------------------------------------------------------------------
+
+
+def test_sites_that_never_answer_are_reported_with_a_reason(tmp_path: Path) -> None:
+    """Flower's simulation engine, a round timeout shorter than any ClientApp needs: every site
+    is recorded as missing, with the reason, and the run fails saying so (no silent hang)."""
+    from server.rounds import FederationError
+    from simulations.run import load_simulation_config, simulate
+
+    run = {"model": "siamquality", "model-options": TINY_MODEL, "local-steps": 1,
+           "batch-subjects": 2, "bag-size": 2, "num-rounds": 1, "round-timeout-s": 0.5}  # fmt: skip
+    cfg = load_simulation_config(None, sites=2, synth_sites=2, synth_subjects_per_site=2,
+                                 synth_minutes=0.5, cache_dir=tmp_path / "cache",
+                                 out=tmp_path / "run", sites_dir=tmp_path / "sites",
+                                 run=run)  # fmt: skip
+    with pytest.raises(FederationError, match=r"2 missing\); node \d+: no reply within "
+                       r"round-timeout-s = 0\.5 s: the site never trained this round"):  # fmt: skip
+        simulate(cfg)
+    report = RunReport.read(tmp_path / "run")
+    assert report is not None and report.status == "failed"
+    (rnd,) = report.rounds
+    assert [s.status for s in rnd.sites] == ["missing", "missing"]
+    assert all(s.reason and "round-timeout-s = 0.5 s" in s.reason for s in rnd.sites)
