@@ -46,6 +46,11 @@ DELTA = "delta"  # float: the site's δ (0 when it trains without DP)
 PAYLOAD_BYTES = "payload-bytes"  # int: bytes of the numeric payload of the update
 BUDGET_EXHAUSTED = "budget-exhausted"  # 0/1: the site cannot afford another round
 REFUSED = "refused"  # 0/1: the site refused this round (no arrays, weight 0)
+# the site's training set in counts (for the model card's data summary); contributing replies only
+DATA_SUBJECTS = "data-subjects"  # int: training subjects of the site (held-out ones excluded)
+DATA_WINDOWS = "data-windows"  # int: windows of those subjects
+DATA_HOURS = "data-hours"  # float: hours of signal in those windows (windows x window length)
+DATA_KEYS = (DATA_SUBJECTS, DATA_WINDOWS, DATA_HOURS)
 
 
 # --- Metric keys of an evaluation reply (MetricRecord under METRICS_KEY) ---------------------
@@ -129,6 +134,9 @@ REPLY_KEYS: dict[str, dict[str, ReplyKey]] = {
         PAYLOAD_BYTES: _k("count"),
         BUDGET_EXHAUSTED: _k("ledger"),
         REFUSED: _k("flag"),
+        DATA_SUBJECTS: _k("count"),
+        DATA_WINDOWS: _k("count"),
+        DATA_HOURS: _k("count"),
     },
     "evaluate": {
         NUM_EXAMPLES: _k("count"),
@@ -208,6 +216,9 @@ class TrainReplyMetrics(BaseModel):
     payload_bytes: int = Field(0, ge=0, description="numeric bytes of the update sent")
     budget_exhausted: bool = Field(False, description="the site cannot afford another round")
     refused: bool = Field(False, description="the site refused this round")
+    data_subjects: int | None = Field(None, ge=0, description="the site's training subjects")
+    data_windows: int | None = Field(None, ge=0, description="their windows")
+    data_hours: float | None = Field(None, ge=0, description="hours of signal in those windows")
 
     @field_validator("train_loss")
     @classmethod
@@ -265,6 +276,12 @@ class TrainReplyMetrics(BaseModel):
             metrics[TRAIN_LOSS] = float(self.train_loss)
         for term, value in sorted(self.loss_terms.items()):
             metrics[loss_term_key(term)] = float(value)
+        if self.data_subjects is not None:
+            metrics[DATA_SUBJECTS] = self.data_subjects
+        if self.data_windows is not None:
+            metrics[DATA_WINDOWS] = self.data_windows
+        if self.data_hours is not None:
+            metrics[DATA_HOURS] = float(self.data_hours)
         return metrics
 
     @classmethod
@@ -290,6 +307,9 @@ _FIELD_OF_KEY: dict[str, str] = {
     PAYLOAD_BYTES: "payload_bytes",
     BUDGET_EXHAUSTED: "budget_exhausted",
     REFUSED: "refused",
+    DATA_SUBJECTS: "data_subjects",
+    DATA_WINDOWS: "data_windows",
+    DATA_HOURS: "data_hours",
 }
 
 

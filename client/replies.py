@@ -162,7 +162,8 @@ class Replies:
             note = self._replay_note(sha256)
         AuditLog.at(self.site.resolved_state_dir()).append(
             AuditEntry(
-                run_id=self.run_key,
+                run_key=self.run_key,
+                flower_run_id=self.context.run_id,
                 server_round=self.server_round,
                 message_type=self.message.metadata.message_type,
                 payload_bytes=arrays_nbytes(arrays) if arrays else 0,

@@ -58,6 +58,7 @@ from biofp_core.protocol import (
     SERVER_ROUND,
     TrainReplyMetrics,
 )
+from biofp_core.signals.types import WINDOW_S
 from biofp_core.training import (
     MetricNoise,
     SubjectBagDataset,
@@ -398,6 +399,16 @@ def _encode(
     return encoded.to_arrays(), encoded.nbytes
 
 
+def data_counts(site: SiteData) -> dict[str, int | float]:
+    """The site's training set in counts, for the model card: subjects, windows, hours."""
+    windows = sum(len(subject) for subject in site.train)
+    return {
+        "data_subjects": len(site.train),
+        "data_windows": windows,
+        "data_hours": round(windows * WINDOW_S / 3600, 4),
+    }
+
+
 def train_round(
     site: SiteData,
     run: RunConfig,
@@ -461,6 +472,7 @@ def _train_round(
         train_loss=loss if loss is not None else 0.0,
         loss_terms=result.noisy_terms if private else result.terms,
         epsilon=epsilon, delta=delta, payload_bytes=payload, budget_exhausted=exhausted,
+        **data_counts(site),
     )  # fmt: skip
     outcome = TrainOutcome(arrays=arrays, metrics=metrics, charged=charged)
     cache_reply(site.state_dir, run_key, instruction, global_arrays, outcome)
