@@ -1,11 +1,11 @@
 """The site's audit log: one JSON line per outgoing message, appended and fsync'ed, never rewritten.
 
-The log lives at ``<state_dir>/audit.jsonl``. Each line is an `AuditEntry`: when, which run and
-round, what kind of message, how many bytes, the sha256 of the arrays sent (`arrays_sha256`), the
-names of the metrics sent (never their values) and the ε spent at the time. Appends take an
-exclusive `fcntl.flock` on the log itself, so two processes never interleave a line; a line torn by
-a crash stays alone on its line (and is reported by `AuditLog.entries`), the next entry starts on
-a fresh one.
+The log lives at ``<state_dir>/audit.jsonl``. Each line is an `AuditEntry`: when, which run
+(BioFP's run key, and Flower's run id of the message) and round, what kind of message, how many
+bytes, the sha256 of the arrays sent (`arrays_sha256`), the names of the metrics sent (never
+their values) and the ε spent at the time. Appends take an exclusive `fcntl.flock` on the log
+itself, so two processes never interleave a line; a line torn by a crash stays alone on its line
+(and is reported by `AuditLog.entries`), the next entry starts on a fresh one.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import BioFPError
+from biofp_core.fsutil import fsync_path
 
 AUDIT_FILENAME = "audit.jsonl"
 
@@ -40,7 +41,14 @@ class AuditEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     time: str = Field(default_factory=_utc_now, description="UTC ISO 8601")
-    run_id: str
+    run_key: str = Field(
+        validation_alias=AliasChoices("run_key", "run_id"),  # "run_id" in logs before 2026-12
+        description="BioFP's run key (the coordinator's run.json), or Flower's run id when the "
+        "server sent none; the 'run' of the privacy ledger",
+    )
+    flower_run_id: int | None = Field(
+        None, ge=0, description="Flower's run id (flwr ls) of the message answered"
+    )
     server_round: int = Field(ge=0)
     message_type: str = Field(min_length=1, description="e.g. 'train', 'evaluate', 'query'")
     payload_bytes: int = Field(ge=0)
@@ -48,6 +56,14 @@ class AuditEntry(BaseModel):
     metric_keys: list[str]
     epsilon: float | None = Field(ge=0, description="ε spent by the site when it was sent")
     note: str | None = None
+    ledger_entry: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="hash of the ledger entry that paid for it"
+    )
+
+    @property
+    def run_id(self) -> str:
+        """The run key (the field's name before it was ``run_key``)."""
+        return self.run_key
 
 
 class AuditLog:
@@ -79,7 +95,7 @@ class AuditLog:
         finally:
             os.close(fd)  # also releases the lock
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
 
     def entries(self) -> list[AuditEntry]:
         """Every entry, oldest first; [] when nothing was logged yet.
@@ -109,13 +125,22 @@ class AuditLog:
                 ) from None
         return out
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def readable_entries(self) -> list[AuditEntry]:
+        """Every entry that parses, skipping lines a crash tore (``entries`` reports them)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
+        out = []
+        for line in raw.split(b"\n"):
+            if line.strip():
+                try:
+                    out.append(AuditEntry.model_validate_json(line))
+                except ValueError:
+                    continue
+        return out
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:

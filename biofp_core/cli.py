@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from biofp_core.commands.certs import certs_app
 from biofp_core.commands.client import client_app
+from biofp_core.commands.dashboard import dashboard
 from biofp_core.commands.data import data_app
 from biofp_core.commands.demo import demo
 from biofp_core.commands.evaluate import evaluate
@@ -33,6 +34,7 @@ app.add_typer(client_app, name="client")
 app.command("demo")(demo)
 app.command("fingerprint")(fingerprint)
 app.command("evaluate")(evaluate)
+app.command("dashboard")(dashboard)
 
 err_console = Console(stderr=True)
 
@@ -53,9 +55,13 @@ def main() -> None:
     """Console entry point: run the app, turning user errors into one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code here
     except BioFPError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # a path the user gave that cannot be written: one line, no traceback
+        line = f"{exc.filename or 'file'}: {exc.strerror or exc}"
+        err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
@@ -69,3 +75,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)

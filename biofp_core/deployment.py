@@ -33,7 +33,9 @@ Flower command lines.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from biofp_core.errors import BioFPError
 
 DEFAULT_PORT = 9092
+RUNTIME_PORT_BASE = 20000  # derived runtime ports: RUNTIME_PORT_BASE + hash(state folder) % SPAN
+RUNTIME_PORT_SPAN = 10000
 FEDERATION_PATH_KEYS = ("ca_cert", "node_key", "flower_home")
 _SERVER_PATHS = {
     "superlink": ("state_dir", "workdir", "database", "log_file"),
@@ -62,6 +66,32 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def derived_runtime_port(site_toml: Path) -> int:
+    """The default runtime port of a site: a stable function of its site.toml's path, so
+    several sites on one host get distinct ports without configuring any (a collision is caught
+    by the pre-start check, which then picks a free port)."""
+    digest = zlib.crc32(str(Path(site_toml).expanduser().resolve()).encode())
+    return RUNTIME_PORT_BASE + digest % RUNTIME_PORT_SPAN
+
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address (127.0.0.0/8, ::1) or a loopback name.
+
+    A name is not resolved: only ``localhost`` and its usual aliases count, so a name that
+    DNS could later point elsewhere is never taken for loopback.
+    """
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class FederationConfig(BaseModel):
     """The ``[federation]`` section of a site.toml: how this site's SuperNode joins."""
 
@@ -70,7 +100,13 @@ class FederationConfig(BaseModel):
     superlink: str = Field(description="host:port of the coordinator's SuperLink")
     ca_cert: Path | None = Field(None, description="the federation's CA certificate (TLS)")
     node_key: Path | None = Field(None, description="this site's SuperNode private key")
-    runtime_port: int = Field(9094, gt=0, lt=65536, description="local port (127.0.0.1 only)")
+    runtime_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="local port (127.0.0.1 only) of the SuperNode's runtime API; default: "
+        "derived from the site.toml path (distinct per site), another free one if taken",
+    )
     flower_home: Path | None = Field(None, description="Flower's app cache (default: state dir)")
     max_retries: int | None = Field(None, ge=0, description="reconnect attempts (None: forever)")
     max_wait_s: float | None = Field(None, gt=0, description="give up reconnecting after this")

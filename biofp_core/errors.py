@@ -42,4 +42,17 @@ class ArtifactError(BioFPError):
 
 
 class PrivacyBudgetError(BioFPError):
-    """An action would exceed the site's privacy budget."""
+    """An action would exceed the site's privacy budget, or the site refuses it under a limit it
+    pinned itself; the site answers with a refusal.
+
+    ``exhausted`` is True only when what the site has spent is what refuses the action (a fresh
+    budget could pay for it): the budget is spent for this kind of action.
+    """
+
+    def __init__(self, message: str, *, exhausted: bool = False) -> None:
+        super().__init__(message)
+        self.exhausted = exhausted
+
+
+class SiteLimitError(PrivacyBudgetError):
+    """The server asks for something beyond a limit the site pinned in its ``[privacy]``."""

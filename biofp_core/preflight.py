@@ -24,10 +24,18 @@ from biofp_core.certs import (
     load_node_key,
     load_private_key,
 )
-from biofp_core.deployment import DeploymentError, FederationConfig, ServerConfig
+from biofp_core.deployment import (
+    DeploymentError,
+    FederationConfig,
+    ServerConfig,
+    derived_runtime_port,
+    is_loopback,
+)
 from biofp_core.site import SiteConfig
 
 log = logging.getLogger(__name__)
+
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API never listens elsewhere
 
 
 def check_reachable(host: str, port: int, *, timeout_s: float) -> None:
@@ -77,17 +85,74 @@ def check_tls_handshake(host: str, port: int, *, ca_cert: Path, timeout_s: float
         ) from None
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a listening address another process holds."""
+def check_port_free(host: str, port: int, *, key: str | None = None) -> None:
+    """Refuse a listening address another process holds; `key` names the setting to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
+            hint = f"change {key}" if key else "is a SuperLink already running?"
             raise DeploymentError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); is a SuperLink already running?"
+                f"cannot listen on {host}:{port} ({exc.strerror}): another process (another "
+                f"SuperLink or site?) holds it; {hint}"
             ) from None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when `host`:`port` can be listened on now."""
+    try:
+        check_port_free(host, port)
+    except DeploymentError:
+        return False
+    return True
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free on `host` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def choose_runtime_port(site: SiteConfig, config_path: Path | None = None) -> tuple[int, str]:
+    """(port, how it was chosen) of the SuperNode's runtime API on 127.0.0.1.
+
+    A configured ``[federation] runtime_port`` must be free (else one line naming the key); the
+    default is derived from the path of site.toml (`config_path`; else the state folder), so
+    sites on one host differ, and when that
+    port is taken another free port is chosen.
+    """
+    fed = site.federation
+    assert fed is not None
+    if fed.runtime_port is not None:
+        where = (
+            f"federation.runtime_port in {config_path}"
+            if config_path
+            else ("federation.runtime_port in site.toml")
+        )
+        check_port_free(RUNTIME_HOST, fed.runtime_port, key=where)
+        return fed.runtime_port, "federation.runtime_port"
+    derived = derived_runtime_port(config_path or site.resolved_state_dir())
+    if port_is_free(RUNTIME_HOST, derived):
+        return derived, "the default for this site.toml"
+    chosen = pick_free_port(RUNTIME_HOST)
+    log.warning("runtime port %d (derived) is taken; using %d", derived, chosen)
+    return chosen, f"chosen free: {derived} was taken"
+
+
+def check_insecure_address(host: str, *, what: str, allow_non_loopback: bool) -> None:
+    """Refuse --insecure for a non-loopback `host` unless explicitly allowed."""
+    if is_loopback(host) or allow_non_loopback:
+        if not is_loopback(host):
+            log.warning("--insecure-non-loopback: %s %s is reached WITHOUT TLS", what, host)
+        return
+    raise DeploymentError(
+        f"--insecure is for a test on one machine: {what} {host} is not a loopback address "
+        "(127.0.0.1, ::1, localhost); use TLS, or add --insecure-non-loopback if you really mean "
+        "unencrypted traffic over a network"
+    )
 
 
 def check_writable_dir(path: Path, *, what: str) -> Path:
@@ -125,16 +190,29 @@ def check_server_tls(cfg: ServerConfig) -> None:
         )
 
 
-def check_server(cfg: ServerConfig, *, insecure: bool) -> None:
+def check_log_file(path: Path, *, key: str) -> None:
+    """Create the folder of a log file; refuse a log path that is a folder or not writable."""
+    if path.is_dir():
+        raise DeploymentError(f"{path}: {key} is a folder; give a file name, e.g. {path}/x.log")
+    check_writable_dir(path.parent, what=f"folder of {key}")
+
+
+def check_server(cfg: ServerConfig, *, insecure: bool, allow_non_loopback: bool = False) -> None:
     """Every check before ``biofp server start``; raises the first failure."""
-    if not insecure:
+    if insecure:
+        check_insecure_address(
+            cfg.superlink.host, what="superlink.host", allow_non_loopback=allow_non_loopback
+        )
+    else:
         check_server_tls(cfg)
         if not cfg.auth.supernode_auth:
             log.warning("SuperNode authentication is off: any SuperNode trusting the CA may join")
     check_writable_dir(cfg.superlink.state_dir, what="SuperLink state folder")
     check_writable_dir(cfg.superlink.database_path.parent, what="SuperLink database folder")
     check_writable_dir(cfg.superlink.workdir, what="SuperLink working folder (run directories)")
-    check_port_free(cfg.superlink.host, cfg.superlink.port)
+    if cfg.superlink.log_file is not None:
+        check_log_file(cfg.superlink.log_file, key="superlink.log_file")
+    check_port_free(cfg.superlink.host, cfg.superlink.port, key="superlink.port in server.toml")
 
 
 def check_site_data(site: SiteConfig) -> int:
@@ -161,8 +239,37 @@ def check_federation_keys(fed: FederationConfig) -> None:
     load_node_key(fed.node_key)
 
 
-def check_site(site: SiteConfig, *, insecure: bool, config_path: Path | None = None) -> None:
-    """Every check before ``biofp client start``; raises the first failure."""
+def check_site_state(state_dir: Path) -> None:
+    """A site's ledger verifies, or the state folder is brand new (the start initialises it).
+
+    Raises
+    ------
+    PrivacyLedgerError
+        The ledger is missing, edited or behind its marker, or the audit log contradicts it.
+    """
+    from biofp_core.audit import AUDIT_FILENAME
+    from biofp_core.privacy.ledger import LEDGER_FILENAME, MARKER_FILENAME, PrivacyLedger
+
+    names = (LEDGER_FILENAME, MARKER_FILENAME, AUDIT_FILENAME)
+    if any((Path(state_dir) / name).exists() for name in names):
+        PrivacyLedger.at(state_dir).verify()
+
+
+def check_site(
+    site: SiteConfig,
+    *,
+    insecure: bool,
+    config_path: Path | None = None,
+    allow_non_loopback: bool = False,
+) -> tuple[int, str]:
+    """Every check before ``biofp client start``; raises the first failure.
+
+    Returns
+    -------
+    tuple[int, str]
+        The port of the SuperNode's runtime API on 127.0.0.1 and how it was chosen
+        (:func:`choose_runtime_port`).
+    """
     fed = site.federation
     if fed is None:
         where = config_path or "site config"
@@ -170,12 +277,18 @@ def check_site(site: SiteConfig, *, insecure: bool, config_path: Path | None = N
             f"{where}: no federation section (superlink, ca_cert, node_key): this site does "
             "not know which federation to join"
         )
-    if not insecure:
+    if insecure:
+        check_insecure_address(
+            fed.host, what="federation.superlink", allow_non_loopback=allow_non_loopback
+        )
+    else:
         check_federation_keys(fed)
     check_site_data(site)
     check_writable_dir(site.resolved_state_dir(), what="site state folder (ledger, audit log)")
+    check_site_state(site.resolved_state_dir())
     check_reachable(fed.host, fed.port, timeout_s=fed.connect_timeout_s)
     if not insecure and fed.ca_cert is not None:
         check_tls_handshake(
             fed.host, fed.port, ca_cert=fed.ca_cert, timeout_s=fed.connect_timeout_s
         )
+    return choose_runtime_port(site, config_path)

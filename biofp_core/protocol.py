@@ -46,15 +46,16 @@ DELTA = "delta"  # float: the site's δ (0 when it trains without DP)
 PAYLOAD_BYTES = "payload-bytes"  # int: bytes of the numeric payload of the update
 BUDGET_EXHAUSTED = "budget-exhausted"  # 0/1: the site cannot afford another round
 REFUSED = "refused"  # 0/1: the site refused this round (no arrays, weight 0)
+# the site's training set in counts (for the model card's data summary); contributing replies only
+DATA_SUBJECTS = "data-subjects"  # int: training subjects of the site (held-out ones excluded)
+DATA_WINDOWS = "data-windows"  # int: windows of those subjects
+DATA_HOURS = "data-hours"  # float: hours of signal in those windows (windows x window length)
+DATA_KEYS = (DATA_SUBJECTS, DATA_WINDOWS, DATA_HOURS)
 
-ALLOWED_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, PAYLOAD_BYTES, BUDGET_EXHAUSTED, REFUSED}
-)  # plus any loss_term_key(term)
 
 # --- Metric keys of an evaluation reply (MetricRecord under METRICS_KEY) ---------------------
 EVAL_LOSS = "eval-loss"  # float: mean loss on the site's held-out subjects
 
-ALLOWED_EVAL_REPLY_METRIC_KEYS: frozenset[str] = frozenset({NUM_EXAMPLES, EVAL_LOSS})
 
 # --- Query messages: Flower message type "query.<action>", sent after the last round ----------
 QUERY_FINGERPRINT_ACTION = "fingerprint"  # @app.query action: release the site's fingerprints
@@ -69,9 +70,6 @@ RELEASED_ROWS = "released-rows"  # int: rows of the released file (0 when refuse
 #   with PAYLOAD_BYTES (bytes of the file), EPSILON and DELTA (the site's ε after the release,
 #   at its δ) and REFUSED
 
-ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
-    {RELEASED_ROWS, PAYLOAD_BYTES, EPSILON, DELTA, REFUSED}
-)
 
 # --- Metric keys of a probe reply: the scalars of one evaluation.SiteProbe --------------------
 PROBE_KIND = "probe-kind"  # int: index of the task's kind in PROBE_KINDS
@@ -81,9 +79,6 @@ PROBE_ROWS = "probe-rows"  # int: labelled fingerprint rows (the aggregation wei
 PROBE_SUBJECTS = "probe-subjects"  # int: subjects behind those rows
 PROBE_KINDS = ("binary", "multiclass", "regression")  # evaluation.labels.TASK_KINDS, in order
 
-ALLOWED_PROBE_REPLY_METRIC_KEYS: frozenset[str] = frozenset(
-    {PROBE_KIND, PROBE_VALUE, PROBE_BASELINE, PROBE_ROWS, PROBE_SUBJECTS, REFUSED}
-)
 
 # --- Metric keys the server adds to each round's aggregated train MetricRecord ---------------
 NODES_SAMPLED = "nodes-sampled"  # sites sent a training instruction
@@ -106,33 +101,101 @@ def loss_term_key(term: str) -> str:
     return f"{LOSS_TERM_PREFIX}{term}"
 
 
-def is_allowed_reply_metric_key(key: str) -> bool:
-    """True for the keys a site may put in a training reply's MetricRecord."""
-    if key in ALLOWED_REPLY_METRIC_KEYS:
-        return True
-    term = key.removeprefix(LOSS_TERM_PREFIX)
-    return term != key and bool(_TERM_PATTERN.match(term))
+# --- What may leave a site: every reply key, where its value comes from, what pays for it ------
+# The one table of docs/privacy.md (a test holds the two equal). A key whose `charged` kind is set
+# carries patient-derived values: the site sends it only with the ledger entry that paid for it
+# (client.replies refuses to build the reply otherwise). The others are counts and settings the
+# site chose, ledger read-outs, flags, or post-processing of a charged release.
+ARRAYS_ENTRY = "<arrays>"  # the reply's ArrayRecord, as a row of the table
+LOSS_TERMS_ENTRY = f"{LOSS_TERM_PREFIX}<term>"  # every loss-term key, as a row of the table
 
 
-_ALLOWED_KEYS_OF_TYPE: dict[str, frozenset[str]] = {
-    "evaluate": ALLOWED_EVAL_REPLY_METRIC_KEYS,
-    QUERY_FINGERPRINT: ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS,
-    QUERY_PROBE: ALLOWED_PROBE_REPLY_METRIC_KEYS,
+class ReplyKey(BaseModel):
+    """One row of the table: a key of one reply type."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: Literal["dp-sgd", "gaussian", "count", "setting", "ledger", "flag", "post-processing"]
+    charged: str | None = None  # the ledger kind that pays for it (patient-derived values)
+
+
+def _k(source: str, charged: str | None = None) -> ReplyKey:
+    return ReplyKey(source=source, charged=charged)  # type: ignore[arg-type]
+
+
+REPLY_KEYS: dict[str, dict[str, ReplyKey]] = {
+    "train": {
+        ARRAYS_ENTRY: _k("dp-sgd", "train"),
+        NUM_EXAMPLES: _k("count"),
+        TRAIN_LOSS: _k("gaussian", "train"),
+        LOSS_TERMS_ENTRY: _k("gaussian", "train"),
+        EPSILON: _k("ledger"),
+        DELTA: _k("setting"),
+        PAYLOAD_BYTES: _k("count"),
+        BUDGET_EXHAUSTED: _k("ledger"),
+        REFUSED: _k("flag"),
+        DATA_SUBJECTS: _k("count"),
+        DATA_WINDOWS: _k("count"),
+        DATA_HOURS: _k("count"),
+    },
+    "evaluate": {
+        NUM_EXAMPLES: _k("count"),
+        EVAL_LOSS: _k("gaussian", "evaluate"),
+        REFUSED: _k("flag"),
+    },
+    QUERY_FINGERPRINT: {
+        ARRAYS_ENTRY: _k("gaussian", "release"),
+        RELEASED_ROWS: _k("count"),
+        PAYLOAD_BYTES: _k("post-processing"),
+        EPSILON: _k("ledger"),
+        DELTA: _k("setting"),
+        REFUSED: _k("flag"),
+    },
+    QUERY_PROBE: {
+        PROBE_KIND: _k("setting"),
+        PROBE_VALUE: _k("gaussian", "probe:<task>"),
+        PROBE_BASELINE: _k("setting"),
+        PROBE_ROWS: _k("count"),
+        PROBE_SUBJECTS: _k("count"),
+        REFUSED: _k("flag"),
+    },
 }
 
 
-def is_allowed_reply_key(message_type: str, key: str) -> bool:
-    """True for the metric keys a site may send in reply to a message of `message_type`.
-
-    ``"train"`` and ``"train.<action>"`` replies: :func:`is_allowed_reply_metric_key`;
-    ``"evaluate[.<action>]"``, ``"query.fingerprint"`` and ``"query.probe"``: their allow-list;
-    any other message type: none.
-    """
+def _table_of(message_type: str) -> dict[str, ReplyKey] | None:
     category = message_type.partition(".")[0]
-    if category == "train":
-        return is_allowed_reply_metric_key(key)
-    allowed = _ALLOWED_KEYS_OF_TYPE.get(category if category == "evaluate" else message_type)
-    return allowed is not None and key in allowed
+    return REPLY_KEYS.get(category if category in ("train", "evaluate") else message_type)
+
+
+def reply_key(message_type: str, key: str) -> ReplyKey | None:
+    """The table's row of `key` in a reply to `message_type`; None when it may not be sent."""
+    table = _table_of(message_type)
+    if table is None:
+        return None
+    if key in table and key != ARRAYS_ENTRY:
+        return table[key]
+    term = key.removeprefix(LOSS_TERM_PREFIX)
+    if LOSS_TERMS_ENTRY in table and term != key and _TERM_PATTERN.match(term):
+        return table[LOSS_TERMS_ENTRY]
+    return None
+
+
+def arrays_entry(message_type: str) -> ReplyKey | None:
+    """The table's row of a reply's arrays; None when the reply may carry none."""
+    table = _table_of(message_type)
+    return None if table is None else table.get(ARRAYS_ENTRY)
+
+
+def is_allowed_reply_metric_key(key: str) -> bool:
+    """True for the keys a site may put in a training reply's MetricRecord."""
+    return reply_key("train", key) is not None
+
+
+def is_allowed_reply_key(message_type: str, key: str) -> bool:
+    """True for the metric keys a site may send in reply to a message of `message_type`
+    (``"train[.<action>]"``, ``"evaluate[.<action>]"``, ``"query.fingerprint"``,
+    ``"query.probe"``); any other message type: none."""
+    return reply_key(message_type, key) is not None
 
 
 class TrainReplyMetrics(BaseModel):
@@ -153,6 +216,9 @@ class TrainReplyMetrics(BaseModel):
     payload_bytes: int = Field(0, ge=0, description="numeric bytes of the update sent")
     budget_exhausted: bool = Field(False, description="the site cannot afford another round")
     refused: bool = Field(False, description="the site refused this round")
+    data_subjects: int | None = Field(None, ge=0, description="the site's training subjects")
+    data_windows: int | None = Field(None, ge=0, description="their windows")
+    data_hours: float | None = Field(None, ge=0, description="hours of signal in those windows")
 
     @field_validator("train_loss")
     @classmethod
@@ -210,6 +276,12 @@ class TrainReplyMetrics(BaseModel):
             metrics[TRAIN_LOSS] = float(self.train_loss)
         for term, value in sorted(self.loss_terms.items()):
             metrics[loss_term_key(term)] = float(value)
+        if self.data_subjects is not None:
+            metrics[DATA_SUBJECTS] = self.data_subjects
+        if self.data_windows is not None:
+            metrics[DATA_WINDOWS] = self.data_windows
+        if self.data_hours is not None:
+            metrics[DATA_HOURS] = float(self.data_hours)
         return metrics
 
     @classmethod
@@ -235,6 +307,9 @@ _FIELD_OF_KEY: dict[str, str] = {
     PAYLOAD_BYTES: "payload_bytes",
     BUDGET_EXHAUSTED: "budget_exhausted",
     REFUSED: "refused",
+    DATA_SUBJECTS: "data_subjects",
+    DATA_WINDOWS: "data_windows",
+    DATA_HOURS: "data_hours",
 }
 
 
@@ -267,7 +342,9 @@ class FingerprintReplyMetrics(_QueryReplyMetrics):
         RELEASED_ROWS: "rows", PAYLOAD_BYTES: "payload_bytes", EPSILON: "epsilon",
         DELTA: "delta", REFUSED: "refused",
     }  # fmt: skip
-    ALLOWED: ClassVar[frozenset[str]] = ALLOWED_FINGERPRINT_REPLY_METRIC_KEYS
+    ALLOWED: ClassVar[frozenset[str]] = frozenset(
+        set(REPLY_KEYS[QUERY_FINGERPRINT]) - {ARRAYS_ENTRY}
+    )
 
     rows: int = Field(ge=0, description="rows of the released file")
     payload_bytes: int = Field(ge=0, description="bytes of the released Parquet file")
@@ -297,7 +374,7 @@ class ProbeReplyMetrics(_QueryReplyMetrics):
         PROBE_KIND: "kind", PROBE_VALUE: "value", PROBE_BASELINE: "baseline", PROBE_ROWS: "rows",
         PROBE_SUBJECTS: "subjects", REFUSED: "refused",
     }  # fmt: skip
-    ALLOWED: ClassVar[frozenset[str]] = ALLOWED_PROBE_REPLY_METRIC_KEYS
+    ALLOWED: ClassVar[frozenset[str]] = frozenset(REPLY_KEYS[QUERY_PROBE])
 
     kind: Literal["binary", "multiclass", "regression"] | None = None  # sent as its index
     value: float | None = Field(None, description="the site's out-of-fold metric")

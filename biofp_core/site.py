@@ -6,6 +6,7 @@ import csv
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,12 +36,37 @@ class AliasOverrides(BaseModel):
 
 
 class PrivacyBudget(BaseModel):
-    """The site's own privacy budget; the server can never raise it."""
+    """The site's own privacy budget and the limits it pins; the server can only ask.
 
-    model_config = ConfigDict(extra="forbid")
+    Every limit has a safe default that a site can loosen explicitly in ``[privacy]``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     epsilon: float = Field(8.0, gt=0, description="total ε this site will ever spend")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is reported")
+    # --- what the site accepts from the server -------------------------------------------
+    min_noise_multiplier: float = Field(0.8, gt=0, description="σ floor of a DP-SGD round")
+    min_train_subjects: int = Field(4, ge=1, description="training subjects a round needs")
+    max_holdout_fraction: float = Field(0.5, ge=0, lt=1, description="largest holdout asked")
+    max_bag_size: int = Field(64, ge=1, description="most windows of one subject per bag")
+    models: list[str] = Field(["m2ae", "siamquality"], description="models the site trains")
+    model_options: dict[str, Any] | None = Field(
+        None, description="a pinned architecture (model-options must equal it); None: any"
+    )
+    max_charged_queries: int = Field(
+        16, ge=0, description="charged evaluate/probe/release answers per run key"
+    )
+    # --- the noise on every metric that leaves (see docs/privacy.md) -----------------------
+    metric_clip: float = Field(10.0, gt=0, description="C: L2 clip of a subject's loss vector")
+    train_metric_noise: float = Field(
+        5.0, gt=0, description="σ of each step's noisy loss sum (× C), training"
+    )
+    eval_noise: float = Field(10.0, gt=0, description="σ of the noisy held-out loss sum (× C)")
+    probe_epsilon: float = Field(1.0, gt=0, description="ε of one probe answer (Gaussian)")
+    probe_group_subjects: int = Field(
+        20, ge=2, description="subjects per group a probe is averaged over"
+    )
 
 
 class SiteConfig(BaseModel):
@@ -79,7 +105,25 @@ class SiteConfig(BaseModel):
         return PreprocessConfig(**{**self.preprocess, "aliases": aliases})
 
     def resolved_state_dir(self) -> Path:
-        return self.state_dir or self.data_dir.parent / f".biofp-{self.name}"
+        """The state folder: `state_dir`, else ``.biofp-<data folder name>`` beside the data
+        folder (it does not move when the site's `name` changes).
+
+        Raises
+        ------
+        ConfigError
+            An older BioFP's default folder (named after the site) holds a ledger.
+        """
+        if self.state_dir is not None:
+            return self.state_dir
+        legacy = self.data_dir.parent / f".biofp-{self.name}"
+        default = self.data_dir.parent / f".biofp-{self.data_dir.name}"
+        moved = legacy != default and not default.exists()
+        if moved and (legacy / "privacy_ledger.json").exists():
+            raise ConfigError(
+                f"{legacy}: this site's ledger is in an older default state folder; set "
+                f'state_dir = "{legacy}" in site.toml'
+            )
+        return default
 
 
 def _merge(extra: list[str], base: tuple[str, ...]) -> tuple[str, ...]:
@@ -107,6 +151,8 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
         raise ConfigError(f"{path or 'site config'}: data_dir is not set (give --data DIR)")
     for key in ("data_dir", "cache_dir", "state_dir", "labels_csv", "subject_map_csv"):
         if raw.get(key) is not None:
+            if not isinstance(raw[key], str):
+                raise ConfigError(f"{path or 'site config'}: {key}: must be a path (a string)")
             raw[key] = (base / Path(raw[key]).expanduser()).resolve()
     if isinstance(raw.get("federation"), dict):
         raw["federation"] = resolve_federation_paths(raw["federation"], base)

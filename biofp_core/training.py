@@ -23,9 +23,10 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import DataError
 from biofp_core.models.base import Batch, BioFPModel, SubjectWindows
 from biofp_core.privacy import DPConfig, PrivacyReport, PrivateTraining
+from biofp_core.privacy.mechanisms import NoisyLossSums, metric_rows, noise_rng
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,18 @@ class TrainResult:
     terms: dict[str, float] = field(default_factory=dict)  # mean of each named term
     wall_s: float = 0.0
     privacy: PrivacyReport | None = None
+    noisy_loss: float | None = None  # under DP: the loss estimate that may leave the site
+    noisy_terms: dict[str, float] = field(default_factory=dict)  # under DP: each term's estimate
+
+
+class MetricNoise(BaseModel):
+    """The Gaussian noise on a DP round's loss sums (``privacy.mechanisms.NoisyLossSums``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clip: float = Field(gt=0, description="C: L2 clip of each subject's loss vector")
+    noise_multiplier: float = Field(gt=0, description="σ: noise std / C, per step")
+    seed: int | None = Field(None, description="None: OS entropy")
 
 
 class SubjectBagDataset(Dataset):
@@ -151,7 +164,7 @@ class _Meter:
     def add(self, loss: Tensor, terms: Mapping[str, Tensor], step: int) -> None:
         loss = loss.detach()
         if not torch.isfinite(loss).all():
-            raise ConfigError(f"loss is not finite at step {step}: lower lr or check the data")
+            raise DataError(f"loss is not finite at step {step}: lower lr or check the data")
         self.n += len(loss)
         self.loss += float(loss.sum())
         self.last = float(loss.mean())
@@ -179,7 +192,7 @@ def _plain_step(
 def _loop(
     model: BioFPModel, batches: Iterator[Batch | None], steps: int, cfg: TrainConfig,
     optimizer: torch.optim.Optimizer, private: PrivateTraining | None, prox: _Proximal | None,
-    progress: bool,
+    progress: bool, sums: NoisyLossSums | None,
 ) -> _Meter:  # fmt: skip
     meter = _Meter()
     bar = Progress(transient=True) if progress else contextlib.nullcontext()
@@ -189,9 +202,13 @@ def _loop(
             if batch is None:  # empty Poisson batch: noise-only step
                 assert private is not None
                 private.empty_step(after_noise=prox)
+                if sums is not None:
+                    sums.add_empty()
             elif private is not None:
                 private.zero_grad()
                 loss, terms = model.loss(batch)
+                if sums is not None:  # before the meter, which refuses a non-finite loss
+                    sums.add(_numpy(loss), {k: _numpy(v) for k, v in terms.items()})
                 private.backward(loss)
                 private.step(after_noise=prox)
                 meter.add(loss, terms, step)
@@ -204,12 +221,17 @@ def _loop(
     return meter
 
 
+def _numpy(values: Tensor) -> np.ndarray:
+    return values.detach().cpu().double().numpy()
+
+
 def train_local(
     model: BioFPModel,
     subjects: Sequence[SubjectWindows],
     cfg: TrainConfig,
     *,
     dp: DPConfig | None = None,
+    metric_noise: MetricNoise | None = None,
     ledger_history: Sequence[Sequence[float]] | None = None,
     reference: Mapping[str, Tensor] | None = None,
     progress: bool = False,
@@ -226,6 +248,9 @@ def train_local(
         Steps, batch, optimizer and seed.
     dp
         Per-subject DP-SGD settings; None trains without privacy.
+    metric_noise
+        Under DP: noise the per-step loss sums (same q and steps as the gradients) and return
+        the estimate as ``noisy_loss``/``noisy_terms``.
     ledger_history
         Accountant history of earlier rounds/runs, continued under DP.
     reference
@@ -252,7 +277,13 @@ def train_local(
         model.train()
         try:
             batches = iter(private.loader) if private else _cycle(_shuffled(dataset, cfg), steps)
-            meter = _loop(model, batches, steps, cfg, optimizer, private, prox, progress)
+            sums = None
+            if private is not None and metric_noise is not None:
+                rng = noise_rng(metric_noise.seed)
+                sums = NoisyLossSums(
+                    clip=metric_noise.clip, noise_multiplier=metric_noise.noise_multiplier, rng=rng
+                )
+            meter = _loop(model, batches, steps, cfg, optimizer, private, prox, progress, sums)
         finally:
             if private is not None:
                 private.close()
@@ -260,6 +291,9 @@ def train_local(
     mean_loss, terms = meter.means()
     if prox is not None:
         terms["prox"] = prox.value()
+    noisy = None
+    if sums is not None and private is not None:
+        noisy = sums.estimate(expected_subjects=private.sample_rate * len(dataset))
     result = TrainResult(
         steps=steps,
         examples=meter.n,
@@ -268,6 +302,8 @@ def train_local(
         terms=terms,
         wall_s=time.perf_counter() - start,
         privacy=private.report() if private is not None else None,
+        noisy_loss=noisy[0] if noisy else None,
+        noisy_terms=noisy[1] if noisy else {},
     )
     logger.info("trained %s: %d steps, %d bags, loss %.4f", model.name, steps, meter.n, mean_loss)
     return result
@@ -279,6 +315,33 @@ def _shuffled(dataset: SubjectBagDataset, cfg: TrainConfig) -> DataLoader:
         dataset, batch_size=cfg.batch_subjects, shuffle=True, generator=generator,
         collate_fn=collate_bags,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def subject_losses(
+    model: BioFPModel,
+    subjects: Sequence[SubjectWindows],
+    *,
+    bag_size: int,
+    seed: int,
+    batch_subjects: int = 32,
+) -> tuple[np.ndarray, list[str]]:
+    """Per-subject metric vectors over one seeded bag each: ((n, 1+T) loss then terms, names)."""
+    was_training = model.training
+    model.eval()
+    rows, names = [], []
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            dataset = SubjectBagDataset(model, subjects, bag_size=bag_size, seed=seed)
+            for i in range(0, len(dataset), batch_subjects):
+                items = [dataset[j] for j in range(i, min(i + batch_subjects, len(dataset)))]
+                loss, terms = model.loss(collate_bags(items))
+                names = sorted(terms)
+                rows.append(metric_rows(_numpy(loss), {k: _numpy(v) for k, v in terms.items()}))
+    finally:
+        model.train(was_training)
+    return (np.concatenate(rows) if rows else np.zeros((0, 1))), names
 
 
 @torch.no_grad()

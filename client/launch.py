@@ -4,10 +4,11 @@ The SuperNode dials the coordinator's SuperLink (``[federation] superlink``) ove
 only the federation's CA (``--root-certificates``), and authenticates with the site's own EC key
 (``--auth-supernode-private-key``, OpenSSH format, from ``biofp certs node``). It opens no
 inbound port: its Runtime API listens on 127.0.0.1 only (``--host 127.0.0.1 --port
-runtime_port``), for the ClientApp processes it starts. Its node config carries the path of
-site.toml (``site-config``), from which the ClientApp finds the site's data, state (privacy
-ledger, audit log) and budget (client/site_data.py). Flower's app cache lives in the site's state
-folder; telemetry and the update check are off.
+runtime_port``; by default a port derived from the path of site.toml, so that several sites
+on one host never share one), for the ClientApp processes it starts. Its node config carries
+the path of site.toml (``site-config``), from which the ClientApp finds the site's data, state
+(privacy ledger, audit log) and budget (client/site_data.py). Flower's app cache lives in the
+site's state folder; telemetry and the update check are off.
 
 Before anything starts, every check of :func:`biofp_core.preflight.check_site` runs, and the
 site's window store is built (or found in the cache), so the first round does not pay for it.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biofp_core.certs import load_node_key, ssh_fingerprint
-from biofp_core.deployment import DeploymentError, FederationConfig
+from biofp_core.deployment import DeploymentError, FederationConfig, derived_runtime_port
 from biofp_core.preflight import check_site
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.supervise import run_supervised
@@ -40,12 +41,17 @@ def _node_config(site_toml: Path) -> str:
     return f"{SITE_CONFIG_KEY}={value}"
 
 
-def supernode_command(fed: FederationConfig, site_toml: Path, *, insecure: bool) -> list[str]:
-    """The flower-supernode command line for a site."""
+def supernode_command(
+    fed: FederationConfig, site_toml: Path, *, insecure: bool, runtime_port: int | None = None
+) -> list[str]:
+    """The flower-supernode command line for a site (`runtime_port`: default the configured
+    one, else the one derived from the path of site.toml)."""
+    if runtime_port is None:
+        runtime_port = fed.runtime_port or derived_runtime_port(site_toml)
     argv = [
         flower_executable("flower-supernode"),
         "--superlink", fed.superlink,
-        "--host", "127.0.0.1", "--port", str(fed.runtime_port),
+        "--host", "127.0.0.1", "--port", str(runtime_port),
         "--isolation", "subprocess",
         "--node-config", _node_config(site_toml),
     ]  # fmt: skip
@@ -71,6 +77,8 @@ class SuperNodeLaunch:
     argv: list[str]
     env: dict[str, str]
     insecure: bool
+    runtime_port: int
+    runtime_port_source: str
 
     @property
     def federation(self) -> FederationConfig:
@@ -78,34 +86,44 @@ class SuperNodeLaunch:
         return self.site.federation
 
 
-def prepare_supernode(config_path: Path, *, insecure: bool) -> SuperNodeLaunch:
+def prepare_supernode(
+    config_path: Path, *, insecure: bool, allow_non_loopback: bool = False
+) -> SuperNodeLaunch:
     """Parse and check site.toml; nothing is started.
 
     Raises
     ------
     BioFPError
         One line: no [federation], missing/expired CA certificate, unsafe or invalid node key,
-        empty data directory, unreachable or untrusted SuperLink...
+        empty data directory, unreachable or untrusted SuperLink, runtime port taken,
+        --insecure towards a non-loopback SuperLink...
     """
     site_toml = Path(config_path).expanduser().resolve()
     site = load_site_config(site_toml)
-    check_site(site, insecure=insecure, config_path=site_toml)
+    port, source = check_site(
+        site, insecure=insecure, config_path=site_toml, allow_non_loopback=allow_non_loopback
+    )
     fed = site.federation
     assert fed is not None
     home = fed.flower_home or site.resolved_state_dir() / "flower"
     return SuperNodeLaunch(
         site=site,
         site_toml=site_toml,
-        argv=supernode_command(fed, site_toml, insecure=insecure),
+        argv=supernode_command(fed, site_toml, insecure=insecure, runtime_port=port),
         env=flower_env(home),
         insecure=insecure,
+        runtime_port=port,
+        runtime_port_source=source,
     )
 
 
 def warm_store(launch: SuperNodeLaunch) -> int:
-    """Build the site's window store now (or find it cached); returns its subject count."""
+    """Initialise a brand-new site's state (ledger + marker) and build the site's window store
+    now (or find it cached); returns its subject count."""
+    from biofp_core.privacy.ledger import initialise_site_state
     from biofp_core.validate import open_site_store
 
+    initialise_site_state(launch.site.resolved_state_dir(), name=launch.site.name)
     return len(open_site_store(launch.site).subjects())
 
 

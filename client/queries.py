@@ -1,7 +1,8 @@
 """A site's answers to the server's query messages, in plain code (no Message is built here).
 
 - ``query.fingerprint``: the global model's fingerprints of the site's windows, released under the
-  site's OWN release policy by :func:`biofp_core.fingerprints.export.release_store` (record means
+  site's OWN release policy (which must add noise for anything to leave through Flower) by
+  :func:`biofp_core.fingerprints.export.release_store` (record means
   or windows, clipping, Gaussian noise charged to the ledger, pseudonyms, an audit line for the
   release). Fingerprints leave only under a policy the site wrote down: a ``site.toml`` without a
   ``[release]`` section refuses. A noisy release is charged once per (run key, round, "release");
@@ -9,9 +10,11 @@
   cached in ``<state_dir>/releases/``, never a second noise draw for one charge; without that
   cache, or for other global weights, it refuses.
 - ``query.probe``: one task's linear probe, cross-validated by subject on the site's own
-  noise-free record fingerprints (never released) and its labels CSV; only the
-  :class:`~biofp_core.evaluation.SiteProbe` scalars leave. A site without usable labels for the
-  task refuses.
+  noise-free record fingerprints (never released) and its labels CSV; only the scalars of
+  :func:`~biofp_core.evaluation.federated.private_site_probe` leave (subsample-and-aggregate plus
+  Gaussian noise of the site's ``probe_epsilon``), charged as ``probe:<task>`` and counted against
+  ``max_charged_queries``. A site without a ``[release]`` section, or without usable labels for
+  the task, refuses.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import ModelCard, load_model, save_model
-from biofp_core.errors import BioFPError, DataError
-from biofp_core.evaluation import read_labels, site_probe, task_labels
+from biofp_core.audit import arrays_sha256
+from biofp_core.errors import DataError, SiteLimitError
+from biofp_core.evaluation import read_labels, task_labels
+from biofp_core.evaluation.federated import private_site_probe
 from biofp_core.fingerprints.compute import window_fingerprints
 from biofp_core.fingerprints.export import release_store
 from biofp_core.fingerprints.parquet import read_fingerprints
@@ -33,10 +38,20 @@ from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import prepare_release
 from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy.accounting import gaussian_noise_multiplier
+from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger
+from biofp_core.privacy.mechanisms import noise_rng
 from biofp_core.protocol import PROBE_TASK, FingerprintReplyMetrics, ProbeReplyMetrics
 from biofp_core.site import SiteConfig
 from biofp_core.validate import open_site_store
+from client.charged import (
+    REPLIES_DIR,
+    CachedAnswer,
+    cache_answer,
+    cached_answer,
+    instruction_json,
+)
+from client.limits import check_query_cap
 from client.site_data import SiteRef
 from client.task import Arrays, model_from_arrays, round_seed
 from server.config import RunConfig
@@ -45,7 +60,7 @@ RELEASES_DIR = "releases"  # under the site's state folder: the bytes of charged
 FINGERPRINT_MODALITY = {"both": "paired", "ecg": "ecg", "ppg": "ppg"}  # site sensors -> modality
 
 
-class QueryRefusedError(BioFPError):
+class QueryRefusedError(SiteLimitError):
     """The site declines a query under its own rules: no release policy, no usable labels for the
     task, or a charged release it cannot send again."""
 
@@ -105,32 +120,40 @@ def _released_before(
 def release_fingerprints(
     site: SiteConfig, ref: SiteRef, run: RunConfig, arrays: Arrays, *, run_key: str,
     server_round: int,
-) -> tuple[FingerprintReplyMetrics, np.ndarray]:  # fmt: skip
+) -> tuple[FingerprintReplyMetrics, np.ndarray, LedgerEntry]:  # fmt: skip
     """Release the site's fingerprints of the global model under its own policy.
 
     Returns
     -------
-    tuple[FingerprintReplyMetrics, np.ndarray]
-        The reply's metrics and the released Parquet file as a uint8 array (N,).
+    tuple[FingerprintReplyMetrics, np.ndarray, LedgerEntry]
+        The reply's metrics, the released Parquet file as a uint8 array (N,), and the ledger
+        entry that paid for it.
 
     Raises
     ------
     QueryRefusedError
-        The site has no ``[release]`` policy, or cannot send a charged release again.
+        The site has no ``[release]`` policy or one without noise, or cannot send a charged
+        release again.
     PrivacyBudgetError
         The release's noise would exceed the site's budget; nothing is released.
     """
-    if "release" not in site.model_fields_set:
+    _check_release_policy(site, what="fingerprints")
+    if not site.release.noisy:
         raise QueryRefusedError(
-            f"site {site.name}: no [release] policy in its site.toml; fingerprints leave only "
-            "under a policy the site wrote down; refused"
+            f"site {site.name}: its [release] policy adds no noise (no epsilon); fingerprints "
+            "leave through Flower only with noise charged to the ledger; refused"
         )
     model, card = global_model(run, arrays)
     state_dir = site.resolved_state_dir()
     with exclusive_lock(Path(state_dir) / RELEASES_DIR / ".lock"):  # check, release, cache
         released = _released_before(site, card, run_key=run_key, server_round=server_round)
         if released is None:
-            seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, "release", server_round)
+            check_query_cap(site, run_key=run_key)
+            seed = (
+                None
+                if ref.dp_seed is None
+                else round_seed(ref.dp_seed, run_key, "release", server_round)
+            )
             report, blob = release_store(
                 open_site_store(site), model, card, site=site, out=None,
                 modality=FINGERPRINT_MODALITY[ref.modality], run_id=run_key,
@@ -140,13 +163,23 @@ def release_fingerprints(
                 atomic_write_bytes(release_cache_path(state_dir, run_key, server_round), blob)
             released = report.rows, blob
     rows, blob = released
+    ledger = PrivacyLedger.at(state_dir)
+    charged = next(e for e in ledger.entries if e.key == (run_key, server_round, "release"))
     metrics = FingerprintReplyMetrics(
         rows=rows,
         payload_bytes=len(blob),
-        epsilon=PrivacyLedger.at(state_dir).epsilon(delta=site.privacy.delta),
+        epsilon=ledger.epsilon(delta=site.privacy.delta),
         delta=site.privacy.delta,
     )
-    return metrics, np.frombuffer(blob, dtype=np.uint8)
+    return metrics, np.frombuffer(blob, dtype=np.uint8), charged
+
+
+def _check_release_policy(site: SiteConfig, *, what: str) -> None:
+    if "release" not in site.model_fields_set:
+        raise QueryRefusedError(
+            f"site {site.name}: no [release] policy in its site.toml; {what} leave only under a "
+            "policy the site wrote down; refused"
+        )
 
 
 def fingerprint_refusal(site: SiteConfig) -> FingerprintReplyMetrics:
@@ -157,42 +190,75 @@ def fingerprint_refusal(site: SiteConfig) -> FingerprintReplyMetrics:
 
 
 def probe_task(
-    site: SiteConfig, ref: SiteRef, run: RunConfig, arrays: Arrays, task: str
-) -> ProbeReplyMetrics:
-    """Cross-validate `task`'s linear probe on the site's own record fingerprints.
+    site: SiteConfig, ref: SiteRef, run: RunConfig, arrays: Arrays, task: str, *, run_key: str,
+    server_round: int,
+) -> tuple[ProbeReplyMetrics, LedgerEntry]:  # fmt: skip
+    """`task`'s probe on the site's own record fingerprints, released as noisy scalars.
 
     The fingerprints are the global model's, noise-free and keyed by the site's pseudonyms like
-    its labels; they never leave the site, only the probe's scalars do.
+    its labels; they never leave the site. The probe's value leaves through
+    :func:`~biofp_core.evaluation.federated.private_site_probe`, charged as ``probe:<task>``
+    (a charged probe asked again is answered from the site's cache).
 
     Raises
     ------
     QueryRefusedError
-        The site has no labels CSV, no column `task`, or too few labelled subjects or classes.
+        No ``[release]`` section, no labels CSV, no column `task`, or too few labelled subjects.
+    PrivacyBudgetError
+        Over budget or over the query cap.
     """
+    _check_release_policy(site, what="probe results")
     if site.labels_csv is None:
         raise QueryRefusedError(
             f"site {site.name}: no labels_csv in its site.toml, no labels for task {task!r}; "
             "refused"
         )
-    key = SiteKey.load_or_create(site.resolved_state_dir())
+    state_dir, kind = site.resolved_state_dir(), f"probe:{task}"[:70]
+    key = SiteKey.load_or_create(state_dir)
     try:
         labels = task_labels(read_labels(site.labels_csv, key=key), task)
     except DataError as exc:
         raise QueryRefusedError(f"site {site.name}: no labels for task {task!r}: {exc}") from None
-    model, card = global_model(run, arrays)
-    modality = FINGERPRINT_MODALITY[ref.modality]
-    windows = window_fingerprints(open_site_store(site), model, modality=modality)
-    # record means keyed by pseudonyms, without noise: prepared, never committed nor sent
-    level = "window" if labels.key == "window" else "record"  # window labels: window rows
-    local = prepare_release(
-        windows, card=card, policy=ReleasePolicy(level=level), key=key, modality=modality,
-        default_delta=site.privacy.delta,
-    ).table  # fmt: skip
-    try:
-        probe = site_probe(local, labels, seed=run.seed)
-    except DataError as exc:
-        raise QueryRefusedError(f"site {site.name}: cannot probe task {task!r}: {exc}") from None
-    return ProbeReplyMetrics(
-        kind=probe.kind, value=probe.value, baseline=probe.baseline, rows=probe.rows,
-        subjects=probe.subjects,
-    )  # fmt: skip
+    where = {"run_key": run_key, "kind": kind, "server_round": server_round}
+    sha = arrays_sha256(arrays)
+    question = instruction_json({"task": task, "server_round": server_round})
+    with exclusive_lock(Path(state_dir) / REPLIES_DIR / ".lock"):
+        cached = cached_answer(state_dir, **where, global_sha256=sha, instruction=question)
+        if cached is not None:
+            entry = next(e for e in PrivacyLedger.at(state_dir).entries
+                         if e.hash == cached.ledger_entry)  # fmt: skip
+            return ProbeReplyMetrics.from_metrics(cached.metrics), entry
+        check_query_cap(site, run_key=run_key)
+        model, card = global_model(run, arrays)
+        modality = FINGERPRINT_MODALITY[ref.modality]
+        windows = window_fingerprints(open_site_store(site), model, modality=modality)
+        # record means keyed by pseudonyms, without noise: prepared, never committed nor sent
+        level = "window" if labels.key == "window" else "record"  # window labels: window rows
+        local = prepare_release(
+            windows, card=card, policy=ReleasePolicy(level=level), key=key, modality=modality,
+            default_delta=site.privacy.delta,
+        ).table  # fmt: skip
+        limits = site.privacy
+        sigma = gaussian_noise_multiplier(epsilon=limits.probe_epsilon, delta=limits.delta)
+        seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, run_key, kind, server_round)
+        try:
+            probe = private_site_probe(
+                local, labels, group_subjects=limits.probe_group_subjects,
+                noise_multiplier=sigma, rng=noise_rng(seed), seed=run.seed,
+            )  # fmt: skip
+        except DataError as exc:
+            raise QueryRefusedError(
+                f"site {site.name}: cannot probe task {task!r}: {exc}"
+            ) from None
+        entry = PrivacyLedger.at(state_dir).charge(
+            run_id=run_key, server_round=server_round, kind=kind, noise_multiplier=sigma,
+            sample_rate=1.0, steps=1, delta=limits.delta, budget=limits,
+        )  # fmt: skip
+        metrics = ProbeReplyMetrics(
+            kind=probe.kind, value=probe.value, baseline=probe.baseline, rows=probe.rows,
+            subjects=probe.subjects,
+        )  # fmt: skip
+        answer = CachedAnswer(global_sha256=sha, instruction=question,
+                              metrics=metrics.to_metrics(), ledger_entry=entry.hash)  # fmt: skip
+        cache_answer(state_dir, **where, answer=answer)
+    return metrics, entry

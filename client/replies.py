@@ -1,27 +1,21 @@
 """Every message that leaves a site: built here, checked against the protocol, and audited.
 
-A training reply holds exactly one ArrayRecord (weights or encoded update) and one MetricRecord
-whose keys are all allowed by :mod:`biofp_core.protocol`; an evaluation or probe reply holds only
-the MetricRecord; a fingerprint reply one ArrayRecord (the released file's bytes) and the
-MetricRecord. Nothing else can be sent: :class:`Replies` refuses to build a reply with any other
-key. Each reply, error and refusal is appended to the site's audit log (time, run, round, type,
-bytes, sha256 of the arrays, metric keys, ε) before it is returned to Flower. The run is the
-server's run key (``protocol.RUN_KEY``, stable across a server restart), the key the ledger charges
-under, or Flower's run id when the server sends none. A training reply the log already records as
-sent (same run, round and arrays: a replayed round answered from the site's cache) is noted as a
-replay.
+This is the one place where BioFP's rule for what leaves a site is enforced. A reply may carry only
+the keys of its message type in :data:`biofp_core.protocol.REPLY_KEYS` (the table of
+``docs/privacy.md``), and a reply carrying patient-derived values (arrays, losses, probe scalars)
+must come with the ledger entry that paid for them, charged under this message's run key; anything
+else raises (a bug, never sent). Each reply, refusal and error is appended to the site's audit log
+(time, run key, round, type, bytes, sha256 of the arrays, metric keys, ε, the paying ledger entry)
+before it is returned to Flower; the ledger later checks that every entry the audit log names is
+still in its chain.
 
-Error replies say what kind of failure it was (no usable data, bad config...) but not its details:
-paths and record names stay in the site's log and audit note.
+Error replies carry one fixed public reason per kind of failure (the run config or the
+instruction is invalid, the site's state is unusable, or "the site cannot answer"), never details:
+paths, record names and whether the site's data was usable stay in the audit log.
 
-Refusals: a site that cannot afford a round answers with a *content* reply, metrics only, with
-``refused = 1`` and ``budget-exhausted = 1`` and no arrays. A content reply (rather than a
-Message carrying an ``Error``) lets the site tell the server its ε and that its budget is spent,
-which the budget-aware strategy uses to stop sampling it (a replay refusal,
-``client.task.ReplayRefusedError``, says ``budget-exhausted = 0``); Flower's strategies aggregate
-only the replies BioFP's counted strategies pass on, so a refusal never reaches the average. Real
-failures (no usable data, a broken config, a bug) are ``Error`` replies with a one-line reason,
-which Flower's strategies log and skip; the run goes on with the other sites.
+Refusals: a site that will not answer (budget, a limit it pinned, a replay it cannot resend)
+answers with a *content* reply, metrics only, ``refused = 1``; ``budget-exhausted = 1`` only when
+what the site has spent is what refuses the round.
 """
 
 from __future__ import annotations
@@ -35,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
+from pydantic import ValidationError
 
 from biofp_core.audit import AuditEntry, AuditLog, arrays_nbytes, arrays_sha256
-from biofp_core.errors import ArtifactError, BioFPError, ConfigError, DataError
-from biofp_core.privacy.ledger import PrivacyLedger, PrivacyLedgerError
+from biofp_core.errors import BioFPError, ConfigError
+from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger, PrivacyLedgerError
 from biofp_core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -46,11 +41,10 @@ from biofp_core.protocol import (
     RUN_KEY,
     RUN_KEY_PATTERN,
     SERVER_ROUND,
-    TrainReplyMetrics,
-    is_allowed_reply_key,
+    arrays_entry,
+    reply_key,
 )
 from biofp_core.site import SiteConfig
-from client.task import ReplayRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +56,37 @@ def _one_line(text: str) -> str:
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
-_PUBLIC_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (DataError, "the site has no usable data for this round"),
-    (ConfigError, "the site's configuration or the run config is invalid"),
-    (ArtifactError, "the global arrays or a site artifact are unusable"),
-    (PrivacyLedgerError, "the site's privacy ledger is unreadable"),
-    (BioFPError, "the site cannot take part in this round"),
-)
-
-
 def public_reason(exc: Exception) -> str:
-    """What an Error reply may say about `exc`: its kind, never its details."""
-    for kind, reason in _PUBLIC_REASONS:
-        if isinstance(exc, kind):
-            return f"{type(exc).__name__} at the site: {reason}"
-    return f"internal error at the site ({type(exc).__name__})"
+    """What an Error reply may say about `exc`: one fixed sentence per kind, never details.
+
+    Only failures that do not depend on patient data are told apart: an invalid run config or
+    instruction (the server's own input) and an unusable ledger (the site's state); anything
+    else, data problems included, is "the site cannot answer".
+    """
+    if isinstance(exc, ConfigError | ValidationError):
+        return "the run config or the instruction is invalid at this site"
+    if isinstance(exc, PrivacyLedgerError):
+        return "the site's privacy ledger refuses every charged action until it is restored"
+    return "the site cannot answer this message"
 
 
-def _check_metric_keys(message_type: str, metrics: Mapping[str, int | float]) -> None:
-    """Raise ValueError (a bug, not user input) if a metric key is not allowed to leave."""
-    bad = [k for k in metrics if not is_allowed_reply_key(message_type, k)]
+def _check_reply(
+    message_type: str, metrics: Mapping[str, int | float], arrays: object, charged: bool
+) -> None:
+    """Raise ValueError (a bug, not user input) unless every key may leave, and every
+    patient-derived value comes with its ledger entry."""
+    rows = {k: reply_key(message_type, k) for k in metrics}
+    bad = sorted(k for k, row in rows.items() if row is None)
     if bad:
         raise ValueError(f"metric key(s) not allowed in a {message_type} reply: {bad}")
+    if arrays is not None:
+        row = arrays_entry(message_type)
+        if row is None:
+            raise ValueError(f"a {message_type} reply carries no arrays")
+        rows["<arrays>"] = row
+    unpaid = sorted(k for k, row in rows.items() if row is not None and row.charged and not charged)
+    if unpaid:
+        raise ValueError(f"{message_type} reply: {unpaid} sent without a ledger charge")
 
 
 @dataclass
@@ -110,6 +113,11 @@ class Replies:
         ledger = PrivacyLedger.at(self.site.resolved_state_dir())
         return ledger.epsilon(delta=self.site.privacy.delta)
 
+    def spent(self) -> tuple[float, float]:
+        """(ε spent, δ) of the site, as a refusal reports them."""
+        assert self.site is not None
+        return self._epsilon(), self.site.privacy.delta
+
     @property
     def server_round(self) -> int:
         config = self.message.content.config_records.get(CONFIG_KEY)
@@ -129,7 +137,7 @@ class Replies:
         """A note when the audit log already holds this very training reply (a replay)."""
         assert self.site is not None
         key = (self.run_key, self.server_round, self.message.metadata.message_type)
-        for entry in _readable_entries(AuditLog.at(self.site.resolved_state_dir())):
+        for entry in AuditLog.at(self.site.resolved_state_dir()).readable_entries():
             same = (entry.run_id, entry.server_round, entry.message_type) == key
             if same and entry.arrays_sha256 == sha256:
                 return (
@@ -139,18 +147,23 @@ class Replies:
         return None
 
     def _audit(
-        self, arrays: Mapping[str, np.ndarray] | None, metric_keys: list[str], note: str | None
-    ) -> None:
+        self, arrays: Mapping[str, np.ndarray] | None, metric_keys: list[str], note: str | None,
+        charged: LedgerEntry | None = None,
+    ) -> None:  # fmt: skip
         if self.site is None:
             log.warning("reply not audited (site unknown): %s", note)
             return
-        epsilon = self._epsilon()
+        try:
+            epsilon = self._epsilon()
+        except BioFPError:  # an unreadable ledger: the line is still written
+            epsilon = math.nan
         sha256 = arrays_sha256(arrays) if arrays else None
         if note is None and sha256 is not None:
             note = self._replay_note(sha256)
         AuditLog.at(self.site.resolved_state_dir()).append(
             AuditEntry(
-                run_id=self.run_key,
+                run_key=self.run_key,
+                flower_run_id=self.context.run_id,
                 server_round=self.server_round,
                 message_type=self.message.metadata.message_type,
                 payload_bytes=arrays_nbytes(arrays) if arrays else 0,
@@ -158,36 +171,35 @@ class Replies:
                 metric_keys=sorted(metric_keys),
                 epsilon=epsilon if math.isfinite(epsilon) else None,
                 note=note,
+                ledger_entry=charged.hash if charged is not None else None,
             )
         )
 
     def content(
-        self, metrics: Mapping[str, int | float], arrays: Mapping[str, np.ndarray] | None = None
-    ) -> Message:
-        """A reply with `metrics` (and `arrays`, for training) and nothing else; audited."""
+        self, metrics: Mapping[str, int | float], arrays: Mapping[str, np.ndarray] | None = None,
+        *, charged: LedgerEntry | None = None,
+    ) -> Message:  # fmt: skip
+        """A reply with `metrics` (and `arrays`) and nothing else; audited.
+
+        `charged` is the ledger entry that paid for the reply's patient-derived values, charged
+        under this message's run key (the table in :data:`~biofp_core.protocol.REPLY_KEYS`
+        says which keys need one).
+        """
         message_type = self.message.metadata.message_type
-        _check_metric_keys(message_type, metrics)
+        paid = charged is not None and charged.run_id == self.run_key
+        _check_reply(message_type, metrics, arrays, paid)
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         if arrays is not None:
             records[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-        self._audit(arrays, list(metrics), note=None)
+        self._audit(arrays, list(metrics), note=None, charged=charged)
         return Message(records, reply_to=self.message)
 
-    def refusal(
-        self, reason: BioFPError, metrics: Mapping[str, int | float] | None = None
-    ) -> Message:
-        """A metrics-only reply refusing the round (privacy budget, or a replay whose cached
-        reply does not fit) or a query (`metrics`: the query's refusal); audited with the
-        reason."""
+    def refusal(self, reason: BioFPError, metrics: Mapping[str, int | float]) -> Message:
+        """A metrics-only reply refusing the message (`metrics`: its type's refusal); audited
+        with the reason, which stays at the site."""
         assert self.site is not None, "a refusal needs a known site"
         log.warning("%s", reason)
-        if metrics is None:
-            metrics = TrainReplyMetrics.refusal(
-                budget_exhausted=not isinstance(reason, ReplayRefusedError),
-                epsilon=self._epsilon(),
-                delta=self.site.privacy.delta,
-            ).to_metrics()
-        _check_metric_keys(self.message.metadata.message_type, metrics)
+        _check_reply(self.message.metadata.message_type, metrics, None, False)
         self._audit(None, list(metrics), note=_one_line(f"refused: {reason}"))
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         return Message(records, reply_to=self.message)
@@ -205,24 +217,8 @@ class Replies:
             log.exception("unexpected error while handling a %s message", self.message.metadata)
         try:
             self._audit(None, [], note=f"error: {detail}")
-        except BioFPError as audit_exc:
-            log.error("audit failed: %s", audit_exc)
+        except Exception as audit_exc:  # e.g. a read-only state folder: the reply still goes
+            log.error("audit failed: %s", _one_line(str(audit_exc)))
         reason = f"{public_reason(exc)}; details in the site's log and audit log"
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         return Message(Error(code=code, reason=reason), reply_to=self.message)
-
-
-def _readable_entries(audit: AuditLog) -> list[AuditEntry]:
-    """The entries of the audit log, skipping lines a crash tore (they are reported elsewhere)."""
-    try:
-        raw = audit.path.read_bytes()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in raw.split(b"\n"):
-        if line.strip():
-            try:
-                entries.append(AuditEntry.model_validate_json(line))
-            except ValueError:
-                continue
-    return entries

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import zlib
 from collections.abc import Mapping
@@ -42,11 +41,13 @@ from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_nbytes, arrays_sha256
 from biofp_core.compression import ErrorFeedback, Scheme, check_scheme
-from biofp_core.errors import DataError, PrivacyBudgetError
+from biofp_core.errors import DataError, PrivacyBudgetError, SiteLimitError
 from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
-from biofp_core.privacy import DPConfig, PrivacyReport
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy import DPConfig
+from biofp_core.privacy.accounting import rdp_epsilon
+from biofp_core.privacy.ledger import Charge, LedgerEntry, PrivacyLedger
+from biofp_core.privacy.mechanisms import noise_rng, noisy_mean
 from biofp_core.protocol import (
     COMPRESSION,
     LOCAL_STEPS,
@@ -57,7 +58,23 @@ from biofp_core.protocol import (
     SERVER_ROUND,
     TrainReplyMetrics,
 )
-from biofp_core.training import SubjectBagDataset, TrainConfig, evaluate_loss, train_local
+from biofp_core.signals.types import WINDOW_S
+from biofp_core.training import (
+    MetricNoise,
+    SubjectBagDataset,
+    TrainConfig,
+    subject_losses,
+    train_local,
+)
+from client.charged import (
+    REPLIES_DIR,
+    CachedAnswer,
+    ReplayRefusedError,
+    cache_answer,
+    cached_answer,
+    instruction_json,
+)
+from client.limits import check_query_cap
 from client.site_data import SiteData
 from server.config import RunConfig
 
@@ -83,12 +100,23 @@ class TrainInstruction(BaseModel):
         return None if self.compression is None else check_scheme(self.compression)
 
 
+class EvaluateInstruction(BaseModel):
+    """The server's instructions for one evaluation (the message's ConfigRecord)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    server_round: int = Field(alias=SERVER_ROUND, ge=0)
+    run_key: str | None = Field(None, alias=RUN_KEY, pattern=RUN_KEY_PATTERN)
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a site sends back after a round: arrays (weights or encoded delta) and metrics."""
+    """What a site sends back after a round: arrays (weights or encoded delta) and metrics,
+    and the ledger entry that paid for them (None for a replay of a cached reply)."""
 
     arrays: Arrays
     metrics: TrainReplyMetrics
+    charged: LedgerEntry | None = None
 
 
 def round_seed(*parts: object) -> int:
@@ -107,11 +135,11 @@ def model_from_arrays(run: RunConfig, arrays: Mapping[str, np.ndarray]) -> BioFP
     return model
 
 
-def _dp_config(site: SiteData, run: RunConfig, server_round: int) -> DPConfig | None:
+def _dp_config(site: SiteData, run: RunConfig, server_round: int, run_key: str) -> DPConfig | None:
     """The round's DP-SGD settings: the server's σ and clip, the site's δ (and noise seed)."""
     if not run.dp:
         return None
-    seed = None if site.dp_seed is None else round_seed(site.dp_seed, server_round)
+    seed = None if site.dp_seed is None else round_seed(site.dp_seed, run_key, server_round)
     return DPConfig(
         noise_multiplier=run.noise_multiplier,
         max_grad_norm=run.max_grad_norm,
@@ -126,21 +154,39 @@ class RoundPlan:
 
     cfg: TrainConfig
     dp: DPConfig | None
+    metric_noise: MetricNoise | None
     sample_rate: float  # q: Poisson rate of subjects per step
     steps: int
 
+    def charges(self, run_key: str, server_round: int) -> list[Charge]:
+        """The round's ledger entry: one σ = 0 entry for a round without DP (a site with an
+        unlimited budget); else ONE sampled Gaussian for the gradients and the noisy losses
+        together, since both are drawn from the same Poisson batch each step: stacking the
+        clipped gradient (norm C, noise σC) and the clipped losses rescaled to noise σC gives
+        one vector of noise multiplier σ_eff = (σ⁻² + σ_m⁻²)^(-1/2) (module docstring)."""
+        q, n = self.sample_rate, self.steps
+        if self.dp is None:
+            return [Charge(run_key, server_round, "train", (0.0, q, n))]
+        sigma = self.dp.noise_multiplier
+        if self.metric_noise is not None:
+            sigma = (sigma**-2 + self.metric_noise.noise_multiplier**-2) ** -0.5
+        return [Charge(run_key, server_round, "train", (sigma, q, n))]
+
 
 def plan_round(
-    site: SiteData, run: RunConfig, instruction: TrainInstruction, model: BioFPModel
-) -> RoundPlan:
+    site: SiteData, run: RunConfig, instruction: TrainInstruction, model: BioFPModel,
+    run_key: str,
+) -> RoundPlan:  # fmt: skip
     """The round's training settings and privacy cost (σ, q, steps) at this site.
 
     Raises
     ------
+    SiteLimitError
+        Fewer subjects can train than the site's ``min_train_subjects``.
     DataError
         No training subject has data this model can use.
     """
-    server_round = instruction.server_round
+    server_round, limits = instruction.server_round, site.config.privacy
     cfg = run.train_config(steps=instruction.local_steps, lr=instruction.lr).model_copy(
         update={
             "seed": round_seed(run.seed, server_round, site.config.name),
@@ -150,12 +196,21 @@ def plan_round(
     trainable = len(SubjectBagDataset(model, site.train, bag_size=cfg.bag_size, seed=cfg.seed))
     if trainable == 0:
         raise DataError(f"site {site.config.name}: no subject has data {run.model} can train on")
-    return RoundPlan(
-        cfg=cfg,
-        dp=_dp_config(site, run, server_round),
-        sample_rate=min(1.0, cfg.batch_subjects / trainable),
-        steps=cfg.total_steps(trainable),
+    if trainable < limits.min_train_subjects:
+        raise SiteLimitError(
+            f"site {site.config.name}: {trainable} training subject(s) can train, below its "
+            f"min_train_subjects {limits.min_train_subjects}; refused"
+        )
+    dp = _dp_config(site, run, server_round, run_key)
+    seed = (
+        None if site.dp_seed is None else round_seed(site.dp_seed, run_key, "metrics", server_round)
     )
+    noise = MetricNoise(clip=limits.metric_clip, noise_multiplier=limits.train_metric_noise,
+                        seed=seed)  # fmt: skip
+    return RoundPlan(
+        cfg=cfg, dp=dp, metric_noise=noise if dp is not None else None,
+        sample_rate=min(1.0, cfg.batch_subjects / trainable), steps=cfg.total_steps(trainable),
+    )  # fmt: skip
 
 
 def check_round_budget(site: SiteData, plan: RoundPlan) -> float:
@@ -166,59 +221,47 @@ def check_round_budget(site: SiteData, plan: RoundPlan) -> float:
     PrivacyBudgetError
         The round would exceed the site's budget, or the server asks for training without DP
         while the site's budget is finite.
+    PrivacyLedgerError
+        The ledger does not verify.
     """
     budget = site.config.privacy
-    if plan.dp is None:
-        if math.isfinite(budget.epsilon):
-            raise PrivacyBudgetError(
-                f"site {site.config.name}: the server asks for training without DP but the "
-                f"site's budget is ε={budget.epsilon:g}; refused"
-            )
-        return math.inf
-    return PrivacyLedger.at(site.state_dir).check_budget(
-        budget=budget, noise_multiplier=plan.dp.noise_multiplier,
-        sample_rate=plan.sample_rate, steps=plan.steps,
-    )  # fmt: skip
+    if plan.dp is None and math.isfinite(budget.epsilon):
+        raise PrivacyBudgetError(
+            f"site {site.config.name}: the server asks for training without DP but the "
+            f"site's budget is ε={budget.epsilon:g}; refused"
+        )
+    mechanisms = [c.mechanism for c in plan.charges("check", 0)]
+    return PrivacyLedger.at(site.state_dir).check_budget(budget=budget, mechanisms=mechanisms)
 
 
 def charge_round(
-    site: SiteData, report: PrivacyReport, *, run_id: str, server_round: int
-) -> tuple[float, float, bool]:
+    site: SiteData, plan: RoundPlan, *, run_key: str, server_round: int
+) -> tuple[LedgerEntry, float, float, bool]:
     """Charge a trained round to the ledger (budget re-checked under its lock).
 
     Returns
     -------
-    tuple[float, float, bool]
-        ε after the round (whole history), δ, and whether another such round would exceed
-        the budget.
+    tuple[LedgerEntry, float, float, bool]
+        The round's last entry, ε after the round (whole history), δ, and whether the budget
+        left cannot pay for another such round.
     """
     budget = site.config.privacy
     ledger = PrivacyLedger.at(site.state_dir)
-    mechanism = {
-        "noise_multiplier": report.noise_multiplier,
-        "sample_rate": report.sample_rate,
-        "steps": report.steps,
-    }
-    entry = ledger.charge(
-        run_id=run_id, server_round=server_round, delta=budget.delta, budget=budget, **mechanism
-    )
-    exhausted = ledger.epsilon_if(delta=budget.delta, **mechanism) > budget.epsilon
-    return entry.epsilon_after, budget.delta, exhausted
+    charges = plan.charges(run_key, server_round)
+    entries = ledger.charge_all(charges, delta=budget.delta, budget=budget)
+    after = ledger.epsilon(delta=budget.delta)
+    again = [c.mechanism for c in charges]
+    exhausted = rdp_epsilon([*ledger.history, *again], delta=budget.delta) > budget.epsilon
+    delta = budget.delta if plan.dp is not None else 0.0
+    return entries[-1], after, delta, exhausted and math.isfinite(budget.epsilon)
 
 
 # ---- replays: a charged round is answered from the site's cache, never trained again --------
 
-REPLIES_DIR = "replies"  # under the site's state folder
 REPLAY_ROUNDS_KEPT = 4  # cached replies kept per run key (the latest rounds)
 _CACHE_META_KEY = "biofp"
 _CACHE_FORMAT = "biofp-reply-cache"
 _CACHE_NAME = re.compile(r"^(?P<key>.+)-round-(?P<round>\d{4,})\.safetensors$")
-
-
-class ReplayRefusedError(PrivacyBudgetError):
-    """A round already charged at this site is asked for again, but its cached reply cannot be
-    sent (other global arrays or instruction, or no valid cache): training it again would release
-    a second noisy update for one charge, so the site refuses the round."""
 
 
 class _CachedReply(BaseModel):
@@ -244,14 +287,6 @@ def _instruction_json(instruction: TrainInstruction) -> str:
     return json.dumps(instruction.model_dump(by_alias=True), sort_keys=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def cache_reply(
     state_dir: Path,
     run_key: str,
@@ -273,8 +308,6 @@ def cache_reply(
     atomic_write_bytes(
         path, save_safetensors(tensors, metadata={_CACHE_META_KEY: meta.model_dump_json()})
     )
-    _fsync(path)
-    _fsync(path.parent)
     for old in path.parent.glob(f"{run_key}-round-*.safetensors"):
         match = _CACHE_NAME.match(old.name)
         if match is None or match["key"] != run_key:
@@ -344,11 +377,15 @@ def replayed_round(
             "would release a second noisy update for one charge; refused"
         )
     metrics = TrainReplyMetrics.from_metrics(json.loads(meta.metrics))
+    paid = [
+        e for e in PrivacyLedger.at(site.state_dir).entries
+        if e.key[:2] == (run_key, server_round) and e.kind.startswith("train")
+    ]  # fmt: skip
     log.info(
         "%s: replay answered with the cached reply (sha256 %s), nothing trained or charged",
         where, meta.reply_sha256[:12],
     )  # fmt: skip
-    return TrainOutcome(arrays=arrays, metrics=metrics)
+    return TrainOutcome(arrays=arrays, metrics=metrics, charged=paid[-1])
 
 
 def _encode(
@@ -360,6 +397,16 @@ def _encode(
     delta = {name: new[name] - start[name] for name in start}
     encoded = feedback.encode(delta, scheme=scheme)
     return encoded.to_arrays(), encoded.nbytes
+
+
+def data_counts(site: SiteData) -> dict[str, int | float]:
+    """The site's training set in counts, for the model card: subjects, windows, hours."""
+    windows = sum(len(subject) for subject in site.train)
+    return {
+        "data_subjects": len(site.train),
+        "data_windows": windows,
+        "data_hours": round(windows * WINDOW_S / 3600, 4),
+    }
 
 
 def train_round(
@@ -400,61 +447,111 @@ def _train_round(
     if replayed is not None:
         return replayed
     model = model_from_arrays(run, global_arrays)
-    plan = plan_round(site, run, instruction, model)
+    plan = plan_round(site, run, instruction, model, run_key)
     check_round_budget(site, plan)
     history = PrivacyLedger.at(site.state_dir).history
-    result = train_local(model, site.train, plan.cfg, dp=plan.dp, ledger_history=history)
+    server_round = instruction.server_round
+    charged, epsilon, delta, exhausted = charge_round(
+        site, plan, run_key=run_key, server_round=server_round
+    )  # before any patient is touched: a round that fails later is spent all the same
+    result = train_local(
+        model, site.train, plan.cfg, dp=plan.dp, metric_noise=plan.metric_noise,
+        ledger_history=history,
+    )  # fmt: skip
     if result.examples == 0:
-        if result.privacy is not None:  # noise was drawn: the round is spent all the same
-            charge_round(
-                site, result.privacy, run_id=run_key, server_round=instruction.server_round
-            )
         raise DataError(
             f"site {site.config.name}: no subject was sampled in {result.steps} steps "
             f"(q={plan.sample_rate:.3g}); raise batch-subjects or local-steps"
         )
     new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     arrays, payload = _encode(new, global_arrays, instruction.scheme(), feedback)
-    epsilon, delta, exhausted = math.inf, 0.0, False
-    if result.privacy is not None:
-        epsilon, delta, exhausted = charge_round(
-            site, result.privacy, run_id=run_key, server_round=instruction.server_round
-        )
+    private = plan.dp is not None
+    loss = result.noisy_loss if private else result.mean_loss
     metrics = TrainReplyMetrics(
         num_examples=result.examples,
-        train_loss=result.mean_loss,
-        loss_terms=result.terms,
-        epsilon=epsilon,
-        delta=delta,
-        payload_bytes=payload,
-        budget_exhausted=exhausted,
-    )
-    outcome = TrainOutcome(arrays=arrays, metrics=metrics)
-    if result.privacy is not None:  # charged: a replay of this round gets this very reply
-        cache_reply(site.state_dir, run_key, instruction, global_arrays, outcome)
+        train_loss=loss if loss is not None else 0.0,
+        loss_terms=result.noisy_terms if private else result.terms,
+        epsilon=epsilon, delta=delta, payload_bytes=payload, budget_exhausted=exhausted,
+        **data_counts(site),
+    )  # fmt: skip
+    outcome = TrainOutcome(arrays=arrays, metrics=metrics, charged=charged)
+    cache_reply(site.state_dir, run_key, instruction, global_arrays, outcome)
     log.info(
-        "site %s round %d: %d bags, loss %.4f, ε %.3g", site.config.name,
-        instruction.server_round, result.examples, result.mean_loss, epsilon,
+        "site %s round %d: %d bags, loss %.4f (sent %.4f), ε %.3g", site.config.name,
+        server_round, result.examples, result.mean_loss, metrics.train_loss, epsilon,
     )  # fmt: skip
     return outcome
 
 
-def evaluate_round(site: SiteData, run: RunConfig, global_arrays: Arrays) -> tuple[int, float]:
-    """(held-out subjects evaluated, mean held-out loss) of the global model at this site.
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    """What a site sends back for an evaluation, and the ledger entry that paid for it."""
+
+    subjects: int
+    loss: float
+    charged: LedgerEntry
+
+
+def evaluate_round(
+    site: SiteData, run: RunConfig, instruction: EvaluateInstruction, global_arrays: Arrays,
+    *, run_key: str,
+) -> EvaluateOutcome:  # fmt: skip
+    """The global model's held-out loss at this site, as a charged noisy mean.
+
+    Each held-out subject's loss is clipped to ``metric_clip`` and their sum gets Gaussian noise
+    of σ = ``eval_noise`` × clip (a site with an unlimited budget sends the exact mean and
+    records a σ = 0 entry); charged as ``evaluate`` under (run key, round), answered again
+    from the cache, and counted against ``max_charged_queries``.
 
     Raises
     ------
     DataError
         The site has no held-out subject the model can use.
+    PrivacyBudgetError
+        Over budget or over the query cap, or a charged evaluation asked again differently.
     """
+    name, limits = site.config.name, site.config.privacy
     if not site.holdout:
         raise DataError(
-            f"site {site.config.name}: no held-out subject to evaluate on "
+            f"site {name}: no held-out subject to evaluate on "
             "(a site needs at least 2 subjects and holdout-fraction > 0)"
         )
-    model = model_from_arrays(run, global_arrays)
-    losses = evaluate_loss(model, site.holdout, bag_size=run.bag_size, seed=run.seed)
-    subjects = int(losses["subjects"])
-    if subjects == 0:
-        raise DataError(f"site {site.config.name}: no held-out subject has data {run.model} uses")
-    return subjects, float(losses["loss"])
+    server_round, sha = instruction.server_round, arrays_sha256(global_arrays)
+    question = instruction_json(instruction.model_dump(by_alias=True))
+    where = {"run_key": run_key, "kind": "evaluate", "server_round": server_round}
+    with exclusive_lock(Path(site.state_dir) / REPLIES_DIR / ".lock"):
+        cached = cached_answer(site.state_dir, **where, global_sha256=sha, instruction=question)
+        if cached is not None:
+            entry = next(e for e in PrivacyLedger.at(site.state_dir).entries
+                         if e.hash == cached.ledger_entry)  # fmt: skip
+            return EvaluateOutcome(int(cached.metrics["n"]), float(cached.metrics["loss"]), entry)
+        check_query_cap(site.config, run_key=run_key)
+        model = model_from_arrays(run, global_arrays)
+        rows, _ = subject_losses(model, site.holdout, bag_size=run.bag_size, seed=run.seed)
+        if len(rows) == 0:
+            raise DataError(f"site {name}: no held-out subject has data {run.model} uses")
+        private = math.isfinite(limits.epsilon)
+        sigma = limits.eval_noise if private else 0.0
+        entry = PrivacyLedger.at(site.state_dir).charge(
+            **{k: v for k, v in where.items() if k != "run_key"}, run_id=run_key,
+            noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=limits.delta,
+            budget=limits,
+        )  # fmt: skip
+        if private:
+            seed = (
+                None
+                if site.dp_seed is None
+                else round_seed(site.dp_seed, run_key, "eval", server_round)
+            )
+            loss = float(noisy_mean(rows[:, :1], clip=limits.metric_clip, noise_multiplier=sigma,
+                                    rng=noise_rng(seed))[0])  # fmt: skip
+        else:
+            loss = float(rows[:, 0].mean())
+        answer = CachedAnswer(
+            global_sha256=sha,
+            instruction=question,
+            metrics={"n": len(rows), "loss": loss},
+            ledger_entry=entry.hash,
+        )
+        cache_answer(site.state_dir, **where, answer=answer)
+    return EvaluateOutcome(len(rows), loss, entry)

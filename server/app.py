@@ -13,8 +13,8 @@ import logging
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 
-from biofp_core.errors import BioFPError
 from server.config import RunConfig
 from server.queries import run_queries
 from server.rounds import run_rounds
@@ -25,6 +25,25 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+STOPPED = "stopped before the run ended (flwr stop, SIGTERM, or the SuperLink went away)"
+_active: list[RunDirectory] = []  # runs of this process still in progress
+_handler_added = False
+
+
+def _mark_stopped() -> None:
+    """Flower's exit handler (``flwr stop``, SIGTERM): leave "running" in every active run's
+    metrics.json. Runs before Flower's 5 s force-exit timer starts."""
+    for run_dir in list(_active):
+        run_dir.stop(STOPPED)
+
+
+def _watch(run_dir: RunDirectory) -> None:
+    global _handler_added
+    if not _handler_added:
+        add_exit_handler(_mark_stopped, run_before_force_exit=True)
+        _handler_added = True
+    _active.append(run_dir)
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -32,14 +51,20 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
     strategy = build_strategy(run.strategy, **run.strategy_kwargs())
     run_dir = RunDirectory(run, strategy)
-    done, arrays = run_dir.start()
+    done, arrays = run_dir.start(flower_run_id=context.run_id)
+    _watch(run_dir)
     try:
         arrays = run_rounds(
             strategy, grid, run, arrays=arrays, first_round=done + 1, on_round=run_dir.record_round
         )
-    except BioFPError as exc:
+        path = run_dir.finish(arrays)
+    except Exception as exc:  # a BioFPError (one line), or a bug
         run_dir.fail(exc)
         raise
-    path = run_dir.finish(arrays)
+    except BaseException:  # flwr stop (RunNotRunningException), SIGTERM (SystemExit)...
+        run_dir.stop(STOPPED)
+        raise
+    finally:
+        _active.remove(run_dir)
     log.info("final model after %d rounds: %s", run.num_rounds, path)
     run_queries(grid, run, arrays, run_key=run_dir.run_key, model_path=path)

@@ -69,7 +69,9 @@ class RunConfig(BaseModel):
     # --- run directory and timeouts --------------------------------------------------------
     out_dir: str = Field("biofp-run", description="run directory: checkpoints, metrics, model")
     keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept on disk")
-    round_timeout_s: float = Field(3600.0, gt=0, description="wait this long for replies")
+    round_timeout_s: float = Field(
+        900.0, gt=0, description="wait this long for replies; a site silent by then is missing"
+    )
     wait_timeout_s: float = Field(120.0, gt=0, description="wait this long for min-sites")
     # --- after the last round: query messages (server.queries) -----------------------------
     collect_fingerprints: bool = Field(

@@ -32,6 +32,7 @@ from biofp_core.supervise import run_supervised
 
 log = logging.getLogger(__name__)
 
+SUPERLINK_DATABASE_ENV = "BIOFP_SUPERLINK_DATABASE"  # = server.nodes.DATABASE_ENV
 CONNECTION_NAME = "biofp"  # the flwr CLI's name for this federation's SuperLink
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -95,7 +96,9 @@ class SuperLinkLaunch:
     insecure: bool
 
 
-def prepare_superlink(config_path: Path, *, insecure: bool) -> SuperLinkLaunch:
+def prepare_superlink(
+    config_path: Path, *, insecure: bool, allow_non_loopback: bool = False
+) -> SuperLinkLaunch:
     """Parse and check server.toml; nothing is started.
 
     Raises
@@ -104,11 +107,13 @@ def prepare_superlink(config_path: Path, *, insecure: bool) -> SuperLinkLaunch:
         One line: invalid config, missing/expired certificate, unsafe key, busy port...
     """
     cfg = load_server_config(config_path)
-    check_server(cfg, insecure=insecure)
+    check_server(cfg, insecure=insecure, allow_non_loopback=allow_non_loopback)
+    env = flower_env(cfg.superlink.flower_home)
+    env[SUPERLINK_DATABASE_ENV] = str(cfg.superlink.database_path)  # site names (server/nodes.py)
     return SuperLinkLaunch(
         config=cfg,
         argv=superlink_command(cfg, insecure=insecure),
-        env=flower_env(cfg.superlink.flower_home),
+        env=env,
         cwd=cfg.superlink.workdir,
         insecure=insecure,
     )

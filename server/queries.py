@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from biofp_core.artifacts import load_model
 from biofp_core.errors import DataError
 from biofp_core.evaluation import FederatedProbe, SiteProbe, aggregate_probes
-from biofp_core.evaluation.probes import METRIC_OF
+from biofp_core.evaluation.federated import PRIVATE_METRIC_OF
 from biofp_core.fingerprints.parquet import read_fingerprints
 from biofp_core.fsutil import atomic_write_bytes, atomic_write_text
 from biofp_core.protocol import (
@@ -235,7 +235,7 @@ def probe_answer(task: str, reply: Message | None) -> ProbeAnswer:
     if metrics.refused or metrics.kind is None:
         return ProbeAnswer(status="refused")
     probe = SiteProbe(
-        task=task, kind=metrics.kind, metric=METRIC_OF[metrics.kind], value=metrics.value,
+        task=task, kind=metrics.kind, metric=PRIVATE_METRIC_OF[metrics.kind], value=metrics.value,
         baseline=metrics.baseline, rows=metrics.rows, subjects=metrics.subjects,
     )  # fmt: skip
     return ProbeAnswer(status="ok", probe=probe)

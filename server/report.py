@@ -1,9 +1,14 @@
 """The run report: per-round, per-site metrics as the server saw them, written as JSON each round.
 
 ``<run_dir>/metrics.json`` holds a :class:`RunReport`: the status of the run and one
-:class:`RoundMetrics` per completed round, each with one :class:`SiteRound` per sampled site
-(keyed by Flower node id: the server never learns site names). ε is the total a site reported
+:class:`RoundMetrics` per completed round, each with one :class:`SiteRound` per sampled site,
+keyed by Flower node id and named by the name the site was registered under (``flwr supernode
+register ... --name``, see :mod:`server.nodes`) when there is one. ε is the total a site reported
 for its whole ledger (``None`` when it trains without DP).
+
+``run_key`` is BioFP's run key (``run.json``: what the sites' ledgers and audit logs call the
+run) and ``flower_run_ids`` every Flower run id (``flwr ls``) that worked on this run directory,
+one per submission: the mapping between what the coordinator and the sites see.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Literal
 from flwr.app import Message
 from pydantic import BaseModel, ConfigDict, Field
 
+from biofp_core.artifacts import DataSummary
 from biofp_core.errors import ArtifactError
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.protocol import EVAL_LOSS, NUM_EXAMPLES, TrainReplyMetrics
@@ -26,12 +32,23 @@ REPORT_NAME = "metrics.json"
 SiteStatus = Literal["ok", "refused", "failed", "missing", "not-sampled"]
 
 
+class SiteData(BaseModel):
+    """A site's training data in counts, as the site reported them (if it did)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subjects: int = Field(0, ge=0)
+    windows: int = Field(0, ge=0)
+    hours: float = Field(0.0, ge=0)
+
+
 class SiteRound(BaseModel):
     """One site's part in one round."""
 
     model_config = ConfigDict(extra="forbid")
 
     node_id: int
+    name: str | None = Field(None, description="registration name (flwr supernode register)")
     status: SiteStatus
     num_examples: int = 0
     train_loss: float | None = None
@@ -41,7 +58,8 @@ class SiteRound(BaseModel):
     delta: float | None = Field(None, description="the site's δ; None without DP")
     budget_exhausted: bool = False
     payload_bytes: int = 0
-    reason: str | None = Field(None, description="one line, for failed replies")
+    reason: str | None = Field(None, description="one line, for failed or missing replies")
+    data: SiteData | None = Field(None, description="the site's data, as it reported it")
 
 
 class RoundMetrics(BaseModel):
@@ -69,8 +87,12 @@ class RunReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status: Literal["running", "completed", "failed"] = "running"
-    error: str | None = None
+    status: Literal["running", "completed", "failed", "stopped"] = "running"
+    error: str | None = Field(None, description="why the run failed or stopped (one line)")
+    run_key: str | None = Field(None, description="BioFP's run key: 'run' in the sites' ledgers")
+    flower_run_ids: list[int] = Field(
+        default_factory=list, description="Flower run ids (flwr ls) of every submission"
+    )
     resumed_from_round: int | None = None
     num_rounds: int
     rounds: list[RoundMetrics] = Field(default_factory=list)
@@ -84,6 +106,26 @@ class RunReport(BaseModel):
                 if site.epsilon is not None and site.delta:
                     latest[site.node_id] = (site.epsilon, site.delta)
         return latest
+
+    def site_names(self) -> dict[int, str]:
+        """Node id -> registration name of every named site seen in the run."""
+        return {s.node_id: s.name for rnd in self.rounds for s in rnd.sites if s.name}
+
+    def data_summary(self) -> DataSummary:
+        """Sites that contributed, and the subjects, windows and hours of those that reported
+        their data (each site's latest report, summed)."""
+        contributors = self.contributors()
+        latest: dict[int, SiteData] = {}
+        for rnd in self.rounds:
+            for site in rnd.sites:
+                if site.data is not None and site.node_id in contributors:
+                    latest[site.node_id] = site.data
+        return DataSummary(
+            sites=len(contributors),
+            subjects=sum(d.subjects for d in latest.values()),
+            windows=sum(d.windows for d in latest.values()),
+            hours=round(sum(d.hours for d in latest.values()), 3),
+        )
 
     def contributors(self) -> set[int]:
         """Node ids of every site that contributed at least one update."""
@@ -143,8 +185,20 @@ def site_rounds(train_replies: Iterable[Message], report: RoundReplies) -> list[
             site.delta = metrics.delta if site.epsilon is not None else None
             site.budget_exhausted = metrics.budget_exhausted
             site.payload_bytes = metrics.payload_bytes
+            if metrics.data_subjects is not None:
+                site.data = SiteData(
+                    subjects=metrics.data_subjects,
+                    windows=metrics.data_windows or 0,
+                    hours=metrics.data_hours or 0.0,
+                )
         sites.append(site)
     return sites
+
+
+def name_sites(sites: list[SiteRound], names: dict[int, str]) -> None:
+    """Give each site its registration name (:func:`server.nodes.registered_names`)."""
+    for site in sites:
+        site.name = names.get(site.node_id, site.name)
 
 
 def add_eval_losses(sites: list[SiteRound], eval_replies: Iterable[Message]) -> float | None:

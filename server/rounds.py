@@ -24,9 +24,11 @@ from flwr.serverapp import Grid
 from biofp_core.errors import BioFPError
 from biofp_core.protocol import LOCAL_STEPS, LR, RUN_KEY
 from server.config import RunConfig
+from server.nodes import node_label, registered_names
 from server.report import (
     RoundMetrics,
     add_eval_losses,
+    name_sites,
     site_rounds,
     weighted_train_loss,
 )
@@ -66,7 +68,7 @@ def wait_for_sites(grid: Grid, *, needed: int, timeout_s: float, poll_s: float =
 def _no_contribution(metrics: RoundMetrics) -> FederationError:
     """The error of a round in which no site contributed, with the first failure's reason."""
     first = next((s for s in metrics.sites if s.reason), None)
-    example = f"; node {first.node_id}: {first.reason}" if first else ""
+    example = f"; {first.name or f'node {first.node_id}'}: {first.reason}" if first else ""
     if metrics.refused and not metrics.failed:
         example += "; every site that answered refused the round (its privacy budget)"
     return FederationError(
@@ -100,6 +102,18 @@ def run_round(
     new_arrays, _ = strategy.aggregate_train(server_round, replies)  # counts: round_replies
     report = strategy.round_replies[server_round]
     sites = site_rounds(replies, report)
+    names = registered_names()
+    for site in sites:
+        if site.status == "missing":
+            site.reason = (
+                f"no reply within round-timeout-s = {run.round_timeout_s:g} s: the site never "
+                "trained this round (is its SuperNode running ClientApps? see its log)"
+            )
+            label = node_label(site.node_id, names)
+            log.warning("round %d: site %s: %s", server_round, label, site.reason)
+        elif site.status == "failed":
+            label = node_label(site.node_id, names)
+            log.warning("round %d: site %s failed: %s", server_round, label, site.reason)
     eval_loss = None
     if new_arrays is not None and run.fraction_evaluate > 0:
         eval_messages = strategy.configure_evaluate(
@@ -108,6 +122,9 @@ def run_round(
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout_s))
         strategy.aggregate_evaluate(server_round, eval_replies)
         eval_loss = add_eval_losses(sites, eval_replies)
+    name_sites(sites, names)
+    log.info("round %d sites: %s", server_round,
+             ", ".join(f"{node_label(s.node_id, names)} {s.status}" for s in sites))  # fmt: skip
     epsilons = [s.epsilon for s in sites if s.epsilon is not None]
     metrics = RoundMetrics(
         server_round=server_round,

@@ -31,7 +31,6 @@ from flwr.app import Array, ArrayRecord
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import (
-    DataSummary,
     ModelCard,
     PrivacySummary,
     SitePrivacy,
@@ -48,6 +47,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.config import RunConfig
+from server.nodes import node_label
 from server.report import RoundMetrics, RunReport
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,11 @@ class RunDirectory:
                 "resume it with the same settings or choose another out-dir"
             )
 
-    def start(self) -> tuple[int, ArrayRecord]:
+    def start(self, flower_run_id: int | None = None) -> tuple[int, ArrayRecord]:
         """(rounds already done, global arrays to continue from): resume or initialise.
+
+        `flower_run_id` (Flower's id of this submission) is added to the report's
+        ``flower_run_ids``, beside the run key, and logged.
 
         Raises
         ------
@@ -175,6 +178,18 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.run_key = ensure_run_key(self.path)
         atomic_write_text(self.path / CONFIG_NAME, self.run.model_dump_json(indent=1) + "\n")
+        previous = RunReport.read(self.path)
+        self.report.run_key = self.run_key
+        self.report.flower_run_ids = list(previous.flower_run_ids) if previous else []
+        if flower_run_id is not None and flower_run_id not in self.report.flower_run_ids:
+            self.report.flower_run_ids.append(flower_run_id)
+        log.info(
+            "run key %s (the 'run' in the sites' ledgers and audit logs) = Flower run %s; "
+            "run directory %s",
+            self.run_key,
+            flower_run_id if flower_run_id is not None else "?",
+            self.path,
+        )
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:
             model = self.run.build_model()
@@ -183,7 +198,6 @@ class RunDirectory:
             return 0, to_arrayrecord(arrays)
         restore_strategy_state(self.strategy, checkpoint)
         done = checkpoint.server_round
-        previous = RunReport.read(self.path)
         if previous is not None:
             self.report.rounds = [r for r in previous.rounds if r.server_round <= done]
         self.report.resumed_from_round = done
@@ -212,20 +226,30 @@ class RunDirectory:
         self.report.error = " ".join(str(error).split())
         self.report.write(self.path)
 
+    def stop(self, reason: str) -> None:
+        """Mark the run stopped (``flwr stop``, SIGTERM, the SuperLink going away), unless it
+        already completed or failed."""
+        if self.report.status != "running":
+            return
+        self.report.status = "stopped"
+        self.report.error = " ".join(reason.split())
+        self.report.write(self.path)
+
     def _card(self) -> ModelCard:
         rounds = max((r.server_round for r in self.report.rounds), default=0)
         contributors = self.report.contributors()
+        names = self.report.site_names()
         sites = {n: p for n, p in self.report.site_privacy().items() if n in contributors}
         privacy = None
         if self.run.dp and sites:
             privacy = PrivacySummary(
                 sites={
-                    f"node-{node}": SitePrivacy(epsilon=eps, delta=delta)
+                    node_label(node, names): SitePrivacy(epsilon=eps, delta=delta)
                     for node, (eps, delta) in sorted(sites.items())
                 }
             )
         return ModelCard(
-            data=DataSummary(sites=len(contributors)),
+            data=self.report.data_summary(),
             training=TrainingProvenance(
                 rounds=rounds,
                 strategy=self.run.strategy,

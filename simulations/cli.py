@@ -19,6 +19,7 @@ from rich.table import Table
 from biofp_core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from server.dashboard.serve import BackgroundDashboard
     from server.report import RoundMetrics
     from simulations.run import RunSummary
 
@@ -95,6 +96,10 @@ def simulate(
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="run on this existing Ray cluster (host:port)"
     ),
+    dashboard: bool = typer.Option(
+        False, "--dashboard", help="serve the live dashboard of this run on 127.0.0.1 (then wait)"
+    ),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="the dashboard's port"),
 ) -> None:
     """Federated pretraining on emulated hospitals with the real ClientApp and ServerApp,
     in Flower's simulation engine; writes config, per-round metrics, ledgers and the model
@@ -119,6 +124,7 @@ def simulate(
     )  # fmt: skip
     if "report" not in cfg.model_fields_set:  # set by neither flag nor sim.toml: on here
         cfg = cfg.model_copy(update={"report": True})
+    live = _start_dashboard(cfg.out, dashboard_port) if dashboard else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
@@ -133,12 +139,33 @@ def simulate(
                 f"{metrics.sampled} sites, loss {loss}",
             )  # fmt: skip
 
-        summary = run_simulation(
-            cfg, on_stage=lambda text: progress.update(task, description=text), on_round=on_round
-        )
+        try:
+            summary = run_simulation(
+                cfg, on_stage=lambda text: progress.update(task, description=text),
+                on_round=on_round,
+            )  # fmt: skip
+        except BaseException:
+            if live is not None:
+                live.stop()
+            raise
     console.print(_render(summary))
     if summary.report_path is not None:
         console.print(f"report: {summary.report_path}")
+    if live is not None:
+        console.print(f"dashboard still at {live.settings.url} (Ctrl-C to stop)")
+        try:
+            live.wait()
+        except KeyboardInterrupt:
+            live.stop()
+
+
+def _start_dashboard(out: Path, port: int) -> BackgroundDashboard:
+    """The dashboard of run directory `out` on loopback, in a thread of this process."""
+    from server.dashboard.serve import start_background
+
+    live = start_background([out], port=port)
+    console.print(f"dashboard: {live.settings.url}")
+    return live
 
 
 def main(args: list[str]) -> None:

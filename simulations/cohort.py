@@ -24,8 +24,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from biofp_core.errors import DataError
+from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.signals.read import find_records
 from biofp_core.site import read_csv_rows, read_subject_map
 from biofp_core.store import record_files
@@ -133,13 +135,22 @@ def _labels_csv(cohort: Cohort, records: list[str]) -> str:
     return buf.getvalue()
 
 
-def _site_toml(name: str, *, cache_dir: Path, epsilon: float, delta: float) -> str:
+def _toml_value(value: object) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return json.dumps(value)
+
+
+def _site_toml(
+    name: str, *, cache_dir: Path, epsilon: float, delta: float, limits: dict[str, Any]
+) -> str:
     """site.toml of an emulated hospital (paths relative to the file)."""
     budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
+    extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
     return (
         f'name = "{name}"\ndata_dir = "data"\nstate_dir = "state"\nlabels_csv = "labels.csv"\n'
         f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
-        f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n"
+        f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
     )
 
 
@@ -151,11 +162,14 @@ def write_sites(
     cache_dir: Path,
     epsilon: float,
     delta: float,
+    limits: dict[str, Any] | None = None,
 ) -> list[Path]:
     """One folder per emulated hospital under `root`; returns their site.toml paths.
 
-    The ``state/`` folder (ledger, audit log) of a site is never touched, so a site's privacy
-    spending carries over to every later run that uses the same `root`.
+    `limits` are extra ``[privacy]`` keys of every site (e.g. ``min_train_subjects`` for tiny
+    cohorts). The ``state/`` folder (ledger, audit log) of a site is initialised once and never
+    reset, so a site's privacy spending carries over to every later run that uses the same
+    `root`.
     """
     tomls = []
     for index, subjects in enumerate(partition.sites):
@@ -177,6 +191,9 @@ def write_sites(
                 stale.unlink()  # a subject that moved to another site in this partition
         (site_dir / "labels.csv").write_text(_labels_csv(cohort, records))
         toml = site_dir / SITE_TOML
-        toml.write_text(_site_toml(name, cache_dir=cache_dir, epsilon=epsilon, delta=delta))
+        text = _site_toml(name, cache_dir=cache_dir, epsilon=epsilon, delta=delta,
+                          limits=limits or {})  # fmt: skip
+        toml.write_text(text)
+        initialise_site_state(site_dir / "state", name=name)
         tomls.append(toml)
     return tomls

@@ -35,15 +35,17 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def short_node(node_id: int) -> str:
-    """A Flower node id as the figures and tables name it (the server knows no site names)."""
-    return f"node {str(node_id)[-6:]}"
+def short_node(node_id: int, name: str | None = None) -> str:
+    """A site as the figures and tables name it: its registration name when the server knows
+    one (deployment), else the end of its Flower node id."""
+    return name or f"node {str(node_id)[-6:]}"
 
 
 def site_series(report: RunReport, field: str, path: Path, *, ylabel: str) -> Path | None:
     """One line per site (Flower node) of a SiteRound field over rounds: train_loss, epsilon,
     payload_bytes."""
     series: dict[int, list[tuple[int, float]]] = {}
+    names = report.site_names()
     for rnd in report.rounds:
         for site in rnd.sites:
             value = getattr(site, field)
@@ -55,7 +57,7 @@ def site_series(report: RunReport, field: str, path: Path, *, ylabel: str) -> Pa
     ax = fig.subplots()
     for node, points in sorted(series.items()):
         rounds, values = zip(*points, strict=True)
-        ax.plot(rounds, values, marker="o", label=short_node(node))
+        ax.plot(rounds, values, marker="o", label=short_node(node, names.get(node)))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_xticks([r.server_round for r in report.rounds])

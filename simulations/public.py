@@ -18,7 +18,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +28,7 @@ from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source
 from biofp_core.site import load_site_config
 from biofp_core.store import write_labels_csv
 from biofp_core.validate import open_site_store
-from simulations.cohort import SITE_TOML
+from simulations.cohort import SITE_TOML, _toml_value
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,15 @@ def _toml_table(name: str, values: dict) -> str:
 
 def _site_toml(
     site: PublicSite, data_dir: Path, *, cache_dir: Path, epsilon: float, delta: float,
-    labels: bool,
+    labels: bool, limits: dict[str, Any],
 ) -> str:  # fmt: skip
     budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
+    extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
     text = (
         f'name = "{site.name}"\ndata_dir = {json.dumps(str(data_dir))}\nstate_dir = "state"\n'
         f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
         + (f'labels_csv = "{LABELS_NAME}"\n' if labels else "")
-        + f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n"
+        + f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
     )
     reader = site.reader.model_dump(mode="json", exclude_defaults=True)
     return text + (_toml_table("reader", reader) if reader else "")
@@ -138,10 +139,12 @@ def write_public_sites(
     epsilon: float,
     delta: float,
     seed: int,
+    limits: dict[str, Any] | None = None,
 ) -> list[Path]:
     """One folder per public site under `root`, its window store built and its labels written.
 
-    Returns the site.toml paths. A site's ``state/`` (ledger, audit log) is never touched.
+    Returns the site.toml paths. A site's ``state/`` (ledger, audit log) is never touched;
+    `limits` are more ``[privacy]`` keys of every site (as ``site_privacy`` in sim.toml).
 
     Raises
     ------
@@ -165,7 +168,7 @@ def write_public_sites(
             source = open_source(folder, site.reader)
             _link_subset(source, data_dir, site.max_subjects, seed * 1000 + index)
         toml = site_dir / SITE_TOML
-        kw = {"cache_dir": cache_dir, "epsilon": epsilon, "delta": delta}
+        kw = {"cache_dir": cache_dir, "epsilon": epsilon, "delta": delta, "limits": limits or {}}
         toml.write_text(_site_toml(site, data_dir, labels=False, **kw))
         store = open_site_store(load_site_config(toml))
         rows = write_labels_csv(store, site_dir / LABELS_NAME)

@@ -293,11 +293,12 @@ def _training_section(metrics: RunReport | None, report: ResearchReport) -> list
           fmt(r.train_loss), fmt(r.eval_loss), str(r.bytes_received), fmt(r.max_epsilon)]
          for r in metrics.rounds],
     )  # fmt: skip
-    lines += ["Per site (the server knows sites by Flower node id only; ε is the site's total "
-              "over its whole ledger, as it reported it):", ""]  # fmt: skip
+    lines += ["Per site (by registration name when the sites were registered with one, else by "
+              "Flower node id; ε is the site's total over its whole ledger, as it reported it):",
+              ""]  # fmt: skip
     lines += _table(
         ["round", "site", "status", "train loss", "ε", "bytes"],
-        [[str(r.server_round), plots.short_node(s.node_id), s.status, fmt(s.train_loss),
+        [[str(r.server_round), plots.short_node(s.node_id, s.name), s.status, fmt(s.train_loss),
           fmt(s.epsilon), str(s.payload_bytes)] for r in metrics.rounds for s in r.sites],
     )  # fmt: skip
     lines += _image(report, "loss", "train loss per round per site")

@@ -102,6 +102,9 @@ class SimulationConfig(BaseModel):
         None, gt=0, description="each site's privacy budget ε; default 8 with DP, inf without"
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="each site's δ")
+    site_privacy: dict[str, Any] = Field(
+        default_factory=dict, description="more [privacy] keys of every site (limits, noise)"
+    )
     sites_dir: Path | None = Field(None, description="site folders and ledgers; default OUT/sites")
     release: ReleasePolicy | None = Field(
         default_factory=ReleasePolicy,
@@ -270,7 +273,7 @@ def prepare_sites(
         tomls = write_public_sites(
             cfg.public_sites, data_root=cfg.data_root or default_data_root(),
             root=cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
-            delta=cfg.delta, seed=cfg.run.seed,
+            delta=cfg.delta, seed=cfg.run.seed, limits=cfg.site_privacy,
         )  # fmt: skip
         modalities = tuple(s.modality for s in cfg.public_sites)
         name, scheme = "public cohorts", "one site per cohort"
@@ -279,7 +282,7 @@ def prepare_sites(
         partition = partition_cohort(cfg, cohort)
         tomls = write_sites(
             cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir,
-            epsilon=cfg.site_epsilon, delta=cfg.delta,
+            epsilon=cfg.site_epsilon, delta=cfg.delta, limits=cfg.site_privacy,
         )  # fmt: skip
         modalities, name, scheme = partition.modalities, cohort.name, partition.scheme
     for toml in tomls:

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from biofp_core.protocol import (
     BYTES_RECEIVED,
     NODES_SAMPLED,
+    REFUSED,
     REPLIES_FAILED,
     REPLIES_MISSING,
     REPLIES_OK,
@@ -226,3 +227,15 @@ class CountedFedAvg(FedAvg):
         for key, value in report.to_metrics().items():
             metrics[key] = value
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the answered evaluation replies; refusals (``refused = 1``, no loss) and
+        errors are left out, so one refusing site never spoils the round's evaluation."""
+        answered = [
+            reply for reply in replies
+            if not reply.has_error()
+            and all(not r.get(REFUSED) for r in reply.content.metric_records.values())
+        ]  # fmt: skip
+        return super().aggregate_evaluate(server_round, answered)

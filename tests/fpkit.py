@@ -8,6 +8,7 @@ import torch
 
 from biofp_core.artifacts import save_model
 from biofp_core.models.m2ae import M2AE, M2AEConfig
+from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.synth import write_cohort
 
@@ -27,19 +28,27 @@ def tiny_cohort(out: Path, *, sites: int = 2, subjects: int = 4, seed: int = 3) 
     return out
 
 
+# tiny cohorts need looser site limits than the safe defaults (explicitly loosened, as a site would)
+TINY_LIMITS = "min_train_subjects = 1\n"
+
+
 def site_config(
     root: Path, data_dir: Path, *, name: str = "north", cache: Path, budget: float = 8.0,
-    release: str = "",
+    release: str = "", privacy: str = TINY_LIMITS, init: bool = True,
 ) -> SiteConfig:  # fmt: skip
-    """A site.toml under `root` for the records in `data_dir` (its labels.csv maps subjects)."""
+    """A site.toml under `root` for the records in `data_dir` (its labels.csv maps subjects),
+    its state folder initialised (unless `init` is False)."""
     root.mkdir(parents=True, exist_ok=True)
     text = (
         f'name = "{name}"\ndata_dir = "{data_dir}"\ncache_dir = "{cache}"\n'
         f'state_dir = "{root / "state"}"\nlabels_csv = "{data_dir / "labels.csv"}"\n'
-        f"[privacy]\nepsilon = {budget}\n[release]\n{release}\n"
+        f"[privacy]\nepsilon = {budget}\n{privacy}[release]\n{release}\n"
     )
     (root / "site.toml").write_text(text)
-    return load_site_config(root / "site.toml")
+    site = load_site_config(root / "site.toml")
+    if init:
+        initialise_site_state(site.resolved_state_dir(), name=name)
+    return site
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -61,3 +70,24 @@ def run_cli(*args: str) -> tuple[int, str]:
     finally:
         sys.argv = argv
     return code, err.getvalue()
+
+
+def run_cli_out(*args: str) -> tuple[int, str]:
+    """Run `biofp ARGS` in this process; (exit code, stdout text)."""
+    import contextlib
+    import io
+    import sys
+
+    from biofp_core.cli import main
+
+    out = io.StringIO()
+    argv, sys.argv = sys.argv, ["biofp", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue()

@@ -261,7 +261,8 @@ def site_cohort(
 
     return SimulationConfig(synth_sites=len(names), synth_subjects_per_site=subjects,
                             synth_minutes=minutes, sites=len(names), cache_dir=cache_dir,
-                            out=root / "sim", epsilon=50.0, reproducible_noise=False)  # fmt: skip
+                            out=root / "sim", epsilon=50.0, reproducible_noise=False,
+                            site_privacy={"min_train_subjects": 1})  # fmt: skip
 
 
 def make_sites(root: Path, names: list[str], *, cache_dir: Path, **cohort: Any) -> list[Path]:

@@ -21,9 +21,8 @@ from safetensors.numpy import load_file
 from biofp_core.artifacts import load_model
 from biofp_core.audit import AuditLog, arrays_sha256
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.protocol import (
-    ALLOWED_EVAL_REPLY_METRIC_KEYS,
     ARRAYS_KEY,
     COMPRESSION,
     CONFIG_KEY,
@@ -31,6 +30,7 @@ from biofp_core.protocol import (
     LR,
     METRICS_KEY,
     PACKED_KEY,
+    REPLY_KEYS,
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
@@ -61,6 +61,10 @@ TINY_RUN = {
     "bag-size": 2, "noise-multiplier": 3.0, "wait-timeout-s": 30.0, "round-timeout-s": 300.0,
 }  # fmt: skip
 
+EVAL_REPLY_KEYS = {k for k in REPLY_KEYS["evaluate"] if k != "refused"}  # an answer
+
+TINY_SITE_LIMITS = {"min_train_subjects": 1}  # tiny emulated sites loosen the default
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -71,6 +75,7 @@ def sim_config(cache_dir: Path, out: Path, sites_dir: Path, **run: object) -> Si
     """A tiny simulation: 3 sites of 3 one-minute subjects each."""
     return load_simulation_config(
         None, sites=3, synth_sites=3, synth_subjects_per_site=3, synth_minutes=1.0,
+        site_privacy=TINY_SITE_LIMITS,
         cache_dir=cache_dir, out=out, sites_dir=sites_dir, run={**TINY_RUN, **run},
     )  # fmt: skip
 
@@ -121,10 +126,15 @@ def test_epsilon_grows_across_rounds_runs_and_processes(
     base_run: SimulationConfig, cache_dir: Path
 ) -> None:
     sites_dir = base_run.site_root
-    first = {name: [e.epsilon_after for e in lg.entries] for name, lg in ledgers(sites_dir).items()}
+    first = {  # ε reported after each round's training (DP-SGD + its noisy metrics)
+        name: [e.epsilon_after for e in lg.entries if e.kind == "train"]
+        for name, lg in ledgers(sites_dir).items()
+    }
     assert len(first) == 3
-    for eps in first.values():
+    for name, eps in first.items():
         assert len(eps) == 2 and 0 < eps[0] < eps[1]
+        kinds = [e.kind for e in ledgers(sites_dir)[name].entries]
+        assert kinds == ["train", "evaluate"] * 2  # every round, all charged
     report = RunReport.read(base_run.out)
     assert report is not None
     card_max = load_model(base_run.out / "model")[1].privacy.max_epsilon
@@ -140,7 +150,8 @@ def test_epsilon_grows_across_rounds_runs_and_processes(
     fresh = json.loads(subprocess.check_output([sys.executable, "-c", code, *dirs], text=True))
     for name, eps in first.items():
         ledger = PrivacyLedger.at(sites_dir / name / "state")
-        assert len({e.run_id for e in ledger.entries}) == 2 and len(ledger.entries) == 3
+        assert len({e.run_id for e in ledger.entries}) == 2
+        assert [e.kind for e in ledger.entries].count("train") == 3
         assert fresh[str(sites_dir / name)] == pytest.approx(ledger.epsilon(delta=1e-5))
         assert fresh[str(sites_dir / name)] > eps[-1]
 
@@ -156,35 +167,38 @@ def test_every_audited_reply_holds_only_allowed_keys(base_run: SimulationConfig)
                 assert all(is_allowed_reply_metric_key(k) for k in entry.metric_keys)
             else:
                 assert entry.arrays_sha256 is None
-                assert set(entry.metric_keys) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+                assert set(entry.metric_keys) == EVAL_REPLY_KEYS
 
 
 def test_resume_continues_at_the_next_round_with_the_same_weights(
     base_run: SimulationConfig, cache_dir: Path, tmp_path: Path
 ) -> None:
+    """A run stopped after round 1 and started again continues from round 1's checkpoint under
+    the same run key (seeded noise is keyed by run key, so another run draws other noise)."""
     out, sites_dir = tmp_path / "run", tmp_path / "sites"
     assert timed_simulate(sim_config(cache_dir, out, sites_dir, **{"num-rounds": 1})).rounds == 1
     after_round_1 = load_checkpoint(checkpoint_path(out, 1)).arrays
-    base_round_1 = load_checkpoint(checkpoint_path(base_run.out, 1)).arrays
-    for name, value in base_round_1.items():  # same seed: the interrupted run's round 1 matches
-        np.testing.assert_allclose(after_round_1[name], value, rtol=1e-5, atol=1e-6)
     summary = timed_simulate(sim_config(cache_dir, out, sites_dir, **{"num-rounds": 2}))
     report = RunReport.read(out)
     assert report is not None and report.resumed_from_round == 1
     assert summary.rounds == 2 and [r.server_round for r in report.rounds] == [1, 2]
+    assert load_checkpoint(checkpoint_path(out, 1)).arrays.keys() == after_round_1.keys()
+    for name, value in after_round_1.items():  # round 1 was not trained again
+        np.testing.assert_array_equal(load_checkpoint(checkpoint_path(out, 1)).arrays[name], value)
     run_key = read_run_key(out)
     assert run_key is not None
     for ledger in ledgers(sites_dir).values():  # two processes, two Flower runs, one run key
-        assert [e.key for e in ledger.entries] == [(run_key, 1, "train"), (run_key, 2, "train")]
-    resumed, uninterrupted = final_arrays(out), final_arrays(base_run.out)
-    for name, value in uninterrupted.items():
-        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6)
+        trained = [e.key for e in ledger.entries if e.kind == "train"]
+        assert trained == [(run_key, 1, "train"), (run_key, 2, "train")]
+    resumed = final_arrays(out)
+    assert any(not np.allclose(resumed[k], after_round_1[k]) for k in after_round_1)  # round 2
 
 
 def test_a_site_over_budget_refuses_while_the_others_finish(
     cache_dir: Path, tmp_path: Path
 ) -> None:
     sites_dir = tmp_path / "sites"
+    initialise_site_state(sites_dir / "site_01" / "state", name="site_01")
     spent = PrivacyLedger.at(sites_dir / "site_01" / "state")
     spent.charge(run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0,
                  steps=40, delta=1e-5)  # fmt: skip
@@ -200,7 +214,8 @@ def test_a_site_over_budget_refuses_while_the_others_finish(
     refused = [s for r in report.rounds for s in r.sites if s.status == "refused"]
     assert all(s.epsilon == pytest.approx(before) and s.budget_exhausted for s in refused)
     assert len(PrivacyLedger.at(sites_dir / "site_01" / "state").entries) == 1  # nothing charged
-    notes = [e.note for e in AuditLog.at(sites_dir / "site_01" / "state").entries() if e.note]
+    audit = AuditLog.at(sites_dir / "site_01" / "state").entries()
+    notes = [e.note for e in audit if e.note and e.message_type == "train"]
     assert len(notes) == 2 and all("budget" in n and "\n" not in n for n in notes)
     card = load_model(tmp_path / "run" / "model")[1]
     assert card.privacy is not None and len(card.privacy.sites) == 2  # contributors only
@@ -263,6 +278,7 @@ def site_toml(base_run: SimulationConfig, tmp_path_factory: pytest.TempPathFacto
     text = (source / "site.toml").read_text().replace('"data"', f'"{source / "data"}"')
     text = text.replace('"labels.csv"', f'"{source / "labels.csv"}"')
     target.write_text(text)
+    initialise_site_state(target.parent / "state", name="site_00")
     return target
 
 
@@ -290,12 +306,13 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
     toml = tmp_path / "site.toml"  # the same data, a fresh state folder (ledger, audit, cache)
     toml.write_text(site_toml.read_text())
     state = tmp_path / "state"
+    initialise_site_state(state, name="site_00")
     run = RunConfig.from_run_config(TINY_RUN)
     config = {SERVER_ROUND: 1, LOCAL_STEPS: 2, RUN_KEY: "run-a1"}
     first = client_app(instruction(run, MessageType.TRAIN, **config), site_context(run, toml))
     assert not first.has_error(), first.error
     charged = PrivacyLedger.at(state)
-    assert [e.key for e in charged.entries] == [("run-a1", 1, "train")]
+    assert [e.key for e in charged.entries if e.kind == "train"] == [("run-a1", 1, "train")]
     epsilon = charged.epsilon(delta=1e-5)
     assert reply_cache_path(state, "run-a1", 1).exists()
 
@@ -305,7 +322,7 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
                         site_context(run, toml, run_id=8))  # fmt: skip
     assert not replay.has_error(), replay.error
     ledger = PrivacyLedger.at(state)
-    assert [e.key for e in ledger.entries] == [("run-a1", 1, "train")]
+    assert [e.key for e in ledger.entries if e.kind == "train"] == [("run-a1", 1, "train")]
     assert ledger.epsilon(delta=1e-5) == epsilon
     assert arrays_sha256(sent_arrays(replay)) == arrays_sha256(sent_arrays(first))
     assert dict(replay.content[METRICS_KEY]) == dict(first.content[METRICS_KEY])
@@ -333,7 +350,9 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
         note = AuditLog.at(state).entries()[-1].note or ""
         assert note.startswith("refused:") and "already charged" in note and why in note, note
     ledger.reload()
-    assert [e.key for e in ledger.entries] == [("run-a1", 1, "train")]  # no new charge
+    assert [e.key for e in ledger.entries if e.kind == "train"] == [
+        ("run-a1", 1, "train")
+    ]  # no new charge
     assert ledger.epsilon(delta=1e-5) == epsilon
 
 
@@ -347,6 +366,7 @@ def test_a_round_asked_twice_at_once_trains_and_charges_once(
 
     toml = tmp_path / "site.toml"
     toml.write_text(site_toml.read_text())
+    initialise_site_state(tmp_path / "state", name="site_00")
     run = RunConfig.from_run_config(TINY_RUN)
     config = {SERVER_ROUND: 1, LOCAL_STEPS: 2, RUN_KEY: "run-race"}
 
@@ -360,7 +380,7 @@ def test_a_round_asked_twice_at_once_trains_and_charges_once(
         replies = list(pool.map(lambda d: client_app(*d), deliveries))
     assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
     ledger = PrivacyLedger.at(tmp_path / "state")
-    assert [e.key for e in ledger.entries] == [("run-race", 1, "train")]
+    assert [e.key for e in ledger.entries if e.kind == "train"] == [("run-race", 1, "train")]
     assert arrays_sha256(sent_arrays(replies[0])) == arrays_sha256(sent_arrays(replies[1]))
     audit = AuditLog.at(tmp_path / "state").entries()  # both replies audited, the same arrays
     assert len(audit) == 2 and audit[0].arrays_sha256 == audit[1].arrays_sha256
@@ -371,8 +391,10 @@ def test_a_compressed_reply_is_an_int8_delta(site_toml: Path) -> None:
         {**TINY_RUN, "strategy": "compressed", "compression": "int8", "dp": False}
     )
     ctx = site_context(run, site_toml, run_id=17)  # another run: round 1 of run 7 is charged
-    infinite = site_toml.with_name("site-nodp.toml")
-    infinite.write_text(site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf"))
+    infinite = site_toml.with_name("site-nodp.toml")  # its own state: an unprotected round
+    text = site_toml.read_text().replace("epsilon = 8.0", "epsilon = inf")  # makes ε infinite
+    infinite.write_text(text.replace('state_dir = "state"', 'state_dir = "state-nodp"'))
+    initialise_site_state(infinite.parent / "state-nodp", name="site_00")
     ctx.node_config["site-config"] = str(infinite)
     msg = instruction(run, MessageType.TRAIN, run_id=17, **{SERVER_ROUND: 1, COMPRESSION: "int8"})
     reply = client_app(msg, ctx)
@@ -395,7 +417,7 @@ def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> No
                        site_context(run, site_toml))  # fmt: skip
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS_KEY}
-    assert set(reply.content[METRICS_KEY].keys()) == ALLOWED_EVAL_REPLY_METRIC_KEYS
+    assert set(reply.content[METRICS_KEY].keys()) == EVAL_REPLY_KEYS
 
 
 def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:
@@ -409,9 +431,9 @@ def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path
     reply = client_app(msg, site_context(run, tmp_path / "site.toml"))
     assert reply.has_error()
     reason = reply.error.reason or ""
-    assert "DataError at the site: the site has no usable data" in reason and "\n" not in reason
+    assert "the site cannot answer this message" in reason and "\n" not in reason
     assert str(tmp_path) not in reason and "broken" not in reason  # details stay at the site
-    entry = AuditLog.at(tmp_path / ".biofp-empty").entries()[-1]
+    entry = AuditLog.at(tmp_path / ".biofp-data").entries()[-1]
     assert entry.arrays_sha256 is None and entry.note is not None
     assert entry.note.startswith("error: DataError:") and "no usable record" in entry.note
 

@@ -36,7 +36,7 @@ from biofp_core.fingerprints.policy import (
 from biofp_core.fingerprints.pseudonyms import KEY_FILENAME, SiteKey
 from biofp_core.fingerprints.release import clip_rows, commit_release, prepare_release
 from biofp_core.fingerprints.table import FingerprintTable, record_means
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.site import PrivacyBudget
 from biofp_core.validate import open_site_store
 
@@ -181,6 +181,7 @@ def release_auroc(policy: ReleasePolicy, key: SiteKey, seed: int = 0) -> tuple[f
 
 
 def test_small_epsilon_noise_degrades_the_probe_and_is_charged(tmp_path: Path) -> None:
+    initialise_site_state(tmp_path / "state", name="north")
     key = SiteKey.load_or_create(tmp_path / "state")
     clean, _ = release_auroc(ReleasePolicy(clip_norm=1.0), key)
     noisy, prepared = release_auroc(ReleasePolicy(clip_norm=1.0, epsilon=0.5), key)

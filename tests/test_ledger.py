@@ -16,17 +16,24 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
-from biofp_core.privacy import ledger as ledger_module
+from biofp_core.privacy import accounting as ledger_module
 from biofp_core.privacy.ledger import (
     LEDGER_FILENAME,
     LedgerSummary,
     PrivacyLedger,
     PrivacyLedgerError,
+    initialise_site_state,
 )
 from biofp_core.site import PrivacyBudget
 
 BIOFP = [sys.executable, "-m", "biofp_core"]
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
+
+
+def init(state: Path) -> Path:
+    """An initialised site state folder (idempotent)."""
+    initialise_site_state(state, name="test")
+    return state
 
 
 def fresh_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
@@ -47,7 +54,7 @@ def charge_rounds(ledger: PrivacyLedger, run_id: str, rounds: range, **kw: float
 
 
 def test_epsilon_grows_per_round_and_matches_a_fresh_accountant(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     assert ledger.epsilon(delta=DELTA) == 0.0 and ledger.history == []
     eps = charge_rounds(ledger, "run-a", range(1, 4))
     assert 0 < eps[0] < eps[1] < eps[2]
@@ -61,7 +68,7 @@ def test_epsilon_grows_per_round_and_matches_a_fresh_accountant(tmp_path: Path) 
 
 
 def test_ledger_survives_a_new_process(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     charge_rounds(ledger, "run-a", range(1, 3))
     code = (
         "import sys; from pathlib import Path\n"
@@ -78,14 +85,14 @@ def test_ledger_survives_a_new_process(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     before, after = (float(x) for x in res.stdout.split())
     assert before == ledger.epsilon(delta=DELTA)  # same history, same ε, to the last bit
-    reopened = PrivacyLedger.at(tmp_path)  # the other process's charge is on disk
+    reopened = PrivacyLedger.at(init(tmp_path))  # the other process's charge is on disk
     assert len(reopened.entries) == 3 and reopened.epsilon(delta=DELTA) == after
     history = [(SIGMA, Q, STEPS)] * 2 + [(0.9, 0.02, 25)]
     assert after == pytest.approx(fresh_epsilon(history), rel=1e-9)
 
 
 def test_runs_compose(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     after_a = charge_rounds(ledger, "run-a", range(1, 4))[-1]
     after_b = charge_rounds(ledger, "run-b", range(1, 3), sample_rate=0.1)[-1]
     assert after_b > after_a
@@ -103,12 +110,12 @@ def test_a_site_round_evaluates_the_rdp_of_its_mechanism_once(tmp_path: Path) ->
     one_step = ledger_module._one_step_rdp
     sigma, q = 1.37, 0.0731  # a (σ, q) no other test uses, so the process cache has not seen it
     budget = PrivacyBudget(epsilon=1e6, delta=DELTA)
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     charge_rounds(ledger, "old-run", range(1, 3))  # an earlier run with another mechanism
     misses = one_step.cache_info().misses
     mech = {"noise_multiplier": sigma, "sample_rate": q, "steps": 17}
     for rnd in (1, 2, 3):  # what client.task does each round
-        planned = ledger.check_budget(budget=budget, **mech)
+        planned = ledger.check_budget(budget=budget, mechanisms=[(sigma, q, 17)])
         entry = ledger.charge(
             run_id="new-run", server_round=rnd, delta=DELTA, budget=budget, **mech
         )
@@ -124,12 +131,14 @@ def test_a_site_round_evaluates_the_rdp_of_its_mechanism_once(tmp_path: Path) ->
 
 
 def test_replayed_round_is_not_charged_twice(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     first = ledger.charge(
         run_id="r", server_round=1, noise_multiplier=SIGMA, sample_rate=Q, steps=STEPS, delta=DELTA
     )
     on_disk = (tmp_path / LEDGER_FILENAME).read_bytes()
-    again = PrivacyLedger.at(tmp_path).charge(  # crash recovery: a new process replays round 1
+    again = PrivacyLedger.at(
+        init(tmp_path)
+    ).charge(  # crash recovery: a new process replays round 1
         run_id="r", server_round=1, noise_multiplier=SIGMA, sample_rate=Q, steps=STEPS, delta=DELTA
     )
     assert again == first and (tmp_path / LEDGER_FILENAME).read_bytes() == on_disk
@@ -138,26 +147,28 @@ def test_replayed_round_is_not_charged_twice(tmp_path: Path) -> None:
             run_id="r", server_round=1, noise_multiplier=SIGMA, sample_rate=Q, steps=99, delta=DELTA
         )
     assert "\n" not in str(exc.value)
-    assert PrivacyLedger.at(tmp_path).history == [(SIGMA, Q, STEPS)]
+    assert PrivacyLedger.at(init(tmp_path)).history == [(SIGMA, Q, STEPS)]
 
 
 def test_check_budget_refuses_the_round_that_would_exceed(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     spent = charge_rounds(ledger, "run-a", range(1, 3))[-1]
     nxt = {"noise_multiplier": SIGMA, "sample_rate": Q, "steps": STEPS}
     would = ledger.epsilon_if(**nxt, delta=DELTA)
     assert would > spent
     roomy = PrivacyBudget(epsilon=would + 0.01, delta=DELTA)
-    assert ledger.check_budget(budget=roomy, **nxt) == pytest.approx(would, rel=1e-12)
+    assert ledger.check_budget(budget=roomy, mechanisms=[(SIGMA, Q, STEPS)]) == pytest.approx(
+        would, rel=1e-12
+    )
     tight = PrivacyBudget(epsilon=(spent + would) / 2, delta=DELTA)
     with pytest.raises(PrivacyBudgetError) as exc:
-        ledger.check_budget(budget=tight, **nxt)
+        ledger.check_budget(budget=tight, mechanisms=[(SIGMA, Q, STEPS)])
     msg = str(exc.value)
     assert "\n" not in msg and f"ε={tight.epsilon:g} would be exceeded" in msg
     assert f"reach {would:.4g}" in msg and f"spent {spent:.4g}" in msg
     with pytest.raises(PrivacyBudgetError):  # charge re-checks under the lock
         ledger.charge(run_id="run-a", server_round=3, **nxt, delta=DELTA, budget=tight)
-    assert len(PrivacyLedger.at(tmp_path).entries) == 2
+    assert len(PrivacyLedger.at(init(tmp_path)).entries) == 2
     summary = ledger.summary(budget=PrivacyBudget(epsilon=spent, delta=DELTA))
     assert summary.exhausted and summary.budget_left == 0.0
 
@@ -167,15 +178,17 @@ def test_check_budget_refuses_the_round_that_would_exceed(tmp_path: Path) -> Non
     [
         "{not json",
         "",
-        '{"format": "biofp-privacy-ledger", "version": 1, "accountant": "rdp", "entries": '
-        '[{"run_id": "r", "server_round": 1, "kind": "train", "noise_multiplier": 0.0, '
-        '"sample_rate": 0.1, "steps": 5, "delta": 1e-5, "epsilon_after": 1.0, "time": "t"}]}',
+        '{"format": "biofp-privacy-ledger", "version": 2, "accountant": "rdp", "site_id": "'
+        + "0" * 32
+        + '", "entries": [{"run_id": "r", "server_round": 1, "kind": "train", '
+        '"noise_multiplier": -1.0, "sample_rate": 0.1, "steps": 5, "delta": 1e-5, '
+        '"epsilon_after": 1.0, "time": "t"}]}',
         '{"format": "something-else", "entries": []}',
     ],
-    ids=["bad-json", "empty", "sigma-zero", "wrong-format"],
+    ids=["bad-json", "empty", "sigma-negative", "wrong-format"],
 )
 def test_corrupt_ledger_is_an_error_and_left_untouched(tmp_path: Path, content: str) -> None:
-    path = tmp_path / LEDGER_FILENAME
+    path = init(tmp_path) / LEDGER_FILENAME
     path.write_text(content)
     with pytest.raises(PrivacyLedgerError) as exc:
         PrivacyLedger.at(tmp_path)
@@ -185,7 +198,7 @@ def test_corrupt_ledger_is_an_error_and_left_untouched(tmp_path: Path, content: 
 
 
 def test_release_composes_with_training(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(init(tmp_path))
     trained = charge_rounds(ledger, "run-a", range(1, 3))[-1]
     release = ledger.charge(
         run_id="run-a",
@@ -203,17 +216,20 @@ def test_release_composes_with_training(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"noise_multiplier": 0.0}, {"sample_rate": 0.0}, {"sample_rate": 1.5}, {"steps": 0}],
+    [{"noise_multiplier": -1.0}, {"sample_rate": 0.0}, {"sample_rate": 1.5}, {"steps": 0}],
 )
 def test_what_cannot_be_charged_is_a_bug(tmp_path: Path, bad: dict[str, float]) -> None:
     params = {"noise_multiplier": SIGMA, "sample_rate": Q, "steps": STEPS, **bad}
     with pytest.raises(ValueError):
-        PrivacyLedger.at(tmp_path).charge(run_id="r", server_round=1, delta=DELTA, **params)  # type: ignore[arg-type]
-    assert not (tmp_path / LEDGER_FILENAME).exists()
+        PrivacyLedger.at(init(tmp_path)).charge(run_id="r", server_round=1, delta=DELTA, **params)  # type: ignore[arg-type]
+    assert PrivacyLedger.at(tmp_path).entries == []
 
 
 def test_writers_are_serialised_by_the_lock(tmp_path: Path) -> None:
-    first, second = PrivacyLedger.at(tmp_path), PrivacyLedger.at(tmp_path)  # two "processes"
+    first, second = (
+        PrivacyLedger.at(init(tmp_path)),
+        PrivacyLedger.at(init(tmp_path)),
+    )  # two "processes"
     charge_rounds(first, "run-a", range(1, 2))
     done = threading.Event()
 
@@ -232,7 +248,7 @@ def test_writers_are_serialised_by_the_lock(tmp_path: Path) -> None:
         os.close(fd)
     worker.join(timeout=30)
     assert done.is_set()
-    assert [e.server_round for e in PrivacyLedger.at(tmp_path).entries] == [1, 2]
+    assert [e.server_round for e in PrivacyLedger.at(init(tmp_path)).entries] == [1, 2]
     assert second.epsilon(delta=DELTA) == pytest.approx(fresh_epsilon([(SIGMA, Q, 2 * STEPS)]))
 
 
@@ -252,7 +268,7 @@ def run_cli(*argvs: list[str], cwd: Path) -> list[subprocess.CompletedProcess[st
 
 def test_cli_ledger_prints_table_and_json(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ledger = PrivacyLedger.at(state)
+    ledger = PrivacyLedger.at(init(state))
     charge_rounds(ledger, "run-a", range(1, 3))
     charge_rounds(ledger, "run-b", range(1, 2))
     spent = ledger.epsilon(delta=1e-6)
@@ -292,10 +308,10 @@ def run_main(
 def test_cli_ledger_without_ledger_and_with_a_corrupt_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run_main(
+    code, _, err = run_main(
         "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys
     )
-    assert code == 0 and "no privacy spent yet" in out
+    assert code == 1 and "no privacy ledger here" in err and len(err.strip().splitlines()) == 1
     (tmp_path / LEDGER_FILENAME).write_text("{oops")
     code, _, err = run_main(
         "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys

@@ -22,15 +22,14 @@ from fpkit import TINY, site_config, tiny_cohort
 from biofp_core.artifacts import load_model
 from biofp_core.audit import AuditLog, arrays_sha256
 from biofp_core.errors import ConfigError
-from biofp_core.evaluation import SiteProbe, join, site_probe
+from biofp_core.evaluation import SiteProbe, site_probe
 from biofp_core.evaluation.labels import TASK_KINDS, TaskLabels
-from biofp_core.evaluation.probes import cross_validated
 from biofp_core.fingerprints.parquet import read_fingerprints
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import RELEASE_MESSAGE
 from biofp_core.fingerprints.table import FingerprintTable
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -58,6 +57,8 @@ TINY_RUN = {
 }  # fmt: skip
 NOISY = ReleasePolicy(clip_norm=1.0, epsilon=4.0)  # record means clipped to 1, ε = 4 per vector
 
+TINY_SITE_LIMITS = {"min_train_subjects": 1}  # tiny emulated sites loosen the default
+
 
 # ---- one simulation: 3 sites, 1 round, then the queries --------------------------------------
 
@@ -65,11 +66,13 @@ NOISY = ReleasePolicy(clip_norm=1.0, epsilon=4.0)  # record means clipped to 1, 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulationConfig:
     root = tmp_path_factory.mktemp("queries")
+    initialise_site_state(root / "sites" / "site_01" / "state", name="site_01")
     spent = PrivacyLedger.at(root / "sites" / "site_01" / "state")
     spent.charge(run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0,
                  steps=40, delta=1e-5)  # fmt: skip
     cfg = load_simulation_config(
         None, sites=3, synth_sites=3, synth_subjects_per_site=3, synth_minutes=1.0,
+        site_privacy=TINY_SITE_LIMITS,
         cache_dir=root / "cache", out=root / "run", sites_dir=root / "sites", release=NOISY,
         run={**TINY_RUN, "num-rounds": 1, "collect-fingerprints": True,
              "probe-tasks": "age,no_such_column"},
@@ -248,7 +251,7 @@ def test_a_repeated_fingerprint_query_resends_the_charged_release(
     assert len(PrivacyLedger.at(state).entries) == 1
 
 
-def test_a_site_without_a_release_policy_refuses_and_probes_only_scalars(
+def test_a_site_without_a_release_policy_refuses_to_release_and_to_probe(
     cohort: Path, tmp_path: Path
 ) -> None:
     data = cohort / "site_00"
@@ -270,13 +273,12 @@ def test_a_site_without_a_release_policy_refuses_and_probes_only_scalars(
     probed = client_app(query(run, QUERY_PROBE, **{SERVER_ROUND: 1, "probe-task": "sbp_mmhg"}),
                         context(run, toml))  # fmt: skip
     assert not probed.has_error(), probed.error
-    assert set(probed.content.keys()) == {METRICS_KEY}  # scalars only, no array
-    scalars = ProbeReplyMetrics.from_metrics(dict(probed.content[METRICS_KEY]))
-    assert scalars.kind == "regression" and scalars.rows == 4 and scalars.subjects == 4
-    assert (scalars.value or 0) > 0 and (scalars.baseline or 0) > 0
+    assert set(probed.content.keys()) == {METRICS_KEY}  # no array, no probe scalar
+    assert ProbeReplyMetrics.from_metrics(dict(probed.content[METRICS_KEY])).refused
     entries = AuditLog.at(tmp_path / "state").entries()
     assert [e.message_type for e in entries] == [QUERY_FINGERPRINT, QUERY_PROBE]
-    assert sorted(entries[-1].metric_keys) == sorted(probed.content[METRICS_KEY].keys())
+    assert "no [release] policy" in (entries[-1].note or "")
+    assert PrivacyLedger.at(tmp_path / "state").entries == []  # nothing charged
 
 
 # ---- the server's side of the probe query, at the unit level --------------------------------
@@ -303,21 +305,22 @@ def reply_to(probe: SiteProbe) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=sent)
 
 
-def test_federated_mae_is_the_pooled_mae_and_auroc_is_flagged_as_not_pooled() -> None:
+def test_federated_probes_are_row_weighted_and_flagged_as_not_pooled() -> None:
+    """Sites send relative MAE (MAE over the mean predictor's) and AUROC: the server's row-weighted
+    mean is not the pooled metric, and says so."""
     rng = np.random.default_rng(7)
-    answers, abs_errors = {}, []
+    answers, rows = {}, []
     for node_id, n in ((11, 8), (12, 13), (13, 21)):  # unequal sites: weights matter
         table, values = site_table(rng, n, f"n{node_id}")
         labels = TaskLabels("sbp", "regression", "record", values, ())
         answers[node_id] = probe_answer("sbp", reply_to(site_probe(table, labels)))
-        X, y, groups = join(table, labels)
-        pred, _, _ = cross_validated(X.astype(np.float64), y, groups, kind="regression",
-                                     folds=5, repeats=5, seed=0, task="sbp")  # fmt: skip
-        abs_errors.append(np.abs(y - pred))
+        rows.append(n)
     fed = combine_probes("sbp", answers).federated
-    assert fed is not None and fed.pooled_equivalent and fed.rows == 42 and fed.sites == 3
-    assert fed.value == pytest.approx(float(np.mean(np.concatenate(abs_errors))), rel=1e-9)
+    assert fed is not None and fed.metric == "relative_mae" and not fed.pooled_equivalent
+    assert fed.rows == 42 and fed.sites == 3
     site_values = [a.probe.value for a in answers.values() if a.probe]
+    weighted = sum(v * n for v, n in zip(site_values, rows, strict=True)) / sum(rows)
+    assert fed.value == pytest.approx(weighted, rel=1e-12)
     assert fed.value != pytest.approx(float(np.mean(site_values)))  # not the unweighted mean
 
     binary = {}

@@ -22,6 +22,9 @@ def init(
     force: bool = typer.Option(False, "--force", help="replace existing files"),
 ) -> None:
     """A new CA and a SuperLink TLS certificate for HOST (plus localhost, 127.0.0.1, ::1)."""
+    from biofp_core.fsutil import check_output_dir
+
+    check_output_dir(out, what="certificate folder")
     from biofp_core.certs import init_certificates
 
     files = init_certificates(
@@ -39,6 +42,9 @@ def server(
     days: int = typer.Option(397, "--days", min=1, help="certificate validity"),
 ) -> None:
     """Issue a new SuperLink certificate and key from the existing CA (rotation)."""
+    from biofp_core.fsutil import check_output_dir
+
+    check_output_dir(out, what="certificate folder")
     from biofp_core.certs import issue_server_certificate
 
     cert, key = issue_server_certificate(out, server_name=server_name, days=days)
@@ -53,6 +59,9 @@ def node(
     force: bool = typer.Option(False, "--force", help="replace an existing key pair"),
 ) -> None:
     """A SuperNode key pair (EC P-384, OpenSSH): SITE.key stays, SITE.pub goes to coordinator."""
+    from biofp_core.fsutil import check_output_dir
+
+    check_output_dir(out, what="certificate folder")
     from biofp_core.certs import node_keypair
 
     pair = node_keypair(out, name=name, force=force)

@@ -18,6 +18,11 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="no TLS, no node key: a local test only"
     ),
+    insecure_non_loopback: bool = typer.Option(
+        False,
+        "--insecure-non-loopback",
+        help="DANGEROUS: allow --insecure towards a SuperLink that is not on this machine",
+    ),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
 ) -> None:
     """Check site.toml, keys, data and the SuperLink, build the window store, then run the
@@ -27,9 +32,14 @@ def start(
     if insecure:
         warnings.warn("--insecure: traffic to the SuperLink is not encrypted",
                       UserWarning, stacklevel=1)  # fmt: skip
-    launch = prepare_supernode(config, insecure=insecure)
+    insecure = insecure or insecure_non_loopback
+    launch = prepare_supernode(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     fed = launch.federation
     console.print(f"checks passed; site {launch.site.name} -> {fed.superlink}")
+    console.print(
+        f"runtime API (ClientApps) on 127.0.0.1:{launch.runtime_port} "
+        f"({launch.runtime_port_source})"
+    )
     if check:
         return
     subjects = warm_store(launch)

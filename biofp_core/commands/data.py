@@ -22,8 +22,10 @@ def data_synth(
     from rich.progress import Progress
     from rich.table import Table
 
+    from biofp_core.fsutil import check_output_dir
     from biofp_core.synth import write_cohort
 
+    check_output_dir(out, what="cohort folder")
     console = Console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("simulating records", total=max(sites * subjects_per_site, 0))

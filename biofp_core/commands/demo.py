@@ -19,11 +19,12 @@ def demo(
 ) -> None:
     """Generate the synthetic hospital cohort and validate every site as its IT would."""
     from biofp_core.commands.site import render_report
+    from biofp_core.fsutil import check_output_dir
     from biofp_core.site import SiteConfig
     from biofp_core.synth import write_cohort
     from biofp_core.validate import validate_site, write_report_json
 
-    cohort_dir = out / "cohort"
+    cohort_dir = check_output_dir(out, what="demo folder") / "cohort"
     summary = write_cohort(
         cohort_dir, sites=sites, subjects_per_site=subjects_per_site, minutes=minutes, seed=seed
     )

@@ -107,10 +107,12 @@ def evaluate(
 ) -> None:
     """Subject-disjoint k-fold linear probes (logistic / ridge): AUROC or MAE with 95 % CI."""
     from biofp_core.evaluation import check_against, evaluate_table, read_labels, task_labels
-    from biofp_core.fsutil import atomic_write_text
+    from biofp_core.fsutil import atomic_write_text, check_output_file
 
     if level not in ("record", "window"):
         raise ConfigError(f"unknown level {level!r}; valid: record, window")
+    if json_out is not None:
+        check_output_file(json_out, what="JSON results")
     key = _site_key(config, site_dir)
     files = [(path, *_load(path, key, model)) for path in fingerprints]
     rows = read_labels(labels, key=key)

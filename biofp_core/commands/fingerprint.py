@@ -24,6 +24,11 @@ def fingerprint(
     config: Path | None = typer.Option(None, "--config", help="site.toml: release policy, budget"),
     out: Path = typer.Option(..., "--out", help="Parquet file to write"),
     modality: str = typer.Option("paired", "--modality", help="paired | ecg | ppg"),
+    new_pseudonym_key: bool = typer.Option(
+        False,
+        "--new-pseudonym-key",
+        help="make a new pseudonym key although this site released before (ids will not match)",
+    ),
 ) -> None:
     """Per-record (or per-window) fingerprints with pseudonymous ids, released as Parquet.
 
@@ -43,7 +48,7 @@ def fingerprint(
         report = export_fingerprints(
             site, model_path=model, out=out, modality=modality,
             on_record=lambda _: progress.advance(reading),
-            on_batch=lambda n: progress.advance(embedding, n),
+            on_batch=lambda n: progress.advance(embedding, n), new_key=new_pseudonym_key,
         )  # fmt: skip
     noise = (
         f"σ={report.noise_sigma:.3g} (ε={report.epsilon_per_vector:g}, "

@@ -18,7 +18,16 @@ INSECURE_HELP = "no TLS, no SuperNode authentication: a local test only"
 def start(
     config: Path = typer.Option(..., "--config", help="server.toml"),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    insecure_non_loopback: bool = typer.Option(
+        False,
+        "--insecure-non-loopback",
+        help="DANGEROUS: allow --insecure on an address other than 127.0.0.1/::1",
+    ),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
+    dashboard: bool = typer.Option(
+        False, "--dashboard", help="also serve the live dashboard of [superlink] workdir (loopback)"
+    ),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="the dashboard's port"),
 ) -> None:
     """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
     from server.launch import prepare_superlink, run_superlink
@@ -26,7 +35,8 @@ def start(
     if insecure:
         warnings.warn("--insecure: traffic is not encrypted and any SuperNode may join",
                       UserWarning, stacklevel=1)  # fmt: skip
-    launch = prepare_superlink(config, insecure=insecure)
+    insecure = insecure or insecure_non_loopback
+    launch = prepare_superlink(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     cfg = launch.config
     console.print(f"checks passed; SuperLink for {cfg.address}")
     if check:
@@ -36,6 +46,11 @@ def start(
             "register each site's key: flwr supernode register SITE.pub biofp "
             "(after: biofp server connect --config ...)"
         )
+    if dashboard:
+        from server.dashboard.serve import start_background
+
+        live = start_background([cfg.superlink.workdir], port=dashboard_port)
+        console.print(f"dashboard of {cfg.superlink.workdir}: {live.settings.url}")
     run_superlink(launch)
 
 
@@ -59,7 +74,33 @@ def connect(
 @server_app.command("app")
 def app(out: Path = typer.Option(..., "--out", help="folder for the app's pyproject.toml")) -> None:
     """Write a code-free Flower app folder for `flwr run DIR biofp --run-config run.toml`."""
+    from biofp_core.fsutil import check_output_dir
     from server.launch import write_app_folder
 
-    folder = write_app_folder(out)
+    folder = write_app_folder(check_output_dir(out, what="app folder"))
     console.print(f"Flower app (no code, the sites run their installed BioFP): {folder}")
+
+
+@server_app.command("status")
+def status(
+    config: Path = typer.Option(..., "--config", help="server.toml"),
+    run: str = typer.Option(..., "--run", help="the run's out-dir (relative: under workdir)"),
+    wait: bool = typer.Option(False, "--wait", help="wait while the run is running"),
+    timeout_s: float = typer.Option(3600.0, "--timeout", help="give up waiting after this"),
+    as_json: bool = typer.Option(False, "--json", help="print metrics.json's summary as JSON"),
+) -> None:
+    """A run's status: run key and Flower run ids, each round's sites by name, the model.
+
+    Exits 0 when the run completed, 1 when it failed or was stopped (or is still running
+    after --timeout).
+    """
+    from server.status import read_status, render_status
+
+    report, run_dir = read_status(config, run, wait=wait, timeout_s=timeout_s)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=1))
+    else:
+        for line in render_status(report, run_dir):
+            typer.echo(line)
+    if report.status != "completed":
+        raise typer.Exit(1)

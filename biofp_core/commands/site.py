@@ -13,6 +13,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from biofp_core.errors import ConfigError, DataError
+from biofp_core.fsutil import check_output_file
 
 if TYPE_CHECKING:
     from biofp_core.audit import AuditEntry
@@ -20,7 +21,19 @@ if TYPE_CHECKING:
     from biofp_core.validate import ValidationReport
 
 site_app = typer.Typer(no_args_is_help=True, help="Site tools: validate data, inspect the ledger.")
-console = Console()
+WIDE = 100_000  # columns when not on a terminal: a table written to a file is never cut
+
+
+class _Console(Console):
+    """Rich's console, as wide as it needs to be when the output is not a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not self.is_terminal:
+            self.width = WIDE
+
+
+console = _Console()
 
 
 @site_app.command("validate")
@@ -39,6 +52,8 @@ def validate(
     from biofp_core.validate import validate_site, write_report_json
 
     site = load_site_config(config, data_dir=data)
+    if json_out is not None:
+        check_output_file(json_out, what="JSON report")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("reading records", total=None)
         report = validate_site(site, on_record=lambda _: progress.advance(task))
@@ -144,51 +159,137 @@ def _existing_site_dir(site_dir: Path) -> Path:
     return site_dir
 
 
+def _state_of(site_dir: Path, config: Path | None) -> tuple[Path, Path | None]:
+    """(state folder, site.toml) of `--site-dir`: the state folder itself, or the site's folder
+    holding its site.toml; a folder with neither a ledger nor a site.toml is an error."""
+    from biofp_core.privacy.ledger import LEDGER_FILENAME, MARKER_FILENAME
+    from biofp_core.site import load_site_config
+
+    site_dir = _existing_site_dir(site_dir)
+    toml = site_dir / "site.toml"
+    if config is None and toml.is_file():
+        return load_site_config(toml).resolved_state_dir(), toml
+    if (site_dir / LEDGER_FILENAME).exists() or (site_dir / MARKER_FILENAME).exists():
+        return site_dir, config
+    raise ConfigError(
+        f"{site_dir}: no privacy ledger here; give the site's state folder or the folder "
+        "holding its site.toml"
+    )
+
+
+@site_app.command("init")
+def init(
+    config: Path = typer.Option(..., "--config", help="the site's site.toml"),
+) -> None:
+    """Initialise the site's state folder once: the privacy ledger and its marker (site.json).
+
+    Run once per site; afterwards a missing or edited ledger refuses every charged action.
+    A ledger written by an older BioFP is migrated into the hash chain.
+    """
+    from biofp_core.privacy.ledger import initialise_site_state
+    from biofp_core.site import load_site_config
+
+    site = load_site_config(config)
+    state = site.resolved_state_dir()
+    marker = initialise_site_state(state, name=site.name)
+    console.print(
+        f"site {site.name}: state folder {state} initialised (site id {marker.site_id[:12]}, "
+        f"{marker.entries} ledger entries)", highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
 @site_app.command("ledger")
 def ledger(
-    site_dir: Path = typer.Option(..., "--site-dir", help="the site's state folder"),
+    site_dir: Path = typer.Option(
+        ..., "--site-dir", help="the site's state folder, or its folder holding site.toml"
+    ),
     config: Path | None = typer.Option(None, "--config", help="site.toml (budget from [privacy])"),
     as_json: bool = typer.Option(False, "--json", help="print summary and entries as JSON"),
 ) -> None:
-    """Print the privacy ledger: every charged round, ε spent, the budget and what is left."""
+    """Print the privacy ledger: every charged round, ε spent, the budget and what is left.
+
+    The ledger is verified first (hash chain, marker, audit log): a tampered or missing ledger
+    is an error, never "no privacy spent".
+    """
     import json
 
     from biofp_core.privacy.ledger import PrivacyLedger
     from biofp_core.site import PrivacyBudget, load_site_config
 
+    state_dir, config = _state_of(site_dir, config)
     site = load_site_config(config) if config is not None else None
     budget = site.privacy if site is not None else PrivacyBudget()
-    book = PrivacyLedger.at(_existing_site_dir(site_dir))
+    state = state_dir
+    book = PrivacyLedger.at(state)
+    book.verify()
     summary = book.summary(budget=budget, site=site.name if site is not None else None)
+    flower_runs = flower_run_ids(state)
     if as_json:
         doc = {
             "summary": summary.model_dump(),
             "budget_from": "config" if site is not None else "default",
-            "entries": [e.model_dump() for e in book.entries],
+            "entries": [ledger_entry_json(e, flower_runs) for e in book.entries],
         }
         typer.echo(json.dumps(doc, indent=2))
         return
     if not book.entries:
         console.print(f"no privacy spent yet ({book.path})", highlight=False, soft_wrap=True)
         return
-    console.print(render_ledger(book.entries, summary))
+    console.print(render_ledger(book.entries, summary, flower_runs))
     source = "" if site is not None else " (default: no --config given)"
-    state = " (exhausted)" if summary.exhausted else ""
+    exhausted = " (exhausted)" if summary.exhausted else ""
     console.print(f"ε spent: {summary.epsilon:.3f} at δ={summary.delta:g}", highlight=False)
     console.print(f"budget: ε={summary.budget_epsilon:g}{source}", highlight=False)
-    console.print(f"budget left: {summary.budget_left:.3f}{state}", highlight=False)
+    console.print(f"budget left: {summary.budget_left:.3f}{exhausted}", highlight=False)
+    console.print(RUN_COLUMNS_NOTE, highlight=False)
 
 
-def render_ledger(entries: list[LedgerEntry], summary: LedgerSummary) -> Table:
+RUN_COLUMNS_NOTE = (
+    "run key: BioFP's run key (run.json in the coordinator's run directory, also in its "
+    "metrics.json); Flower run: the run id(s) of `flwr ls` that sent its messages"
+)
+
+
+def flower_run_ids(state_dir: Path) -> dict[str, list[int]]:
+    """Run key -> the Flower run ids that sent it messages, from the audit log."""
+    from biofp_core.audit import AuditLog, AuditLogError
+
+    try:
+        entries = AuditLog.at(state_dir).entries()
+    except AuditLogError:
+        return {}
+    out: dict[str, list[int]] = {}
+    for e in entries:
+        ids = out.setdefault(e.run_key, [])
+        if e.flower_run_id is not None and e.flower_run_id not in ids:
+            ids.append(e.flower_run_id)
+    return out
+
+
+def ledger_entry_json(entry: LedgerEntry, flower_runs: dict[str, list[int]]) -> dict:
+    """A ledger entry for ``--json``: its run as ``run_key`` (the file's ``run_id``) beside the
+    Flower run ids that sent it messages."""
+    doc = entry.model_dump()
+    key = doc.pop("run_id")
+    return {"run_key": key, "flower_run_ids": flower_runs.get(key, []), **doc}
+
+
+def render_ledger(
+    entries: list[LedgerEntry],
+    summary: LedgerSummary,
+    flower_runs: dict[str, list[int]] | None = None,
+) -> Table:
     """One row per charged round or release."""
     title = "privacy ledger" + (f" of site {summary.site}" if summary.site else "")
     table = Table(title=title)
-    for col in ("time", "run", "round", "kind", "σ", "q", "steps", "ε after"):
-        table.add_column(col)
+    for col in ("time", "run key", "Flower run", "round", "kind", "σ", "q", "steps", "ε after"):
+        table.add_column(col, no_wrap=True)
+    flower_runs = flower_runs or {}
     for e in entries:
         table.add_row(
             e.time,
             escape(e.run_id),
+            ", ".join(map(str, flower_runs.get(e.run_id, []))) or "-",
             str(e.server_round),
             e.kind,
             f"{e.noise_multiplier:.4g}",
@@ -203,14 +304,23 @@ def render_ledger(entries: list[LedgerEntry], summary: LedgerSummary) -> Table:
 def audit(
     site_dir: Path = typer.Option(..., "--site-dir", help="the site's state folder"),
     as_json: bool = typer.Option(False, "--json", help="print the entries as JSON"),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="run the five consistency checks against the ledger; exit 1 if any fails",
+    ),
+    config: Path | None = typer.Option(None, "--config", help="site.toml (δ from [privacy])"),
 ) -> None:
     """List the audit log: every message this site sent, with its size, sha256 and ε."""
     import json
 
     from biofp_core.audit import AuditLog
 
-    entries = AuditLog.at(_existing_site_dir(site_dir)).entries()
-    if as_json:
+    state = _existing_site_dir(site_dir)
+    entries = AuditLog.at(state).entries()
+    if check:
+        _check_audit(state, entries, config)
+    elif as_json:
         typer.echo(json.dumps([e.model_dump() for e in entries], indent=2))
     elif not entries:
         console.print("no outgoing message logged yet", highlight=False)
@@ -218,15 +328,41 @@ def audit(
         console.print(render_audit(entries))
 
 
+def _check_audit(state: Path, entries: list[AuditEntry], config: Path | None) -> None:
+    """Print each check's verdict; exit 1 (one line per violation) when any fails."""
+    from biofp_core.audit_check import CHECKS, check_audit
+    from biofp_core.privacy.ledger import PrivacyLedger
+    from biofp_core.site import PrivacyBudget, load_site_config
+
+    budget = load_site_config(config).privacy if config is not None else PrivacyBudget()
+    book = PrivacyLedger.at(state)
+    violations = check_audit(entries, book.entries, ledger_epsilon=book.epsilon(delta=budget.delta))
+    for name in CHECKS:
+        failed = [v for v in violations if v.check == name]
+        verdict = f"FAILED ({len(failed)})" if failed else "ok"
+        console.print(f"{name}: {verdict}", highlight=False)
+    for v in violations:
+        console.print(str(v), highlight=False, soft_wrap=True)
+    console.print(
+        f"{len(entries)} audit lines, {len(book.entries)} ledger entries: "
+        + ("all five checks passed" if not violations else f"{len(violations)} violation(s)"),
+        highlight=False,
+    )
+    if violations:
+        raise typer.Exit(1)
+
+
 def render_audit(entries: list[AuditEntry]) -> Table:
     """One short row per outgoing message (sha256 cut to 12 hex digits)."""
     table = Table(title="outgoing messages", box=box.SIMPLE, pad_edge=False, padding=(0, 1, 0, 0))
-    for col in ("time (UTC)", "run", "round", "type", "bytes", "sha256", "ε", "metrics"):
+    cols = ("time (UTC)", "run key", "Flower run", "round", "type", "bytes", "sha256", "ε")
+    for col in (*cols, "metrics"):
         table.add_column(col, no_wrap=col != "metrics")  # only metric names wrap
     for e in entries:
         table.add_row(
             e.time.replace("T", " ").removesuffix("+00:00"),
-            escape(e.run_id),
+            escape(e.run_key),
+            str(e.flower_run_id) if e.flower_run_id is not None else "-",
             str(e.server_round),
             escape(e.message_type),
             str(e.payload_bytes),

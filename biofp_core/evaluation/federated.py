@@ -100,3 +100,52 @@ def aggregate_probes(reports: Sequence[SiteProbe]) -> FederatedProbe:
         sites=len(reports),
         pooled_equivalent=first.metric == "mae",
     )
+
+
+# ---- a probe that may leave a site: subsample-and-aggregate plus Gaussian noise ---------------
+
+PRIVATE_METRIC_OF = {"binary": "auroc", "multiclass": "macro_auroc", "regression": "relative_mae"}
+_RANGE_OF = {"binary": 1.0, "multiclass": 1.0, "regression": 2.0}  # each group's clipped metric
+_BASELINE_OF = {"binary": 0.5, "multiclass": 0.5, "regression": 1.0}  # public constants
+
+
+def _group_metric(table: FingerprintTable, labels: TaskLabels, seed: int) -> float:
+    """One group's metric, clipped to its public range; the baseline when it cannot probe."""
+    try:
+        probe = site_probe(table, labels, seed=seed)
+    except (DataError, ValueError):
+        return _BASELINE_OF[labels.kind]
+    value = probe.value / probe.baseline if labels.kind == "regression" else probe.value
+    return float(np.clip(value, 0.0, _RANGE_OF[labels.kind]))
+
+
+def private_site_probe(
+    table: FingerprintTable, labels: TaskLabels, *, group_subjects: int,
+    noise_multiplier: float, rng: np.random.Generator, seed: int = 0,
+) -> SiteProbe:  # fmt: skip
+    """A site's probe of one task as a DP release (subsample-and-aggregate).
+
+    Subjects are split into m disjoint groups of about `group_subjects`; each group is probed on
+    its own and its metric clipped to a public range R (AUROC in [0, 1]; regression as MAE over
+    the mean predictor's MAE, in [0, 2]); the mean over groups moves by at most R/m when one
+    subject changes, and gets N(0, (σR/m)²) noise, then is clipped back to [0, R]
+    (post-processing). The baseline is the public constant of the kind (chance, or 1 for the
+    mean predictor). Charge it as one Gaussian with noise multiplier σ.
+    """
+    _, y, groups = join(table, labels)
+    subjects = np.unique(groups)
+    m = max(1, len(subjects) // group_subjects)
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    group_of = {s: i % m for i, s in zip(order, subjects, strict=True)}
+    wanted = np.array([group_of.get(s) for s in table.subject], dtype=object)
+    values = []
+    for g in range(m):
+        rows = np.flatnonzero(wanted == g)
+        values.append(_group_metric(table.take(rows), labels, seed))
+    bound = _RANGE_OF[labels.kind]
+    noisy = float(np.mean(values)) + rng.normal(0.0, noise_multiplier * bound / m)
+    return SiteProbe(
+        task=labels.task, kind=labels.kind, metric=PRIVATE_METRIC_OF[labels.kind],
+        value=float(np.clip(noisy, 0.0, bound)), baseline=_BASELINE_OF[labels.kind],
+        rows=len(y), subjects=len(subjects),
+    )  # fmt: skip

@@ -91,13 +91,23 @@ def _pseudonymiser(path: Path, column: str, key: SiteKey | None) -> Callable[[st
     return key.record if kind == "record" else key.subject
 
 
+def _check_cells(path: Path, line: int, row: dict, expected: int) -> None:
+    """A row with more or fewer cells than the header would shift or drop labels silently."""
+    extra = row.get(None)  # csv.DictReader puts surplus cells under the key None
+    missing = [k for k, v in row.items() if k is not None and v is None]
+    if extra or missing:
+        found = expected + len(extra or ()) - len(missing)
+        raise DataError(f"{path}: line {line}: {found} cells, the header has {expected}")
+
+
 def read_labels(path: Path, *, key: SiteKey | None = None) -> LabelRows:
     """Read a labels CSV and key its rows by pseudonym.
 
     Raises
     ------
     DataError
-        Unreadable file, no key column, an empty or duplicated id.
+        Unreadable file, no key column, a row with more or fewer cells than the header, an
+        empty or duplicated id.
     ConfigError
         Raw ids but no site key.
     """
@@ -115,6 +125,7 @@ def read_labels(path: Path, *, key: SiteKey | None = None) -> LabelRows:
     raw_ids: dict[str, str] = {}
     subject_of: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
+        _check_cells(path, line, row, len(columns))
         cells = {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
         raw = cells.get(column, "")
         if not raw:

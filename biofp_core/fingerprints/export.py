@@ -14,6 +14,7 @@ from biofp_core.fingerprints.release import (
     commit_release,
     prepare_release,
 )
+from biofp_core.fsutil import check_output_file
 from biofp_core.models.base import BioFPModel
 from biofp_core.site import SiteConfig
 from biofp_core.store import WindowStore
@@ -33,12 +34,14 @@ def release_store(
     message_type: str = RELEASE_MESSAGE,
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    new_key: bool = False,
 ) -> tuple[ReleaseReport, bytes]:
     """Embed a site's windows with `model` and release them under the site's policy.
 
     The site's state folder holds the pseudonym key (created on first use), the ledger charged
     for the noise and the audit log. See `release.commit_release` for `out`, `run_id`,
-    `server_round` and `message_type`; `seed` seeds the noise (tests and benchmarks only).
+    `server_round` and `message_type`; `seed` seeds the noise (tests and benchmarks only);
+    `new_key` lets a site that has released before make a new pseudonym key when it lost its own.
 
     Raises
     ------
@@ -46,7 +49,7 @@ def release_store(
         When the release's noise would exceed the site's budget (nothing is written).
     """
     state_dir = site.resolved_state_dir()
-    key = SiteKey.load_or_create(state_dir)
+    key = SiteKey.load_or_create(state_dir, allow_new=new_key)
     windows = window_fingerprints(store, model, modality=modality, on_batch=on_batch)
     prepared = prepare_release(
         windows, card=card, policy=site.release, key=key, modality=modality,
@@ -67,11 +70,17 @@ def export_fingerprints(
     seed: int | None = None,
     on_record: Callable[[str], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    new_key: bool = False,
 ) -> ReleaseReport:
-    """`biofp fingerprint`: the site's window store, the artifact's model, a released file."""
+    """`biofp fingerprint`: the site's window store, the artifact's model, a released file.
+
+    The output path is checked before anything is read or charged.
+    """
+    check_output_file(out, what="Parquet file")
     model, card = load_model(model_path)
     store = open_site_store(site, on_record=on_record)
     report, _ = release_store(
-        store, model, card, site=site, out=out, modality=modality, seed=seed, on_batch=on_batch
-    )
+        store, model, card, site=site, out=out, modality=modality, seed=seed, on_batch=on_batch,
+        new_key=new_key,
+    )  # fmt: skip
     return report

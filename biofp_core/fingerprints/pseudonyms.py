@@ -65,11 +65,27 @@ class SiteKey:
         return cls(secret, path=path)
 
     @classmethod
-    def load_or_create(cls, state_dir: Path) -> SiteKey:
-        """The site's key, created (mode 0600, atomically) if the site has none yet."""
+    def load_or_create(cls, state_dir: Path, *, allow_new: bool = False) -> SiteKey:
+        """The site's key, created (mode 0600, atomically) if the site has none yet.
+
+        A site whose audit log records released fingerprints gets no new key silently: the
+        same patients would get new ids. It must restore the key, or ask for a new one
+        (`allow_new`, ``--new-pseudonym-key``).
+
+        Raises
+        ------
+        ConfigError
+            The key is missing although pseudonyms have left the site.
+        """
         state_dir = Path(state_dir)
         path = state_dir / KEY_FILENAME
         if not path.exists():
+            if not allow_new and _released_before(state_dir):
+                raise ConfigError(
+                    f"{path}: pseudonym key missing, but this site has released pseudonymised "
+                    "fingerprints; restore the key from a backup, or pass --new-pseudonym-key "
+                    "(released ids will no longer match)"
+                )
             _create_key_file(path)
         return cls.load(state_dir)
 
@@ -88,6 +104,16 @@ class SiteKey:
     def site(self) -> str:
         """The site's own pseudonym: names it in exports without naming it."""
         return self.pseudonym("site", "")
+
+
+def _released_before(state_dir: Path) -> bool:
+    """True when the site's audit log records a release of fingerprints."""
+    from biofp_core.audit import AuditLog
+
+    return any(
+        e.payload_bytes and ("release" in e.message_type or "fingerprint" in e.message_type)
+        for e in AuditLog.at(state_dir).readable_entries()
+    )
 
 
 def _create_key_file(path: Path) -> None:

@@ -2,8 +2,11 @@
 
 `prepare_release` has no side effect: it aggregates windows into record means (policy level
 "record"), clips each released vector to L2 norm C, adds the Gaussian noise of the policy (see
-`policy`) and swaps ids for pseudonyms. At level "window" the window vectors are released and the
-record means of the NOISED windows are added (post-processing: free of privacy cost).
+`policy`) and swaps ids for pseudonyms. Under a noisy policy every column is covered: `fp` is
+noised, the per-row signal quality is withheld (NaN) and so is the window count (0); the rows,
+their level, modality and pseudonyms are public by design (see `policy`). At level "window"
+the window vectors are released and the record means of the NOISED windows are added
+(post-processing: free of privacy cost).
 
 `commit_release` then, in this order: charges the ledger (kind "release", under the ledger's lock,
 refusing with PrivacyBudgetError if the site's budget would be exceeded), serialises the Parquet
@@ -138,6 +141,12 @@ def prepare_release(
     released = rows.with_fp(fp)
     if policy.level == "window":
         released = concat([released, record_means(released)])
+    if calibration is not None:  # every column is covered: what is not noised is withheld
+        released = replace(
+            released,
+            quality=np.full(len(released), np.nan, dtype=np.float32),
+            n_windows=np.zeros(len(released), dtype=np.int32),
+        )
     return PreparedRelease(
         table=_pseudonymise(released, key),
         policy=policy,

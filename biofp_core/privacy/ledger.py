@@ -1,90 +1,109 @@
 """The site's privacy ledger: Opacus' accountant history across rounds and runs, on the site's disk.
 
 The ledger is the history an Opacus `RDPAccountant` keeps, ``(noise_multiplier, sample_rate,
-steps)``, one item per charged round, plus run id, server round, kind, δ, time and the ε reached.
-ε is always recomputed from the WHOLE history (every round of every run), so rounds and runs
-compose under RDP; the stored ``epsilon_after`` is for people reading the file, never summed.
+steps)``, one entry per charged mechanism, plus run key, server round, kind, δ, time and the ε
+reached. ε is always recomputed from the WHOLE history (every round of every run), so rounds and
+runs compose under RDP; the stored ``epsilon_after`` is for people reading the file, never summed.
 
-What is charged, and how
-------------------------
-- ``kind="train"``: one round of DP-SGD, σ = noise std / clipping norm, q = Poisson sampling rate of
-  privacy units (subjects), ``steps`` optimizer steps.
-- ``kind="release"``: a Gaussian release (e.g. fingerprints clipped to norm C plus N(0, (σC)²) noise
-  per released vector), with ``sample_rate=1.0`` and ``steps=1``. At q = 1 the sampled Gaussian
-  mechanism is the plain Gaussian mechanism (RDP α/(2σ²)), so composition with training is exact.
-  σ must be relative to the L2 sensitivity of the whole release to one subject: a subject with k
-  released vectors clipped to C has sensitivity C·√k.
-- σ = 0 (no DP) is never charged: `charge` raises ValueError, since it would mean infinite ε.
+What is charged (``kind``)
+--------------------------
+- ``train``: one round of DP-SGD and its noisy loss sums, drawn from the same Poisson batch each
+  step and charged together as one sampled Gaussian (σ_eff = (σ⁻² + σ_m⁻²)^(-1/2), q = Poisson
+  rate of subjects, ``steps`` optimizer steps). σ = 0 records a round trained without DP (ε
+  becomes infinite).
+- ``evaluate``: the noisy held-out loss (one Gaussian, q = 1, steps = 1).
+- ``release``: a Gaussian fingerprint release (q = 1, steps = 1; see ``fingerprints.policy``).
+- ``probe:<task>``: the noisy scalars of one task's probe (q = 1, steps = 1).
+Entries are keyed by ``(run_id, server_round, kind)``; charging a key again with the same
+mechanism returns the existing entry and charges nothing.
 
-Entries are keyed by ``(run_id, server_round, kind)``; charging the same key again (crash recovery,
-a replayed message) returns the existing entry and charges nothing. Each release needs its own key
-(e.g. its own round number). The file is JSON, indented, replaced atomically and fsync'ed; a
-sidecar ``.lock`` (`fcntl.flock`) serialises read-modify-write between processes. A corrupt file is
-an error naming it, never reset.
-
-ε uses Opacus' default RDP orders. When the optimum lies at the smallest or largest order, Opacus
-warns that a wider range could tighten the bound; the bound is still valid (conservative), so
-that warning is silenced here.
-
-Cost: Opacus' RDP of a mechanism is its one-step RDP times ``steps`` (``compute_rdp`` returns
-``rdp * steps``), and the one-step RDP depends on (σ, q) only. :func:`rdp_epsilon` therefore
-computes the one-step RDP of each distinct (σ, q) once per process (about 0.15-0.3 s on 2 cores)
-and keeps it; ε of a whole history is then the same sum and the same RDP-to-ε conversion as
-Opacus' ``RDPAccountant.get_epsilon``, bit for bit, in well under a millisecond. A site-round
-(budget check, report, ledger charge, exhausted flag, audit) thus pays for one RDP evaluation in
-its first round and none after.
+Failing closed
+--------------
+A site's state folder is initialised once (:func:`initialise_site_state`): a marker ``site.json``
+(site id, creation time, the ledger's head) and the ledger. Entries are hash-chained from the
+site id; the marker keeps the hash of the last entry, updated after each charge. Every charged
+action first verifies (:meth:`PrivacyLedger.verify`) that the site is initialised, that every
+entry's hash and link are intact, that the marker's head is in the chain (a ledger may only grow:
+a missing, emptied, truncated or replaced ledger is behind its marker), and that every audit line
+recording a charge names an entry of the chain. Any failure refuses the action with a one-line
+error saying how to recover; nothing is ever reset. The file is JSON, replaced atomically and
+fsync'ed; a sidecar ``.lock`` (`fcntl.flock`) serialises read-modify-write between processes.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
+import hashlib
+import json
 import logging
 import math
 import numbers
-import os
-import warnings
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from biofp_core.errors import BioFPError, PrivacyBudgetError
 from biofp_core.fsutil import atomic_write_text
+from biofp_core.privacy.accounting import History, compact_history, rdp_epsilon
 from biofp_core.site import PrivacyBudget
 
-LEDGER_FILENAME = "privacy_ledger.json"
-LEDGER_FORMAT = "biofp-privacy-ledger"
-LEDGER_VERSION = 1
+__all__ = [
+    "Charge",
+    "History",
+    "LedgerEntry",
+    "LedgerSummary",
+    "PrivacyLedger",
+    "PrivacyLedgerError",
+    "SiteMarker",
+    "compact_history",
+    "initialise_site_state",
+    "rdp_epsilon",
+]
 
-Kind = Literal["train", "release"]
-History = list[tuple[float, float, int]]  # Opacus' accountant history: (σ, q, steps)
+LEDGER_FILENAME = "privacy_ledger.json"
+MARKER_FILENAME = "site.json"
+LEDGER_FORMAT = "biofp-privacy-ledger"
+LEDGER_VERSION = 2
+KIND_PATTERN = r"^(train|evaluate|release|probe:[A-Za-z0-9_.-]{1,64})$"
+RECOVER = "restore the state folder from a backup; a ledger is never reset"
 
 log = logging.getLogger(__name__)
 
 
 class PrivacyLedgerError(BioFPError):
-    """The privacy ledger file is unreadable, corrupt, or contradicts a replayed charge."""
+    """The privacy ledger is missing, unreadable, tampered with, or contradicts a charge."""
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _genesis(site_id: str) -> str:
+    return hashlib.sha256(f"biofp-ledger:{site_id}".encode()).hexdigest()
 
 
 class LedgerEntry(BaseModel):
-    """One charged round or release: an accountant history item and where it came from."""
+    """One charged mechanism: an accountant history item, where it came from, and its link."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
-    run_id: str = Field(min_length=1)
+    run_id: str = Field(min_length=1, description="the run key the charge is made under")
     server_round: int = Field(ge=0)
-    kind: Kind = "train"
-    noise_multiplier: float = Field(gt=0, description="σ: noise std / clipping norm")
+    kind: str = Field("train", pattern=KIND_PATTERN)
+    noise_multiplier: float = Field(ge=0, description="σ: noise std / sensitivity; 0 = no DP")
     sample_rate: float = Field(gt=0, le=1, description="q: sampling rate of privacy units")
     steps: int = Field(ge=1)
     delta: float = Field(gt=0, lt=1, description="δ at which epsilon_after is given")
     epsilon_after: float = Field(ge=0, description="ε of the whole history up to this entry")
-    time: str = Field(description="when it was charged, UTC ISO 8601")
+    time: str = Field(default_factory=_utc_now, description="when it was charged, UTC ISO 8601")
+    prev: str = Field("", description="hash of the previous entry (or of the site id)")
+    hash: str = Field("", description="sha256 of this entry's fields and `prev`")
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -93,6 +112,16 @@ class LedgerEntry(BaseModel):
     @property
     def mechanism(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def computed_hash(self) -> str:
+        """sha256 of every field but `hash`, canonical JSON (what `hash` must be)."""
+        fields = self.model_dump(mode="json", exclude={"hash"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def linked(self, prev: str) -> LedgerEntry:
+        """This entry chained after `prev`."""
+        entry = self.model_copy(update={"prev": prev, "hash": ""})
+        return entry.model_copy(update={"hash": entry.computed_hash()})
 
 
 class LedgerSummary(BaseModel):
@@ -111,14 +140,28 @@ class LedgerSummary(BaseModel):
     exhausted: bool
 
 
+class SiteMarker(BaseModel):
+    """``site.json``: the site's state was initialised, and the ledger's head since."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["biofp-site-state"] = "biofp-site-state"
+    site_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    created: str
+    name: str = Field(description="the site's name at initialisation (for people only)")
+    ledger_head: str = Field(description="hash of the ledger's last entry when last charged")
+    entries: int = Field(ge=0, description="entries in the ledger when last charged")
+
+
 class _LedgerFile(BaseModel):
     """The on-disk document."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     format: Literal["biofp-privacy-ledger"] = LEDGER_FORMAT
-    version: Literal[1] = LEDGER_VERSION
+    version: Literal[2] = LEDGER_VERSION
     accountant: Literal["rdp"] = "rdp"
+    site_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     entries: list[LedgerEntry] = []
 
     @model_validator(mode="after")
@@ -129,66 +172,33 @@ class _LedgerFile(BaseModel):
         return self
 
 
-def compact_history(history: History) -> History:
-    """Merge items with the same (σ, q), summing steps: RDP is additive, so ε is unchanged.
-
-    A ledger of many rounds and runs is compacted before ε is computed, so the sum of RDP
-    vectors grows with the distinct (σ, q), not with rounds.
-    """
-    steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
-    return [(sigma, q, n) for (sigma, q), n in steps.items()]
-
-
-@functools.lru_cache(maxsize=256)
-def _one_step_rdp(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """Opacus' RDP of ONE step of the sampled Gaussian mechanism at its default orders."""
-    from opacus.accountants import RDPAccountant  # imports torch: only when ε is computed
-    from opacus.accountants.analysis import rdp as analysis
-
-    rdp = analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-        orders=RDPAccountant.DEFAULT_ALPHAS,
-    )  # fmt: skip
-    return tuple(float(x) for x in rdp)
-
-
-def rdp_epsilon(history: History, *, delta: float) -> float:
-    """ε of a whole accountant history at `delta`, as Opacus' `RDPAccountant` computes it.
-
-    The same sum over the (compacted) history and the same conversion as
-    ``RDPAccountant.get_epsilon``, with each (σ, q)'s one-step RDP cached (see the module
-    docstring). 0.0 for an empty history.
-    """
-    if not history:
-        return 0.0
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as analysis
-
-    rdp = sum([np.array(_one_step_rdp(sigma, q)) * n for sigma, q, n in compact_history(history)])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        eps, _ = analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-        )
-    return float(eps)
-
-
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def _as_mechanism(
-    *, noise_multiplier: float, sample_rate: float, steps: int
-) -> tuple[float, float, int]:
-    """``(σ, q, steps)`` as plain Python numbers; rejects what cannot be charged (caller bugs)."""
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(
-            f"noise_multiplier must be finite and > 0 to be charged, got {noise_multiplier} "
-            "(σ=0 is training without DP: infinite ε)"
-        )
+Mechanism = tuple[float, float, int]  # (σ, q, steps)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One mechanism to charge under its key."""
+
+    run_id: str
+    server_round: int
+    kind: str
+    mechanism: Mechanism
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.server_round, self.kind)
+
+
+def _as_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Mechanism:
+    """``(σ, q, steps)`` as plain Python numbers; rejects what cannot be charged (caller bugs).
+    σ = 0 is allowed: it records a round without DP (infinite ε)."""
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
@@ -196,63 +206,63 @@ def _as_mechanism(
     return (float(noise_multiplier), float(sample_rate), int(steps))
 
 
-def _read(path: Path) -> list[LedgerEntry]:
-    """The entries of the ledger at `path`; [] when there is no file yet."""
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
+
+
+def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | None:
+    """`path` parsed as `model`; None when there is no file."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
-        raise PrivacyLedgerError(
-            f"{path}: cannot read the privacy ledger: {exc.strerror}"
-        ) from None
+        raise PrivacyLedgerError(f"{path}: cannot read the {what}: {exc.strerror}") from None
     try:
-        return _LedgerFile.model_validate_json(raw).entries
+        return model.model_validate_json(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "file"
         raise PrivacyLedgerError(
-            f"{path}: corrupt privacy ledger ({where}: {err['msg']}); "
-            "restore it from a backup: it is never reset"
+            f"{path}: corrupt {what} ({_first_error(exc)}); {RECOVER}"
         ) from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _audit_charges(state_dir: Path) -> set[str]:
+    """Hashes of the ledger entries the audit log says paid for a message."""
+    from biofp_core.audit import AuditLog  # the audit log does not import the ledger
 
-
-def _write(path: Path, entries: list[LedgerEntry]) -> None:
-    """Replace the ledger atomically, then fsync the file and its folder."""
-    text = _LedgerFile(entries=entries).model_dump_json(indent=2) + "\n"
-    atomic_write_text(path, text)
-    _fsync(path)
-    _fsync(path.parent)
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return {e.ledger_entry for e in AuditLog.at(state_dir).readable_entries() if e.ledger_entry}
 
 
 class PrivacyLedger:
-    """The privacy ledger of one site, stored at `path` (a JSON file).
+    """The privacy ledger of one site's state folder.
 
-    Reading methods use the entries loaded at construction (or by the last `reload`, `check_budget`
-    or `charge`); `check_budget` and `charge` re-read the file first, so another process's charges
-    always count.
+    Reading methods use the entries loaded at construction (or by the last `reload`,
+    `check_budget` or `charge`); `check_budget` and `charge` verify the ledger and re-read it
+    first, so another process's charges always count and a tampered ledger is refused.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._entries = _read(self.path)
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LEDGER_FILENAME
+        self.marker_path = self.state_dir / MARKER_FILENAME
+        self.reload()
 
     @classmethod
     def at(cls, state_dir: Path) -> PrivacyLedger:
         """The ledger in a site's state folder (`SiteConfig.resolved_state_dir()`)."""
-        return cls(Path(state_dir) / LEDGER_FILENAME)
+        return cls(Path(state_dir))
+
+    def reload(self) -> None:
+        """Re-read the files (another process may have charged since); tolerant of a missing
+        ledger (reads as empty): :meth:`verify` is what refuses it."""
+        self._file = _read_ledger_file(self.path)
+        self._marker = _read_model(self.marker_path, SiteMarker, "site marker")
+        self._entries = list(self._file.entries) if self._file else []
+
+    @property
+    def initialised(self) -> bool:
+        return self._marker is not None
 
     @property
     def entries(self) -> list[LedgerEntry]:
@@ -263,9 +273,38 @@ class PrivacyLedger:
         """The Opacus accountant history, one item per entry, in charge order."""
         return [e.mechanism for e in self._entries]
 
-    def reload(self) -> None:
-        """Re-read the file (another process may have charged since)."""
-        self._entries = _read(self.path)
+    def verify(self) -> None:
+        """Refuse a ledger that is not initialised, missing, edited or behind its marker, or
+        that the audit log contradicts (see the module docstring).
+
+        Raises
+        ------
+        PrivacyLedgerError
+            One line naming the file, the problem and how to recover.
+        """
+        marker = self._marker
+        if marker is None:
+            what = "has a ledger but no site.json marker" if self._file else "is not initialised"
+            raise PrivacyLedgerError(
+                f"{self.state_dir}: the site's state {what}; run `biofp site init --config "
+                "site.toml` for a new site, else " + RECOVER
+            )
+        if self._file is None:
+            raise PrivacyLedgerError(f"{self.path}: privacy ledger missing; {RECOVER}")
+        if self._file.site_id != marker.site_id:
+            raise PrivacyLedgerError(f"{self.path}: ledger of another site; {RECOVER}")
+        heads = _verified_chain(self.path, self._entries, marker.site_id)
+        if marker.ledger_head not in heads or heads.index(marker.ledger_head) != marker.entries:
+            raise PrivacyLedgerError(
+                f"{self.path}: the ledger holds {len(self._entries)} entries but "
+                f"{marker.entries} were charged (emptied, truncated or replaced); {RECOVER}"
+            )
+        unknown = _audit_charges(self.state_dir) - set(heads)
+        if unknown:
+            raise PrivacyLedgerError(
+                f"{self.path}: the audit log records {len(unknown)} charged message(s) the "
+                f"ledger does not hold (e.g. entry {sorted(unknown)[0][:12]}); {RECOVER}"
+            )
 
     def epsilon(self, *, delta: float) -> float:
         """ε spent by the whole history at `delta` (0.0 for an empty ledger)."""
@@ -276,114 +315,121 @@ class PrivacyLedger:
         self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float
     ) -> float:
         """ε the whole history would reach at `delta` after one more charge like this one."""
-        mechanism = _as_mechanism(
-            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
-        )
+        mechanism = _as_mechanism(noise_multiplier, sample_rate, steps)
         _check_delta(delta)
         return rdp_epsilon([*self.history, mechanism], delta=delta)
 
-    def check_budget(
-        self, *, budget: PrivacyBudget, noise_multiplier: float, sample_rate: float, steps: int
-    ) -> float:
-        """ε after a charge with these parameters, at the budget's δ; refuse it if over budget.
+    def check_budget(self, *, budget: PrivacyBudget, mechanisms: list[Mechanism]) -> float:
+        """ε after charging `mechanisms` (σ, q, steps), at the budget's δ; refuse if over budget.
 
         Raises
         ------
+        PrivacyLedgerError
+            The ledger does not verify.
         PrivacyBudgetError
-            When that ε would exceed ``budget.epsilon``.
+            That ε would exceed ``budget.epsilon``.
         """
         self.reload()
-        return self._within_budget(
-            budget, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
-        )
+        self.verify()
+        return self._within_budget(budget, [_as_mechanism(*m) for m in mechanisms])
 
-    def _within_budget(
-        self, budget: PrivacyBudget, *, noise_multiplier: float, sample_rate: float, steps: int
-    ) -> float:
-        after = self.epsilon_if(
-            noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=budget.delta,
-        )
+    def _within_budget(self, budget: PrivacyBudget, mechanisms: list[Mechanism]) -> float:
+        after = rdp_epsilon([*self.history, *mechanisms], delta=budget.delta)
         if after > budget.epsilon:
             spent = self.epsilon(delta=budget.delta)
+            alone = rdp_epsilon(list(mechanisms), delta=budget.delta)
             raise PrivacyBudgetError(
                 f"site budget ε={budget.epsilon:g} would be exceeded: ε would reach {after:.4g} "
-                f"(spent {spent:.4g}) at δ={budget.delta:g}; refused ({self.path})"
+                f"(spent {spent:.4g}) at δ={budget.delta:g}; refused ({self.path})",
+                exhausted=alone <= budget.epsilon,
             )
         return after
 
     def charge(
-        self,
-        *,
-        run_id: str,
-        server_round: int,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        delta: float,
-        kind: Kind = "train",
-        budget: PrivacyBudget | None = None,
-    ) -> LedgerEntry:
-        """Append one round (or release) to the ledger and return its entry.
+        self, *, run_id: str, server_round: int, noise_multiplier: float, sample_rate: float,
+        steps: int, delta: float, kind: str = "train", budget: PrivacyBudget | None = None,
+    ) -> LedgerEntry:  # fmt: skip
+        """Append one mechanism to the ledger and return its entry (see :meth:`charge_all`)."""
+        charge = Charge(
+            run_id=run_id, server_round=server_round, kind=kind,
+            mechanism=(noise_multiplier, sample_rate, steps),
+        )  # fmt: skip
+        return self.charge_all([charge], delta=delta, budget=budget)[0]
 
-        A replay of an already charged ``(run_id, server_round, kind)`` with the same parameters
-        returns the existing entry and charges nothing. With `budget`, the budget is checked again
-        under the lock, so two processes cannot both spend the last of it.
+    def charge_all(
+        self, charges: list[Charge], *, delta: float, budget: PrivacyBudget | None = None
+    ) -> list[LedgerEntry]:
+        """Append mechanisms to the ledger at once (one lock, one budget check, one write).
+
+        A replay of an already charged ``(run_id, server_round, kind)`` with the same mechanism
+        returns the existing entry and charges nothing. With `budget`, the budget is checked
+        again under the lock, so two processes cannot both spend the last of it.
 
         Raises
         ------
         PrivacyBudgetError
-            With `budget`, when this charge would exceed it (nothing is written).
+            With `budget`, when the charges would exceed it (nothing is written).
         PrivacyLedgerError
-            When the file is corrupt, or the key was charged with other parameters.
+            The ledger does not verify, or a key was charged with another mechanism.
         ValueError
-            For σ <= 0, q outside (0, 1], steps < 1 or δ outside (0, 1).
+            For σ < 0, q outside (0, 1], steps < 1 or δ outside (0, 1).
         """
-        sigma, q, n = _as_mechanism(
-            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
-        )
         _check_delta(delta)
+        checked = [(c, _as_mechanism(*c.mechanism)) for c in charges]
         with self._locked():
             self.reload()
-            key = (run_id, server_round, kind)
-            existing = next((e for e in self._entries if e.key == key), None)
-            if existing is not None:
-                return _replayed(existing, (sigma, q, n))
-            if budget is not None:
-                self._within_budget(budget, noise_multiplier=sigma, sample_rate=q, steps=n)
-            entry = LedgerEntry(
-                run_id=run_id,
-                server_round=server_round,
-                kind=kind,
-                noise_multiplier=sigma,
-                sample_rate=q,
-                steps=n,
-                delta=delta,
-                epsilon_after=self.epsilon_if(
-                    noise_multiplier=sigma, sample_rate=q, steps=n, delta=delta
-                ),
-                time=_utc_now(),
-            )
-            _write(self.path, [*self._entries, entry])
-            self._entries.append(entry)
-        log.info("charged %s: ε=%.4g at δ=%g", key, entry.epsilon_after, delta)
-        return entry
+            self.verify()
+            out: list[LedgerEntry | None] = []
+            new: list[tuple[Charge, Mechanism]] = []
+            for charge, mechanism in checked:
+                existing = next((e for e in self._entries if e.key == charge.key), None)
+                out.append(None if existing is None else _replayed(existing, mechanism))
+                if existing is None:
+                    new.append((charge, mechanism))
+            if budget is not None and new:
+                self._within_budget(budget, [m for _, m in new])
+            entries, history = list(self._entries), list(self.history)
+            for charge, mechanism in new:
+                history.append(mechanism)
+                prev = entries[-1].hash if entries else _genesis(self._site_id)
+                entries.append(LedgerEntry(
+                    run_id=charge.run_id, server_round=charge.server_round, kind=charge.kind,
+                    noise_multiplier=mechanism[0], sample_rate=mechanism[1], steps=mechanism[2],
+                    delta=delta, epsilon_after=rdp_epsilon(history, delta=delta),
+                ).linked(prev))  # fmt: skip
+            if new:
+                self._write(entries)
+            added = iter(entries[len(entries) - len(new) :])
+            result = [e if e is not None else next(added) for e in out]
+        for entry in result:
+            log.info("charged %s: ε=%.4g at δ=%g", entry.key, entry.epsilon_after, delta)
+        return result
+
+    @property
+    def _site_id(self) -> str:
+        assert self._marker is not None
+        return self._marker.site_id
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        """Replace the ledger durably, then move the marker's head (a crash between the two
+        leaves the ledger ahead of its marker, which verifies: a ledger may grow)."""
+        assert self._marker is not None
+        document = _LedgerFile(site_id=self._site_id, entries=entries)
+        atomic_write_text(self.path, document.model_dump_json(indent=2) + "\n")
+        head = entries[-1].hash if entries else _genesis(self._site_id)
+        marker = self._marker.model_copy(update={"ledger_head": head, "entries": len(entries)})
+        atomic_write_text(self.marker_path, marker.model_dump_json(indent=2) + "\n")
+        self._entries, self._marker = entries, marker
 
     def summary(self, *, budget: PrivacyBudget, site: str | None = None) -> LedgerSummary:
         """ε spent at the budget's δ, the budget and what is left."""
         spent = self.epsilon(delta=budget.delta)
         return LedgerSummary(
-            site=site,
-            entries=len(self._entries),
-            runs=list(dict.fromkeys(e.run_id for e in self._entries)),
-            epsilon=spent,
-            delta=budget.delta,
-            budget_epsilon=budget.epsilon,
-            budget_left=max(0.0, budget.epsilon - spent),
-            exhausted=spent >= budget.epsilon,
-        )
+            site=site, entries=len(self._entries),
+            runs=list(dict.fromkeys(e.run_id for e in self._entries)), epsilon=spent,
+            delta=budget.delta, budget_epsilon=budget.epsilon,
+            budget_left=max(0.0, budget.epsilon - spent), exhausted=spent >= budget.epsilon,
+        )  # fmt: skip
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -398,6 +444,35 @@ class PrivacyLedger:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _read_ledger_file(path: Path) -> _LedgerFile | None:
+    """The ledger document; a version-1 file (before hash chains) must be migrated first."""
+    try:
+        head = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        head = None
+    if isinstance(head, dict) and head.get("version") == 1:
+        raise PrivacyLedgerError(
+            f"{path}: ledger of an older BioFP (no hash chain); run `biofp site init --config "
+            "site.toml` once to migrate it"
+        )
+    return _read_model(path, _LedgerFile, "privacy ledger")  # type: ignore[return-value]
+
+
+def _verified_chain(path: Path, entries: list[LedgerEntry], site_id: str) -> list[str]:
+    """[genesis, hash of entry 1, ...] after checking every link and hash."""
+    heads = [_genesis(site_id)]
+    for number, entry in enumerate(entries, start=1):
+        if entry.prev != heads[-1] or entry.hash != entry.computed_hash():
+            raise PrivacyLedgerError(
+                f"{path}: entry {number} ({entry.kind}, round {entry.server_round} of run "
+                f"{entry.run_id}) was edited or moved: its hash does not check; {RECOVER}"
+            )
+        heads.append(entry.hash)
+    return heads
+
+
 def _replayed(existing: LedgerEntry, mechanism: tuple[float, float, int]) -> LedgerEntry:
     """The existing entry of a replayed key, if the replay charges the same mechanism."""
     if existing.mechanism != mechanism:
@@ -408,3 +483,84 @@ def _replayed(existing: LedgerEntry, mechanism: tuple[float, float, int]) -> Led
         )
     log.info("replay of %s ignored: already charged", existing.key)
     return existing
+
+
+def _migrated(path: Path, site_id: str) -> list[LedgerEntry]:
+    """The entries of a version-1 ledger at `path`, chained from `site_id` ([] if none)."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise PrivacyLedgerError(f"{path}: unreadable privacy ledger ({exc}); {RECOVER}") from None
+    entries, prev = [], _genesis(site_id)
+    try:
+        for item in raw.get("entries", []):
+            entry = LedgerEntry.model_validate(item).linked(prev)
+            entries.append(entry)
+            prev = entry.hash
+    except (ValidationError, AttributeError) as exc:
+        raise PrivacyLedgerError(f"{path}: corrupt privacy ledger ({exc}); {RECOVER}") from None
+    return entries
+
+
+def initialise_site_state(state_dir: Path, *, name: str) -> SiteMarker:
+    """Initialise a site's state folder once: marker + (empty, or migrated) ledger.
+
+    Idempotent for an initialised folder that verifies. A version-1 ledger is migrated into the
+    hash chain. A folder whose audit log records sent messages but that has no ledger is refused.
+
+    Raises
+    ------
+    PrivacyLedgerError
+        The folder holds a ledger without its marker, or an audit log without a ledger, or an
+        initialised ledger that does not verify.
+    """
+    state_dir = Path(state_dir)
+    ledger = PrivacyLedger.__new__(PrivacyLedger)
+    ledger.state_dir, ledger.path = state_dir, state_dir / LEDGER_FILENAME
+    ledger.marker_path = state_dir / MARKER_FILENAME
+    with ledger._locked():
+        marker = _read_model(ledger.marker_path, SiteMarker, "site marker")
+        if marker is not None:
+            PrivacyLedger.at(state_dir).verify()
+            return marker  # type: ignore[return-value]
+        version = _file_version(ledger.path)
+        if version not in (None, 1):
+            raise PrivacyLedgerError(
+                f"{ledger.path}: a ledger without its site.json marker; {RECOVER}"
+            )
+        if version is None and _sent(state_dir):
+            raise PrivacyLedgerError(
+                f"{state_dir}: the audit log records sent messages but there is no privacy "
+                f"ledger; {RECOVER}"
+            )
+        site_id = uuid.uuid4().hex
+        entries = _migrated(ledger.path, site_id) if version == 1 else []
+        ledger._marker = SiteMarker(
+            site_id=site_id, created=_utc_now(), name=name, ledger_head=_genesis(site_id),
+            entries=0,
+        )  # fmt: skip
+        ledger._file = None
+        state_dir.mkdir(parents=True, exist_ok=True)
+        ledger._write(entries)
+    log.info("initialised site state %s (site id %s, %d entries)", state_dir, site_id, len(entries))
+    return ledger._marker
+
+
+def _file_version(path: Path) -> int | None:
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return -1
+    version = raw.get("version") if isinstance(raw, dict) else None
+    return version if isinstance(version, int) else -1
+
+
+def _sent(state_dir: Path) -> bool:
+    """True when the audit log records any message at all."""
+    from biofp_core.audit import AuditLog
+
+    return bool(AuditLog.at(state_dir).readable_entries())
