@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.errors import ConfigError, DataError
+from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source
 from biofp_core.site import load_site_config
 from biofp_core.store import write_labels_csv
@@ -167,6 +168,7 @@ def write_public_sites(
             data_dir = site_dir / "data"
             source = open_source(folder, site.reader)
             _link_subset(source, data_dir, site.max_subjects, seed * 1000 + index)
+        initialise_site_state(site_dir / "state", name=site.name)  # once; kept across runs
         toml = site_dir / SITE_TOML
         kw = {"cache_dir": cache_dir, "epsilon": epsilon, "delta": delta, "limits": limits or {}}
         toml.write_text(_site_toml(site, data_dir, labels=False, **kw))
