@@ -2,9 +2,9 @@
 the site, so the same question asked again gets the very same noisy answer, never a new draw.
 
 ``<state_dir>/replies/<run key>@<kind>@round-NNNN.json`` (``:`` in a kind written ``@``; ``@`` is
-in neither a run key nor a kind, so two keys never share a file) holds the answer's metrics with the sha256
-of the global arrays and the instruction it answered; asked again with the same arrays and
-instruction, the site sends it again; anything else under a charged key is refused
+in neither a run key nor a kind, so two keys never share a file) holds the answer's metrics with
+the sha256 of the global arrays and the instruction it answered; asked again with the same arrays
+and instruction, the site sends it again; anything else under a charged key is refused
 (:class:`ReplayRefusedError`): a second noisy answer for one charge would be unaccounted.
 """
 
