@@ -378,8 +378,8 @@ class ProbeReplyMetrics(_QueryReplyMetrics):
         if self.refused:
             if any(s is not None for s in scalars) or self.rows or self.subjects:
                 raise ValueError("a refused probe reply carries no probe scalars")
-        elif any(s is None for s in scalars) or not (self.rows and self.subjects):
-            raise ValueError("a probe reply needs kind, value, baseline, rows and subjects")
+        elif any(s is None for s in scalars):
+            raise ValueError("a probe reply needs kind, value and baseline")
         elif not (math.isfinite(self.value or 0.0) and math.isfinite(self.baseline or 0.0)):
             raise ValueError("probe value and baseline must be finite")
         return self
