@@ -228,7 +228,7 @@ def test_whether_a_probe_is_answered_and_its_kind_do_not_depend_on_one_patients_
 
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    answers = {}
+    answers, counts = {}, set()
     for af in ("1", "0", "2"):
         toml = _site_with_af(cohort, tmp_path / f"af{af}", af)
         config = {SERVER_ROUND: 1, PROBE_TASK: "af", RUN_KEY: "probe-af"}
@@ -237,10 +237,12 @@ def test_whether_a_probe_is_answered_and_its_kind_do_not_depend_on_one_patients_
         metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
         charged = len(PrivacyLedger.at(toml.parent / "state").entries)
         answers[af] = (metrics.refused, metrics.kind, charged)
+        counts.add((metrics.rows, metrics.subjects))
     # what leaves must not be a function of one patient's label unless noise covers it
     outcomes = {(refused, kind) for refused, kind, _ in answers.values()}
     assert len(outcomes) == 1, f"one patient's label decides the reply: {answers}"
     assert outcomes == {(False, "binary")} and {c for *_, c in answers.values()} == {1}
+    assert counts == {(4, 4)}  # the site's records and subjects, labelled (as a class) or not
 
 
 def test_a_task_the_site_did_not_declare_is_refused_uncharged(cohort: Path, tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ class SiteProbe(BaseModel):
     metric: str
     value: float = Field(description="the site's out-of-fold metric")
     baseline: float = Field(description="chance AUROC, or the fold-mean predictor's MAE")
-    rows: int = Field(ge=0, description="labelled fingerprint rows: the weight")
+    rows: int = Field(
+        ge=0, description="the weight: labelled rows (local probe); every record row (private)"
+    )
     subjects: int = Field(ge=0)
 
 
@@ -141,14 +143,12 @@ def private_site_probe(
     subjects) counts as the public baseline. Adding or removing one subject changes one group,
     so the mean over groups moves by at most R/m; it gets N(0, (σR/m)²) noise, then is clipped
     back to [0, R] (post-processing). The baseline is the public constant of the kind (chance,
-    or 1 for the mean predictor). Charge it as one Gaussian with noise multiplier σ.
+    or 1 for the mean predictor). `rows` and `subjects` count the site's record rows and
+    subjects, labelled or not: no label decides them. Charge it as one Gaussian with noise
+    multiplier σ.
     """
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
-    try:
-        _, y, subjects = join(table, labels)
-    except DataError:  # no labelled row: every group is the baseline
-        y, subjects = np.zeros(0), np.zeros(0, dtype=str)
     group_of = np.array([probe_group(str(s), groups) for s in table.subject], dtype=np.int64)
     values = []
     for g in range(groups):
@@ -158,5 +158,5 @@ def private_site_probe(
     return SiteProbe(
         task=labels.task, kind=labels.kind, metric=PRIVATE_METRIC_OF[labels.kind],
         value=float(np.clip(noisy, 0.0, bound)), baseline=_BASELINE_OF[labels.kind],
-        rows=len(y), subjects=len(np.unique(subjects)),
+        rows=len(table.at_level("record")), subjects=len(set(table.subject.astype(str))),
     )  # fmt: skip
