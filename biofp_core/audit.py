@@ -5,7 +5,10 @@ The log lives at ``<state_dir>/audit.jsonl``. Each line is an `AuditEntry`: when
 bytes, the sha256 of the arrays sent (`arrays_sha256`), the names of the metrics sent (never
 their values) and the ε spent at the time. Appends take an exclusive `fcntl.flock` on the log
 itself, so two processes never interleave a line; a line torn by a crash stays alone on its line
-(and is reported by `AuditLog.entries`), the next entry starts on a fresh one.
+(and is reported by `AuditLog.entries`), the next entry starts on a fresh one and records the torn
+line's length (`after_torn_bytes`). `AuditLog.checked_entries` (what the privacy ledger trusts)
+refuses any other unparseable line: only a crash tears a line, and only the last one;
+`readable_entries` skips every unparseable line, for display only.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class AuditEntry(BaseModel):
     ledger_entry: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="hash of the ledger entry that paid for it"
     )
+    after_torn_bytes: int | None = Field(
+        None, ge=1, description="length of the line a crash tore just before this one"
+    )
 
     @property
     def run_id(self) -> str:
@@ -79,15 +85,17 @@ class AuditLog:
 
     def append(self, entry: AuditEntry) -> None:
         """Append one line and fsync it before returning."""
-        line = entry.model_dump_json().encode() + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
+            line = entry.model_dump_json().encode() + b"\n"
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # the last line was torn by a crash: do not glue onto it
+                # the last line was torn by a crash: do not glue onto it, and say so
+                torn = entry.model_copy(update={"after_torn_bytes": _torn_tail(fd, size)})
+                line = b"\n" + torn.model_dump_json().encode() + b"\n"
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view) :]
@@ -125,8 +133,43 @@ class AuditLog:
                 ) from None
         return out
 
+    def checked_entries(self) -> list[AuditEntry]:
+        """Every entry, for the privacy ledger: an unparseable line is allowed only where a crash
+        can leave one (the last line, or a line the next entry says a crash tore).
+
+        Raises
+        ------
+        AuditLogError
+            Naming the file and line of the first unparseable line that no crash explains.
+        """
+        lines = [line for line in self._read().split(b"\n") if line.strip()]
+        out = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                out.append(AuditEntry.model_validate_json(line))
+                continue
+            except ValueError:
+                pass
+            last = number == len(lines)
+            following = _parsed(lines[number]) if not last else None
+            if not last and (following is None or following.after_torn_bytes != len(line)):
+                raise AuditLogError(
+                    f"{self.path}: line {number} of {len(lines)} is not an audit entry and no "
+                    "crash tore it (edited?)"
+                )
+        return out
+
+    def _read(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
+
     def readable_entries(self) -> list[AuditEntry]:
-        """Every entry that parses, skipping lines a crash tore (``entries`` reports them)."""
+        """Every entry that parses, skipping any other line: for display only (the privacy
+        ledger trusts :meth:`checked_entries`)."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -141,6 +184,25 @@ class AuditLog:
                 except ValueError:
                     continue
         return out
+
+
+def _parsed(line: bytes) -> AuditEntry | None:
+    try:
+        return AuditEntry.model_validate_json(line)
+    except ValueError:
+        return None
+
+
+def _torn_tail(fd: int, size: int) -> int:
+    """Bytes after the last newline of the file open at `fd` (of `size` bytes)."""
+    end, chunk = size, 1 << 16
+    while end > 0:
+        start = max(0, end - chunk)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return size - (start + newline + 1)
+        end = start
+    return size
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:

@@ -240,19 +240,18 @@ def check_federation_keys(fed: FederationConfig) -> None:
 
 
 def check_site_state(state_dir: Path) -> None:
-    """A site's ledger verifies, or the state folder is brand new (the start initialises it).
+    """A site's state folder is initialised (`biofp site init`, never implicitly) and its
+    ledger verifies.
 
     Raises
     ------
     PrivacyLedgerError
-        The ledger is missing, edited or behind its marker, or the audit log contradicts it.
+        Not initialised, or the ledger is missing, edited or behind its marker, or the audit log
+        contradicts it.
     """
-    from biofp_core.audit import AUDIT_FILENAME
-    from biofp_core.privacy.ledger import LEDGER_FILENAME, MARKER_FILENAME, PrivacyLedger
+    from biofp_core.privacy.ledger import PrivacyLedger
 
-    names = (LEDGER_FILENAME, MARKER_FILENAME, AUDIT_FILENAME)
-    if any((Path(state_dir) / name).exists() for name in names):
-        PrivacyLedger.at(state_dir).verify()
+    PrivacyLedger.at(state_dir).verify()
 
 
 def check_site(

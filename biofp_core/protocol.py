@@ -75,7 +75,7 @@ RELEASED_ROWS = "released-rows"  # int: rows of the released file (0 when refuse
 PROBE_KIND = "probe-kind"  # int: index of the task's kind in PROBE_KINDS
 PROBE_VALUE = "probe-value"  # float: the site's out-of-fold AUROC (macro for classes) or MAE
 PROBE_BASELINE = "probe-baseline"  # float: chance AUROC, or the fold-mean predictor's MAE
-PROBE_ROWS = "probe-rows"  # int: labelled fingerprint rows (the aggregation weight)
+PROBE_ROWS = "probe-rows"  # int: the site's record rows, labelled or not (aggregation weight)
 PROBE_SUBJECTS = "probe-subjects"  # int: subjects behind those rows
 PROBE_KINDS = ("binary", "multiclass", "regression")  # evaluation.labels.TASK_KINDS, in order
 
@@ -379,7 +379,7 @@ class ProbeReplyMetrics(_QueryReplyMetrics):
     kind: Literal["binary", "multiclass", "regression"] | None = None  # sent as its index
     value: float | None = Field(None, description="the site's out-of-fold metric")
     baseline: float | None = None
-    rows: int = Field(0, ge=0, description="labelled rows: the aggregation weight")
+    rows: int = Field(0, ge=0, description="the site's record rows: the aggregation weight")
     subjects: int = Field(0, ge=0)
     refused: bool = False
 
@@ -398,8 +398,8 @@ class ProbeReplyMetrics(_QueryReplyMetrics):
         if self.refused:
             if any(s is not None for s in scalars) or self.rows or self.subjects:
                 raise ValueError("a refused probe reply carries no probe scalars")
-        elif any(s is None for s in scalars) or not (self.rows and self.subjects):
-            raise ValueError("a probe reply needs kind, value, baseline, rows and subjects")
+        elif any(s is None for s in scalars):
+            raise ValueError("a probe reply needs kind, value and baseline")
         elif not (math.isfinite(self.value or 0.0) and math.isfinite(self.baseline or 0.0)):
             raise ValueError("probe value and baseline must be finite")
         return self

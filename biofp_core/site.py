@@ -6,9 +6,16 @@ import csv
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from biofp_core.config import ChannelAliases, PreprocessConfig
 from biofp_core.deployment import FederationConfig, resolve_federation_paths
@@ -64,9 +71,43 @@ class PrivacyBudget(BaseModel):
     )
     eval_noise: float = Field(10.0, gt=0, description="σ of the noisy held-out loss sum (× C)")
     probe_epsilon: float = Field(1.0, gt=0, description="ε of one probe answer (Gaussian)")
-    probe_group_subjects: int = Field(
-        20, ge=2, description="subjects per group a probe is averaged over"
+    probe_groups: int = Field(
+        8, ge=1, description="m: groups a probe is averaged over (fixed, whatever the subjects)"
     )
+
+
+class TaskSpec(BaseModel):
+    """A label column the site lets the server probe, and its kind: a setting of the site, never
+    inferred from the labels (the kind of a probe leaves the site).
+
+    In ``[tasks]``: ``af = "binary"`` (classes "0" and "1"), ``age = "regression"``, or
+    ``rhythm = { kind = "multiclass", classes = ["sr", "af", "flutter"] }``. A cell that is not
+    one of the classes (or not a number, for regression) counts as unlabelled.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["binary", "multiclass", "regression"]
+    classes: tuple[str, ...] = Field((), description="class names in index order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _binary_default(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("kind") == "binary" and not data.get("classes"):
+            return {**data, "classes": ("0", "1")}
+        return data
+
+    @model_validator(mode="after")
+    def _classes_of_kind(self) -> TaskSpec:
+        if self.kind == "regression" and self.classes:
+            raise ValueError("a regression task has no classes")
+        if self.kind == "binary" and len(self.classes) != 2:
+            raise ValueError("a binary task has exactly 2 classes")
+        if self.kind == "multiclass" and len(self.classes) < 2:
+            raise ValueError("a multiclass task lists its classes (at least 2)")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes repeat")
+        return self
 
 
 class SiteConfig(BaseModel):
@@ -90,6 +131,16 @@ class SiteConfig(BaseModel):
     privacy: PrivacyBudget = PrivacyBudget()
     release: ReleasePolicy = ReleasePolicy()  # what fingerprint exports may let out
     federation: FederationConfig | None = Field(None, description="how the SuperNode joins")
+    tasks: dict[str, TaskSpec] = Field(
+        default_factory=dict, description="label columns the server may probe, and their kinds"
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _kind_alone(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: {"kind": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _check_preprocess(self) -> SiteConfig:

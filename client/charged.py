@@ -1,9 +1,10 @@
 """Charged once, answered from the cache: a metrics-only answer the ledger paid for is kept at
 the site, so the same question asked again gets the very same noisy answer, never a new draw.
 
-``<state_dir>/replies/<run key>-<kind>-round-NNNN.json`` holds the answer's metrics with the sha256
-of the global arrays and the instruction it answered; asked again with the same arrays and
-instruction, the site sends it again; anything else under a charged key is refused
+``<state_dir>/replies/<run key>@<kind>@round-NNNN.json`` (``:`` in a kind written ``@``; ``@`` is
+in neither a run key nor a kind, so two keys never share a file) holds the answer's metrics with
+the sha256 of the global arrays and the instruction it answered; asked again with the same arrays
+and instruction, the site sends it again; anything else under a charged key is refused
 (:class:`ReplayRefusedError`): a second noisy answer for one charge would be unaccounted.
 """
 
@@ -38,8 +39,8 @@ class CachedAnswer(BaseModel):
 
 
 def _path(state_dir: Path, run_key: str, kind: str, server_round: int) -> Path:
-    name = kind.replace(":", "-")
-    return Path(state_dir) / REPLIES_DIR / f"{run_key}-{name}-round-{server_round:04d}.json"
+    name = kind.replace(":", "@")
+    return Path(state_dir) / REPLIES_DIR / f"{run_key}@{name}@round-{server_round:04d}.json"
 
 
 def cached_answer(

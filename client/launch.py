@@ -118,12 +118,10 @@ def prepare_supernode(
 
 
 def warm_store(launch: SuperNodeLaunch) -> int:
-    """Initialise a brand-new site's state (ledger + marker) and build the site's window store
-    now (or find it cached); returns its subject count."""
-    from biofp_core.privacy.ledger import initialise_site_state
+    """Build the site's window store now (or find it cached); returns its subject count. The
+    state folder is never initialised here: `biofp site init` does it, once, explicitly."""
     from biofp_core.validate import open_site_store
 
-    initialise_site_state(launch.site.resolved_state_dir(), name=launch.site.name)
     return len(open_site_store(launch.site).subjects())
 
 

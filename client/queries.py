@@ -13,8 +13,11 @@
   noise-free record fingerprints (never released) and its labels CSV; only the scalars of
   :func:`~biofp_core.evaluation.federated.private_site_probe` leave (subsample-and-aggregate plus
   Gaussian noise of the site's ``probe_epsilon``), charged as ``probe:<task>`` and counted against
-  ``max_charged_queries``. A site without a ``[release]`` section, or without usable labels for
-  the task, refuses.
+  ``max_charged_queries``. The task's kind and classes are the site's settings (``[tasks]`` in
+  site.toml), never read off the labels; a group that cannot probe (one class, too few subjects)
+  counts as the public baseline inside the mechanism. A site refuses only for reasons of its
+  configuration: no ``[release]`` section, no labels file, a task it did not declare or a
+  labels file without the task's column.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from biofp_core.artifacts import ModelCard, load_model, save_model
 from biofp_core.audit import arrays_sha256
 from biofp_core.errors import DataError, SiteLimitError
-from biofp_core.evaluation import read_labels, task_labels
+from biofp_core.evaluation import declared_task_labels, read_labels
 from biofp_core.evaluation.federated import private_site_probe
 from biofp_core.fingerprints.compute import window_fingerprints
 from biofp_core.fingerprints.export import release_store
@@ -203,7 +206,8 @@ def probe_task(
     Raises
     ------
     QueryRefusedError
-        No ``[release]`` section, no labels CSV, no column `task`, or too few labelled subjects.
+        No ``[release]`` section, no labels CSV, `task` not declared in ``[tasks]``, or no
+        column `task` in the labels CSV (configuration only: never the label values).
     PrivacyBudgetError
         Over budget or over the query cap.
     """
@@ -213,10 +217,16 @@ def probe_task(
             f"site {site.name}: no labels_csv in its site.toml, no labels for task {task!r}; "
             "refused"
         )
+    spec = site.tasks.get(task)
+    if spec is None:
+        raise QueryRefusedError(
+            f"site {site.name}: task {task!r} is not declared in its site.toml [tasks]; refused"
+        )
     state_dir, kind = site.resolved_state_dir(), f"probe:{task}"[:70]
     key = SiteKey.load_or_create(state_dir)
     try:
-        labels = task_labels(read_labels(site.labels_csv, key=key), task)
+        rows = read_labels(site.labels_csv, key=key)
+        labels = declared_task_labels(rows, task, kind=spec.kind, classes=spec.classes)
     except DataError as exc:
         raise QueryRefusedError(f"site {site.name}: no labels for task {task!r}: {exc}") from None
     where = {"run_key": run_key, "kind": kind, "server_round": server_round}
@@ -241,15 +251,10 @@ def probe_task(
         limits = site.privacy
         sigma = gaussian_noise_multiplier(epsilon=limits.probe_epsilon, delta=limits.delta)
         seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, run_key, kind, server_round)
-        try:
-            probe = private_site_probe(
-                local, labels, group_subjects=limits.probe_group_subjects,
-                noise_multiplier=sigma, rng=noise_rng(seed), seed=run.seed,
-            )  # fmt: skip
-        except DataError as exc:
-            raise QueryRefusedError(
-                f"site {site.name}: cannot probe task {task!r}: {exc}"
-            ) from None
+        probe = private_site_probe(
+            local, labels, groups=limits.probe_groups, noise_multiplier=sigma,
+            rng=noise_rng(seed), seed=run.seed,
+        )  # fmt: skip
         entry = PrivacyLedger.at(state_dir).charge(
             run_id=run_key, server_round=server_round, kind=kind, noise_multiplier=sigma,
             sample_rate=1.0, steps=1, delta=limits.delta, budget=limits,

@@ -141,16 +141,36 @@ def _toml_value(value: object) -> str:
     return json.dumps(value)
 
 
+def cohort_tasks(cohort: Cohort) -> dict[str, str]:
+    """``[tasks]`` of the cohort's emulated sites, from its whole label columns (the simulation
+    owns the cohort): 0/1 columns binary, other numeric columns regression; text columns and
+    the id columns are not declared."""
+    tasks: dict[str, str] = {}
+    columns = {c for row in cohort.labels.values() for c in row} - {"record", "subject", "site"}
+    for column in sorted(columns):
+        cells = [v.strip() for v in cohort.label(column).values() if v.strip()]
+        try:
+            numbers = {float(c) for c in cells}
+        except ValueError:
+            continue
+        if numbers:
+            tasks[column] = "binary" if numbers <= {0.0, 1.0} else "regression"
+    return tasks
+
+
 def _site_toml(
-    name: str, *, cache_dir: Path, epsilon: float, delta: float, limits: dict[str, Any]
-) -> str:
+    name: str, *, cache_dir: Path, epsilon: float, delta: float, limits: dict[str, Any],
+    tasks: dict[str, str],
+) -> str:  # fmt: skip
     """site.toml of an emulated hospital (paths relative to the file)."""
     budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
     extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
+    declared = "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in tasks.items())
     return (
         f'name = "{name}"\ndata_dir = "data"\nstate_dir = "state"\nlabels_csv = "labels.csv"\n'
         f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
         f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
+        f"\n[tasks]\n{declared}"
     )
 
 
@@ -171,7 +191,7 @@ def write_sites(
     reset, so a site's privacy spending carries over to every later run that uses the same
     `root`.
     """
-    tomls = []
+    tomls, tasks = [], cohort_tasks(cohort)
     for index, subjects in enumerate(partition.sites):
         name = f"site_{index:02d}"
         site_dir = Path(root) / name
@@ -192,7 +212,7 @@ def write_sites(
         (site_dir / "labels.csv").write_text(_labels_csv(cohort, records))
         toml = site_dir / SITE_TOML
         text = _site_toml(name, cache_dir=cache_dir, epsilon=epsilon, delta=delta,
-                          limits=limits or {})  # fmt: skip
+                          limits=limits or {}, tasks=tasks)  # fmt: skip
         toml.write_text(text)
         initialise_site_state(site_dir / "state", name=name)
         tomls.append(toml)

@@ -27,7 +27,7 @@ from biofp_core.errors import ConfigError, DataError
 from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source
 from biofp_core.site import load_site_config
-from biofp_core.store import write_labels_csv
+from biofp_core.store import label_rows, write_labels_csv
 from biofp_core.validate import open_site_store
 from simulations.cohort import SITE_TOML, _toml_value
 
@@ -108,16 +108,40 @@ def _toml_table(name: str, values: dict) -> str:
     def value(v: object) -> str:
         if isinstance(v, dict):
             return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, bool):
             return "true" if v else "false"
         return json.dumps(v)
 
-    return f"\n[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
+    return f"\n[{name}]\n" + "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in values.items())
+
+
+MAX_CLASSES = 20  # text label columns with more distinct values are not declared as tasks
+
+
+def site_tasks(rows: list[dict[str, str]], columns: list[str]) -> dict[str, dict]:
+    """``[tasks]`` of a public site from the labels its reader found (the simulation owns the
+    cohort): 0/1 columns binary, other numeric ones regression, text columns with 2 to
+    MAX_CLASSES values binary or multiclass with their sorted values as classes."""
+    tasks: dict[str, dict] = {}
+    for column in columns:
+        cells = {r.get(column, "").strip() for r in rows} - {""}
+        try:
+            numbers = {float(c) for c in cells}
+        except ValueError:
+            numbers = None
+        if numbers is not None and numbers:
+            tasks[column] = {"kind": "binary" if numbers <= {0.0, 1.0} else "regression"}
+        elif numbers is None and 2 <= len(cells) <= MAX_CLASSES:
+            kind = "binary" if len(cells) == 2 else "multiclass"
+            tasks[column] = {"kind": kind, "classes": sorted(cells)}
+    return tasks
 
 
 def _site_toml(
     site: PublicSite, data_dir: Path, *, cache_dir: Path, epsilon: float, delta: float,
-    labels: bool, limits: dict[str, Any],
+    labels: bool, limits: dict[str, Any], tasks: dict[str, dict] | None = None,
 ) -> str:  # fmt: skip
     budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
     extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
@@ -128,7 +152,8 @@ def _site_toml(
         + f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
     )
     reader = site.reader.model_dump(mode="json", exclude_defaults=True)
-    return text + (_toml_table("reader", reader) if reader else "")
+    text += _toml_table("reader", reader) if reader else ""
+    return text + (_toml_table("tasks", tasks) if tasks else "")
 
 
 def write_public_sites(
@@ -175,7 +200,9 @@ def write_public_sites(
         store = open_site_store(load_site_config(toml))
         rows = write_labels_csv(store, site_dir / LABELS_NAME)
         if rows:
-            toml.write_text(_site_toml(site, data_dir, labels=True, **kw))
+            _, table = label_rows(store)
+            tasks = site_tasks(table, sorted(store.manifest.label_levels))
+            toml.write_text(_site_toml(site, data_dir, labels=True, tasks=tasks, **kw))
         log.info(
             "public site %s: %s, %d records, %d windows, %d label rows",
             site.name, store.manifest.format, len(store.manifest.records), len(store), rows,

@@ -32,9 +32,17 @@ def tiny_cohort(out: Path, *, sites: int = 2, subjects: int = 4, seed: int = 3) 
 TINY_LIMITS = "min_train_subjects = 1\n"
 
 
+# the synthetic cohort's label columns, declared as a site declares the tasks it lets be probed
+SYNTH_TASKS = (
+    'af = "binary"\nhypertension = "binary"\nage = "regression"\nsbp_mmhg = "regression"\n'
+    'mean_hr_bpm = "regression"\nresp_rate_bpm = "regression"\n'
+    'sex = { kind = "binary", classes = ["F", "M"] }\n'
+)
+
+
 def site_config(
     root: Path, data_dir: Path, *, name: str = "north", cache: Path, budget: float = 8.0,
-    release: str = "", privacy: str = TINY_LIMITS, init: bool = True,
+    release: str = "", privacy: str = TINY_LIMITS, init: bool = True, tasks: str = SYNTH_TASKS,
 ) -> SiteConfig:  # fmt: skip
     """A site.toml under `root` for the records in `data_dir` (its labels.csv maps subjects),
     its state folder initialised (unless `init` is False)."""
@@ -42,7 +50,7 @@ def site_config(
     text = (
         f'name = "{name}"\ndata_dir = "{data_dir}"\ncache_dir = "{cache}"\n'
         f'state_dir = "{root / "state"}"\nlabels_csv = "{data_dir / "labels.csv"}"\n'
-        f"[privacy]\nepsilon = {budget}\n{privacy}[release]\n{release}\n"
+        f"[privacy]\nepsilon = {budget}\n{privacy}[tasks]\n{tasks}[release]\n{release}\n"
     )
     (root / "site.toml").write_text(text)
     site = load_site_config(root / "site.toml")

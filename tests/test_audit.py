@@ -81,11 +81,17 @@ def test_sha256_is_stable_and_sees_every_byte() -> None:
 def test_corrupt_line_is_named(tmp_path: Path) -> None:
     log = AuditLog.at(tmp_path)
     log.append(entry(1))
+    torn = b'{"run_id": "run-a", "server_round": 2, "mess'
     with open(log.path, "ab") as fh:
-        fh.write(b'{"run_id": "run-a", "server_round": 2, "mess')  # torn by a crash
-    log.append(entry(3))  # starts on its own line, not glued to the torn one
+        fh.write(torn)  # torn by a crash
+    assert log.checked_entries() == [entry(1)]  # a torn last line: a crash
+    log.append(entry(3))  # starts on its own line, not glued to the torn one, and says so
     lines = log.path.read_bytes().splitlines()
-    assert len(lines) == 3 and AuditEntry.model_validate_json(lines[2]) == entry(3)
+    assert len(lines) == 3
+    assert AuditEntry.model_validate_json(lines[2]) == entry(3).model_copy(
+        update={"after_torn_bytes": len(torn)}
+    )
+    assert log.checked_entries() == [entry(1), AuditEntry.model_validate_json(lines[2])]
     with pytest.raises(AuditLogError) as exc:
         log.entries()
     msg = str(exc.value)
@@ -116,3 +122,18 @@ def test_cli_lists_the_audit_log(tmp_path: Path) -> None:
         res.returncode == 1
         and res.stderr.strip() == f"error: {tmp_path / 'nope'}: site folder not found"
     )
+
+
+def test_an_unparseable_line_no_crash_explains_is_refused_by_checked_entries(
+    tmp_path: Path,
+) -> None:
+    """Only a crash tears a line: an edited line in the middle (a charged message hidden from the
+    ledger's cross-check) is refused; `readable_entries` still shows the rest, for display."""
+    log = AuditLog.at(tmp_path)
+    for n in (1, 2, 3):
+        log.append(entry(n))
+    log.path.write_bytes(log.path.read_bytes().replace(b'{"time"', b'x{"time"', 2))
+    assert log.readable_entries() == [entry(3)]
+    with pytest.raises(AuditLogError) as exc:
+        log.checked_entries()
+    assert "\n" not in str(exc.value) and "line 1 of 3" in str(exc.value)

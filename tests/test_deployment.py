@@ -121,6 +121,9 @@ def _other_site(fed: LocalFederation, name: str, *, ca_cert: Path | None = None)
         'labels_csv = "labels.csv"', f'labels_csv = "{north.parent / "labels.csv"}"'
     )
     toml.write_text(text.replace('name = "site_00"', f'name = "{name}"'))
+    # north's records, bound to north's ledger: another site on purpose, said loudly
+    done = fed.run([*BIOFP, "site", "init", "--config", str(toml), "--new-site"], timeout_s=60)
+    assert done.returncode == 0, done.stderr
     return add_site(fed, name, toml, ca_cert=ca_cert)
 
 

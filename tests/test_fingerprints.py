@@ -200,18 +200,27 @@ def test_small_epsilon_noise_degrades_the_probe_and_is_charged(tmp_path: Path) -
     assert ledger.epsilon(delta=budget.delta) > first  # a second release composes
 
 
-def test_window_level_noise_is_charged_for_every_window_of_a_subject(tmp_path: Path) -> None:
+def test_window_level_noise_is_charged_for_the_policys_cap_and_drops_what_is_beyond_it(
+    tmp_path: Path,
+) -> None:
+    """k is the policy's public cap, never the data's own most windows per subject: each
+    subject's windows beyond it are dropped, and the noise and the charge are sized for k."""
     key = SiteKey.load_or_create(tmp_path)
     windows, _ = separable_windows(per_subject=3)
-    policy = ReleasePolicy(level="window", clip_norm=1.0, epsilon=1.0)
+    policy = ReleasePolicy(level="window", clip_norm=1.0, epsilon=1.0, max_vectors_per_subject=2)
     prepared = prepare_release(windows, card=CARD, policy=policy, key=key, modality="paired",
                                default_delta=1e-5, seed=0)  # fmt: skip
     cal = prepared.calibration
-    assert cal is not None and cal.vectors_per_subject == 3
-    assert cal.noise_multiplier == pytest.approx(cal.sigma / (2.0 * math.sqrt(3)))
-    records = prepared.table.at_level("record")  # post-processed from the noised windows
+    assert cal is not None and cal.vectors_per_subject == 2
+    assert cal.noise_multiplier == pytest.approx(cal.sigma / (2.0 * math.sqrt(2)))
     win = prepared.table.at_level("window")
+    assert set(np.unique(win.subject.astype(str), return_counts=True)[1]) == {2}  # 3 -> 2 kept
+    assert set(prepared.table.modality) == {"paired"} and not prepared.table.n_windows.any()
+    records = prepared.table.at_level("record")  # post-processed from the noised windows
     assert np.allclose(records.fp[0], win.fp[win.record == records.record[0]].mean(0), atol=1e-6)
+    again = prepare_release(windows, card=CARD, policy=policy, key=key, modality="paired",
+                            default_delta=1e-5, seed=1)  # fmt: skip
+    assert list(again.table.record) == list(prepared.table.record)  # the same rows, by pseudonym
 
 
 def test_release_over_budget_is_refused_and_writes_nothing(

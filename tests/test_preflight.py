@@ -29,6 +29,7 @@ from biofp_core.preflight import (
     check_site,
     check_tls_handshake,
 )
+from biofp_core.privacy.ledger import PrivacyLedgerError, initialise_site_state
 from biofp_core.site import load_site_config
 from client.launch import SITE_CONFIG_KEY, supernode_command
 from server.launch import last_error, superlink_command
@@ -73,6 +74,7 @@ def site_toml(tmp_path: Path, bidmc_dir: Path, certs: Path) -> Path:
         f'[federation]\nsuperlink = "localhost:{closed_port()}"\nca_cert = "federation/ca.crt"\n'
         'node_key = "federation/north.key"\nconnect_timeout_s = 2.0\n'
     )
+    initialise_site_state(folder / "state", name="north")  # `biofp site init`, done once
     return toml
 
 
@@ -268,6 +270,15 @@ def test_site_with_empty_data_directory_is_refused(site_toml: Path) -> None:
         f.unlink()
     with pytest.raises(DataError, match="no records found"):
         check_site(load_site_config(site_toml), insecure=False)
+
+
+def test_a_site_whose_state_folder_was_never_initialised_is_refused(site_toml: Path) -> None:
+    """`biofp client start` never initialises a ledger (a moved data folder would get a fresh
+    budget): the operator runs `biofp site init` once."""
+    shutil.rmtree(site_toml.parent / "state")
+    with pytest.raises(PrivacyLedgerError, match="is not initialised; run `biofp site init") as exc:
+        check_site(load_site_config(site_toml), insecure=False)
+    assert "\n" not in str(exc.value)
 
 
 def test_unreachable_superlink_is_refused_quickly(site_toml: Path) -> None:

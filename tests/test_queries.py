@@ -156,12 +156,17 @@ def test_federated_probe_combines_the_sites_scalars_and_refusals_are_kept(
     sim: SimulationConfig,
 ) -> None:
     result = FederatedEval.read(sim.out)
-    age = result.tasks["age"]
-    assert {a.status for a in age.sites.values()} == {"ok"} and len(age.sites) == 3
+    age = result.tasks["age"]  # declared `age = "regression"` in every emulated site's [tasks]
+    statuses = sorted(a.status for a in age.sites.values())
+    assert statuses == ["ok", "ok", "refused"]  # site_01 is over budget: a probe is charged
     probes = [a.probe for a in age.sites.values() if a.probe is not None]
     fed = age.federated
-    assert fed is not None and fed.metric == "mae" and fed.pooled_equivalent and fed.sites == 3
-    assert fed.rows == sum(p.rows for p in probes) == 9
+    assert fed is not None and fed.metric == "relative_mae" and not fed.pooled_equivalent
+    assert fed.sites == 2 and fed.rows == sum(p.rows for p in probes) == 6
+    assert {p.baseline for p in probes} == {1.0}  # the public constant of a regression probe
+    for name, d in site_dirs(sim).items():
+        charged = [e.kind for e in PrivacyLedger.at(d / "state").entries if e.kind.startswith("p")]
+        assert charged == ([] if name == "site_01" else ["probe:age"]), name
     weighted = sum(p.value * p.rows for p in probes) / fed.rows
     assert fed.value == pytest.approx(weighted, rel=1e-12)
     missing = result.tasks["no_such_column"]

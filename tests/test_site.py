@@ -115,3 +115,26 @@ def test_cli_validate_bad_input_is_one_line(tmp_path: Path, bidmc_dir: Path, cas
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert old_report.read_text() == "{}"  # nothing already written is lost
+
+
+def test_tasks_declare_each_probe_kind_and_bad_ones_are_one_line_errors(tmp_path: Path) -> None:
+    """A probe's kind and classes are the site's settings (they leave the site), never read off
+    the labels."""
+    head = f'data_dir = "{tmp_path}"\n[tasks]\n'
+    rhythm = 'rhythm = { kind = "multiclass", classes = ["sr", "af", "flutter"] }\n'
+    cfg = write(tmp_path / "site.toml", head + 'af = "binary"\nage = "regression"\n' + rhythm)
+    tasks = load_site_config(cfg).tasks
+    assert {k: (t.kind, t.classes) for k, t in tasks.items()} == {
+        "af": ("binary", ("0", "1")), "age": ("regression", ()),
+        "rhythm": ("multiclass", ("sr", "af", "flutter")),
+    }  # fmt: skip
+    bad = [
+        ('af = "binry"', "tasks.af"),
+        ('af = { kind = "binary", classes = ["a", "b", "c"] }', "exactly 2"),
+        ('age = { kind = "regression", classes = ["x"] }', "no classes"),
+    ]
+    for body, needle in bad:
+        write(cfg, head + body + "\n")
+        with pytest.raises(ConfigError, match=needle) as exc:
+            load_site_config(cfg)
+        assert str(exc.value).startswith(str(cfg)) and "\n" not in str(exc.value)

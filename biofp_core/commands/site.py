@@ -180,21 +180,39 @@ def _state_of(site_dir: Path, config: Path | None) -> tuple[Path, Path | None]:
 @site_app.command("init")
 def init(
     config: Path = typer.Option(..., "--config", help="the site's site.toml"),
+    new_site: bool = typer.Option(
+        False, "--new-site", help="start a NEW budget for records another site's ledger holds"
+    ),
 ) -> None:
-    """Initialise the site's state folder once: the privacy ledger and its marker (site.json).
+    """Initialise the site's state folder once: the privacy ledger and its marker (site.json),
+    and bind the site's records to it (in the cache folder's registry).
 
     Run once per site; afterwards a missing or edited ledger refuses every charged action.
-    A ledger written by an older BioFP is migrated into the hash chain.
+    A new state folder for records already bound to another one (a moved data folder, an edited
+    state_dir) is refused: it would forget the ε spent on them. A ledger written by an older
+    BioFP is migrated into the hash chain.
     """
-    from biofp_core.privacy.ledger import initialise_site_state
+    from biofp_core.privacy.binding import bind, check_new_ledger, record_digests
+    from biofp_core.privacy.ledger import MARKER_FILENAME, initialise_site_state
     from biofp_core.site import load_site_config
 
     site = load_site_config(config)
     state = site.resolved_state_dir()
+    digests = record_digests(site)
+    if not (state / MARKER_FILENAME).exists():
+        check_new_ledger(site, digests, new_site=new_site)
+        if new_site:
+            console.print(
+                f"WARNING: --new-site: site {site.name} starts a NEW privacy budget in {state}; "
+                "only for a truly separate site, never for a moved data folder",
+                style="bold red", highlight=False, soft_wrap=True,
+            )  # fmt: skip
     marker = initialise_site_state(state, name=site.name)
+    bind(site, state, marker.site_id, digests)
     console.print(
         f"site {site.name}: state folder {state} initialised (site id {marker.site_id[:12]}, "
-        f"{marker.entries} ledger entries)", highlight=False, soft_wrap=True,
+        f"{marker.entries} ledger entries), {len(digests)} record files bound to it",
+        highlight=False, soft_wrap=True,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ across sites), and is reported as such.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,8 +32,10 @@ class SiteProbe(BaseModel):
     metric: str
     value: float = Field(description="the site's out-of-fold metric")
     baseline: float = Field(description="chance AUROC, or the fold-mean predictor's MAE")
-    rows: int = Field(ge=1, description="labelled fingerprint rows: the weight")
-    subjects: int = Field(ge=1)
+    rows: int = Field(
+        ge=0, description="the weight: labelled rows (local probe); every record row (private)"
+    )
+    subjects: int = Field(ge=0)
 
 
 class FederatedProbe(BaseModel):
@@ -89,6 +92,8 @@ def aggregate_probes(reports: Sequence[SiteProbe]) -> FederatedProbe:
     if len({(r.task, r.metric) for r in reports}) > 1:
         raise ValueError("site reports of different tasks or metrics cannot be combined")
     weights = np.array([r.rows for r in reports], dtype=np.float64)
+    if not weights.sum():  # no site had a labelled row: every report counts the same
+        weights = np.ones_like(weights)
     first = reports[0]
     return FederatedProbe(
         task=first.task,
@@ -119,33 +124,40 @@ def _group_metric(table: FingerprintTable, labels: TaskLabels, seed: int) -> flo
     return float(np.clip(value, 0.0, _RANGE_OF[labels.kind]))
 
 
+def probe_group(subject: str, groups: int) -> int:
+    """The group of a subject's pseudonym among `groups`: a hash of the pseudonym alone (itself
+    an HMAC under the site key), so a subject's group never depends on the other subjects."""
+    digest = hashlib.sha256(f"biofp-probe-group:{subject}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % groups
+
+
 def private_site_probe(
-    table: FingerprintTable, labels: TaskLabels, *, group_subjects: int,
-    noise_multiplier: float, rng: np.random.Generator, seed: int = 0,
+    table: FingerprintTable, labels: TaskLabels, *, groups: int, noise_multiplier: float,
+    rng: np.random.Generator, seed: int = 0,
 ) -> SiteProbe:  # fmt: skip
     """A site's probe of one task as a DP release (subsample-and-aggregate).
 
-    Subjects are split into m disjoint groups of about `group_subjects`; each group is probed on
-    its own and its metric clipped to a public range R (AUROC in [0, 1]; regression as MAE over
-    the mean predictor's MAE, in [0, 2]); the mean over groups moves by at most R/m when one
-    subject changes, and gets N(0, (σR/m)²) noise, then is clipped back to [0, R]
-    (post-processing). The baseline is the public constant of the kind (chance, or 1 for the
-    mean predictor). Charge it as one Gaussian with noise multiplier σ.
+    Subjects are split into `groups` = m disjoint groups (m fixed by the site's policy, never
+    by its data) by a hash of their pseudonym (:func:`probe_group`); each group is probed on its
+    own and its metric clipped to a public range R (AUROC in [0, 1]; regression as MAE over the
+    mean predictor's MAE, in [0, 2]); a group that cannot probe (empty, one class, too few
+    subjects) counts as the public baseline. Adding or removing one subject changes one group,
+    so the mean over groups moves by at most R/m; it gets N(0, (σR/m)²) noise, then is clipped
+    back to [0, R] (post-processing). The baseline is the public constant of the kind (chance,
+    or 1 for the mean predictor). `rows` and `subjects` count the site's record rows and
+    subjects, labelled or not: no label decides them. Charge it as one Gaussian with noise
+    multiplier σ.
     """
-    _, y, groups = join(table, labels)
-    subjects = np.unique(groups)
-    m = max(1, len(subjects) // group_subjects)
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    group_of = {s: i % m for i, s in zip(order, subjects, strict=True)}
-    wanted = np.array([group_of.get(s) for s in table.subject], dtype=object)
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    group_of = np.array([probe_group(str(s), groups) for s in table.subject], dtype=np.int64)
     values = []
-    for g in range(m):
-        rows = np.flatnonzero(wanted == g)
-        values.append(_group_metric(table.take(rows), labels, seed))
+    for g in range(groups):
+        values.append(_group_metric(table.take(np.flatnonzero(group_of == g)), labels, seed))
     bound = _RANGE_OF[labels.kind]
-    noisy = float(np.mean(values)) + rng.normal(0.0, noise_multiplier * bound / m)
+    noisy = float(np.mean(values)) + rng.normal(0.0, noise_multiplier * bound / groups)
     return SiteProbe(
         task=labels.task, kind=labels.kind, metric=PRIVATE_METRIC_OF[labels.kind],
         value=float(np.clip(noisy, 0.0, bound)), baseline=_BASELINE_OF[labels.kind],
-        rows=len(y), subjects=len(subjects),
+        rows=len(table.at_level("record")), subjects=len(set(table.subject.astype(str))),
     )  # fmt: skip

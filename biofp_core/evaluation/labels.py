@@ -258,6 +258,41 @@ def _ids(table: FingerprintTable, key: str) -> np.ndarray:
     return (table.record if key == "record" else table.subject).astype(str)
 
 
+def _class_index(classes: tuple[str, ...]) -> Callable[[str], float | None]:
+    """Cell -> class index (by name, or by number when both are numbers); None: not a class."""
+    by_name = {c: float(i) for i, c in enumerate(classes)}
+    by_number = {_number(c): float(i) for i, c in enumerate(classes) if _number(c) is not None}
+
+    def index(cell: str) -> float | None:
+        if cell in by_name:
+            return by_name[cell]
+        number = _number(cell)
+        return by_number.get(number) if number is not None else None
+
+    return index
+
+
+def declared_task_labels(
+    labels: LabelRows, task: str, *, kind: TaskKind, classes: tuple[str, ...]
+) -> TaskLabels:
+    """The labels of a task whose kind and classes the site declared (``[tasks]``): nothing here
+    depends on the label values but the values themselves. A cell that is not a number (for
+    regression) or not one of `classes` is unlabelled; no value is an error.
+
+    Raises
+    ------
+    DataError
+        The labels file has no column `task` (a setting of the file, not a label).
+    """
+    if task in ID_COLUMNS or task not in labels.columns:
+        raise DataError(f"{labels.source}: no task column {task!r}")
+    cells = {p: row.get(task, "") for p, row in labels.rows.items()}
+    convert = _number if kind == "regression" else _class_index(classes)
+    values = {p: convert(c) for p, c in cells.items() if c != ""}
+    kept = {p: v for p, v in values.items() if v is not None}
+    return TaskLabels(task, kind, labels.key, kept, () if kind == "regression" else classes)
+
+
 def join(
     table: FingerprintTable, labels: TaskLabels, *, level: str = "record"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

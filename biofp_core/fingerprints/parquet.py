@@ -55,7 +55,9 @@ class FingerprintMeta(BaseModel):
     release: ReleasePolicy
     noise_sigma: float | None = Field(None, ge=0, description="noise std per coordinate")
     noise_delta: float | None = Field(None, description="δ per vector the noise is calibrated to")
-    vectors_per_subject: int = Field(ge=1, description="k: most released vectors of one subject")
+    vectors_per_subject: int = Field(
+        ge=1, description="k: the policy's cap on the released vectors of one subject"
+    )
     charged_noise_multiplier: float | None = Field(None, description="σ / (2C·√k) in the ledger")
     site_epsilon: float | None = Field(
         None, description="site's ledger ε after this release (noise-free releases add none: no DP)"

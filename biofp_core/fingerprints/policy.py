@@ -15,9 +15,11 @@ sensitivity Δ is (ε, δ)-DP, found by bisection on its exact privacy profile. 
 ε > 0 and tighter than the classic ``σ = Δ·√(2 ln(1.25/δ))/ε`` (which needs ε ≤ 1).
 
 Ledger: the release is charged as one Gaussian step (``sample_rate=1``, ``steps=1``) with
-``noise_multiplier = σ / (2C·√k)``, k the most vectors any subject releases, so RDP composes it
-exactly with DP-SGD rounds. The ledger's ε for it is therefore the ε of the subject's whole
-contribution at the site's δ, usually larger than the per-vector ε of the policy.
+``noise_multiplier = σ / (2C·√k)``, k = ``max_vectors_per_subject``: a public cap of the policy,
+never read off the data (the most windows of one patient is patient data). A subject's vectors
+beyond the cap are dropped before the noise (`release.prepare_release`), so RDP composes the
+charge exactly with DP-SGD rounds. The ledger's ε for it is the ε of the subject's whole
+contribution at the site's δ, larger than the per-vector ε of the policy when k > 1.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class ReleasePolicy(BaseModel):
     delta: float | None = Field(
         None, gt=0, lt=1, description="δ per released vector; default the site's privacy δ"
     )
+    max_vectors_per_subject: int = Field(
+        1, ge=1, description="k: most vectors one subject releases under noise (more are dropped)"
+    )
 
     @model_validator(mode="after")
     def _noise_needs_clipping(self) -> ReleasePolicy:
@@ -65,7 +70,7 @@ class NoiseCalibration:
     epsilon: float  # per released vector
     delta: float  # per released vector
     sensitivity: float  # per vector, 2C
-    vectors_per_subject: int  # k: the most vectors one subject releases
+    vectors_per_subject: int  # k: the policy's cap on the vectors one subject releases
     noise_multiplier: float  # σ / (2C·√k), charged with sample_rate=1, steps=1
 
 

@@ -2,11 +2,14 @@
 
 `prepare_release` has no side effect: it aggregates windows into record means (policy level
 "record"), clips each released vector to L2 norm C, adds the Gaussian noise of the policy (see
-`policy`) and swaps ids for pseudonyms. Under a noisy policy every column is covered: `fp` is
-noised, the per-row signal quality is withheld (NaN) and so is the window count (0); the rows,
-their level, modality and pseudonyms are public by design (see `policy`). At level "window"
-the window vectors are released and the record means of the NOISED windows are added
-(post-processing: free of privacy cost).
+`policy`) and swaps ids for pseudonyms. Under a noisy policy every column is covered: each
+subject keeps at most the policy's ``max_vectors_per_subject`` = k vectors (the first by record
+pseudonym, then window order; the rest are dropped), `fp` is noised for k, the per-row signal
+quality is withheld (NaN), and so is the window count (0); `modality` is the release's modality
+on every row (which sensors a window had is not said). The rows, their level and pseudonyms are
+public by design (see `policy`): a subject's row count is at most k, so the rows say no more
+than min(windows or records, k). At level "window" the kept window vectors are released and the
+record means of the NOISED windows are added (post-processing: free of privacy cost).
 
 `commit_release` then, in this order: charges the ledger (kind "release", under the ledger's lock,
 refusing with PrivacyBudgetError if the site's budget would be exceeded), serialises the Parquet
@@ -96,6 +99,22 @@ def _pseudonymise(table: FingerprintTable, key: SiteKey) -> FingerprintTable:
     )
 
 
+def capped(rows: FingerprintTable, key: SiteKey, cap: int) -> FingerprintTable:
+    """At most `cap` rows of each subject: the first by record pseudonym, then row order (a
+    choice that depends on no fingerprint); the kept rows stay in their order."""
+    pseudonym = {r: key.record(r) for r in set(rows.record.astype(str))}
+    records = [pseudonym[r] for r in rows.record.astype(str)]
+    order = sorted(range(len(rows)), key=lambda i: (str(rows.subject[i]), records[i], i))
+    kept: list[int] = []
+    taken: dict[str, int] = {}
+    for i in order:
+        subject = str(rows.subject[i])
+        if taken.get(subject, 0) < cap:
+            taken[subject] = taken.get(subject, 0) + 1
+            kept.append(i)
+    return rows.take(np.array(sorted(kept), dtype=np.int64))
+
+
 def prepare_release(
     windows: FingerprintTable,
     *,
@@ -129,13 +148,14 @@ def prepare_release(
     if len(windows) == 0:
         raise DataError("nothing to release: no window fingerprint")
     rows = windows if policy.level == "window" else record_means(windows)
+    calibration = calibrate_noise(
+        policy, vectors_per_subject=policy.max_vectors_per_subject, default_delta=default_delta
+    )
+    if calibration is not None:  # the charge is for k vectors per subject: never more leave
+        rows = capped(rows, key, policy.max_vectors_per_subject)
     fp = rows.fp.astype(np.float64)
     if policy.clip_norm is not None:
         fp = clip_rows(fp, policy.clip_norm)
-    per_subject = np.unique(rows.subject.astype(str), return_counts=True)[1]
-    calibration = calibrate_noise(
-        policy, vectors_per_subject=int(per_subject.max()), default_delta=default_delta
-    )
     if calibration is not None:
         fp = fp + np.random.default_rng(seed).normal(0.0, calibration.sigma, size=fp.shape)
     released = rows.with_fp(fp)
@@ -144,6 +164,7 @@ def prepare_release(
     if calibration is not None:  # every column is covered: what is not noised is withheld
         released = replace(
             released,
+            modality=np.full(len(released), modality, dtype=object),
             quality=np.full(len(released), np.nan, dtype=np.float32),
             n_windows=np.zeros(len(released), dtype=np.int32),
         )

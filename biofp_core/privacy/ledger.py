@@ -24,8 +24,9 @@ A site's state folder is initialised once (:func:`initialise_site_state`): a mar
 site id; the marker keeps the hash of the last entry, updated after each charge. Every charged
 action first verifies (:meth:`PrivacyLedger.verify`) that the site is initialised, that every
 entry's hash and link are intact, that the marker's head is in the chain (a ledger may only grow:
-a missing, emptied, truncated or replaced ledger is behind its marker), and that every audit line
-recording a charge names an entry of the chain. Any failure refuses the action with a one-line
+a missing, emptied, truncated or replaced ledger is behind its marker), that every line of the
+audit log parses (but one a crash tore) and that every audit line recording a charge names an
+entry of the chain. Any failure refuses the action with a one-line
 error saying how to recover; nothing is ever reset. The file is JSON, replaced atomically and
 fsync'ed; a sidecar ``.lock`` (`fcntl.flock`) serialises read-modify-write between processes.
 """
@@ -229,9 +230,13 @@ def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | No
 
 def _audit_charges(state_dir: Path) -> set[str]:
     """Hashes of the ledger entries the audit log says paid for a message."""
-    from biofp_core.audit import AuditLog  # the audit log does not import the ledger
+    from biofp_core.audit import AuditLog, AuditLogError  # the audit log does not import the ledger
 
-    return {e.ledger_entry for e in AuditLog.at(state_dir).readable_entries() if e.ledger_entry}
+    try:
+        entries = AuditLog.at(state_dir).checked_entries()
+    except AuditLogError as exc:
+        raise PrivacyLedgerError(f"{exc}; {RECOVER}") from None
+    return {e.ledger_entry for e in entries if e.ledger_entry}
 
 
 class PrivacyLedger:
@@ -560,7 +565,11 @@ def _file_version(path: Path) -> int | None:
 
 
 def _sent(state_dir: Path) -> bool:
-    """True when the audit log records any message at all."""
-    from biofp_core.audit import AuditLog
+    """True when the audit log holds anything at all (an unparseable line counts: it may hide a
+    sent message)."""
+    from biofp_core.audit import AUDIT_FILENAME
 
-    return bool(AuditLog.at(state_dir).readable_entries())
+    try:
+        return bool((Path(state_dir) / AUDIT_FILENAME).read_bytes().strip())
+    except FileNotFoundError:
+        return False
