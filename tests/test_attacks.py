@@ -315,6 +315,7 @@ def test_a_noisy_release_covers_every_column(cohort: Path, tmp_path: Path) -> No
     table, meta = read_fingerprints(path)
     assert (meta.noise_sigma or 0) > 0
     assert np.isnan(table.quality).all() and (table.n_windows == 0).all()  # withheld
+    assert np.isnan(table.start_s).all() and set(table.modality) == {"paired"}
 
 
 def test_a_noise_free_policy_releases_nothing_through_flower(cohort: Path, tmp_path: Path) -> None:

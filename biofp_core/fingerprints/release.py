@@ -167,6 +167,7 @@ def prepare_release(
             modality=np.full(len(released), modality, dtype=object),
             quality=np.full(len(released), np.nan, dtype=np.float32),
             n_windows=np.zeros(len(released), dtype=np.int32),
+            start_s=np.full(len(released), np.nan),  # where in a record: withheld too
         )
     return PreparedRelease(
         table=_pseudonymise(released, key),
