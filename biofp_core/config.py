@@ -47,7 +47,7 @@ class ChannelAliases(Frozen):
 
 
 class PreprocessConfig(Frozen):
-    """How records become windows. Defaults follow DESIGN.md §3."""
+    """How records become windows: 10 s windows at 125 Hz, band-passed, z-scored."""
 
     fs_hz: float = Field(125.0, gt=0, description="target sampling rate")
     window_s: float = Field(10.0, gt=0, description="window length")

@@ -73,8 +73,8 @@ RELEASED_ROWS = "released-rows"  # int: rows of the released file (0 when refuse
 
 # --- Metric keys of a probe reply: the scalars of one evaluation.SiteProbe --------------------
 PROBE_KIND = "probe-kind"  # int: index of the task's kind in PROBE_KINDS
-PROBE_VALUE = "probe-value"  # float: the site's out-of-fold AUROC (macro for classes) or MAE
-PROBE_BASELINE = "probe-baseline"  # float: chance AUROC, or the fold-mean predictor's MAE
+PROBE_VALUE = "probe-value"  # float: noisy AUROC (macro for classes), or MAE / mean predictor's
+PROBE_BASELINE = "probe-baseline"  # float: the public constant 0.5 (AUROC) or 1 (relative MAE)
 PROBE_ROWS = "probe-rows"  # int: the site's record rows, labelled or not (aggregation weight)
 PROBE_SUBJECTS = "probe-subjects"  # int: subjects behind those rows
 PROBE_KINDS = ("binary", "multiclass", "regression")  # evaluation.labels.TASK_KINDS, in order

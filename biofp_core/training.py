@@ -1,9 +1,10 @@
 """One local training loop for every BioFP model, with or without DP-SGD.
 
 The same ``train_local`` serves the Flower client, the simulation and the centralised baseline
-(DESIGN §6). It knows nothing about objectives: a model draws its own bags (``draw_bag``) and
-returns per-subject losses (``loss``); the loop samples subjects, steps the optimizer and, under
-DP, lets ``biofp_core.privacy`` clip each subject's gradient, add noise and account for it.
+(so their figures compare). It knows nothing about objectives: a model draws its own bags
+(``draw_bag``) and returns per-subject losses (``loss``); the loop samples subjects, steps the
+optimizer and, under DP, lets ``biofp_core.privacy`` clip each subject's gradient, add noise and
+account for it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The server only asks: a run config that asks for a model, an architecture, a holdout, a bag size
 or a noise level the site does not accept is refused (:class:`SiteLimitError`, a refusal reply),
-and so is a charged query past the site's cap per run.
+and so is a charged query (a fingerprint release or a probe) past the site's cap per run.
+Evaluations are not queries: one per round, each charged (and answered again from the cache).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.site import SiteConfig
 from server.config import RunConfig
 
-CHARGED_QUERY_KINDS = ("evaluate", "release", "probe:")  # ledger kinds a query is charged as
+CHARGED_QUERY_KINDS = ("release", "probe:")  # ledger kinds a query is charged as
 
 
 def check_run_limits(site: SiteConfig, run: RunConfig) -> None:

@@ -3,11 +3,14 @@
 This is the ClientApp's "task" (as in Flower's quickstart): ``client/app.py`` only unpacks the
 message and calls :func:`train_round` or :func:`evaluate_round`. Nothing here builds a Message.
 
-Privacy, per round (DESIGN.md §5): the round's cost ``(σ, q, steps)`` is known before training
+Privacy, per round (docs/privacy.md): the round's cost ``(σ, q, steps)`` is known before training
 (q = batch_subjects / trainable subjects, Poisson-sampled by subject), so the site refuses a round
-that would take its ledger past its own budget before any gradient is computed. After training
-the ledger is charged under its lock with the budget checked again (another process may have
-spent in the meantime), keyed by ``(run key, server round)``. The run key is the server's
+that would take its ledger past its own budget, or that asks beyond its limits, before any
+gradient is computed. The round is then charged, under the ledger's lock with the budget checked
+again (another process may have spent in the meantime), BEFORE any patient is touched: a round
+that fails later is spent all the same and is not answered again. The charge is one sampled
+Gaussian for the gradients and the noisy losses together (σ_eff), keyed by
+``(run key, server round, "train")``. The run key is the server's
 ``protocol.RUN_KEY`` (the run directory's id, unchanged when a crashed run is resubmitted under a
 new Flower run id), or Flower's run id from an older server. ε is computed from the ledger's whole
 history each time (budget check, DP report, charge, exhausted flag, audit), but the RDP of the
@@ -74,7 +77,6 @@ from client.charged import (
     cached_answer,
     instruction_json,
 )
-from client.limits import check_query_cap
 from client.site_data import SiteData
 from server.config import RunConfig
 
@@ -525,7 +527,6 @@ def evaluate_round(
             entry = next(e for e in PrivacyLedger.at(site.state_dir).entries
                          if e.hash == cached.ledger_entry)  # fmt: skip
             return EvaluateOutcome(int(cached.metrics["n"]), float(cached.metrics["loss"]), entry)
-        check_query_cap(site.config, run_key=run_key)
         model = model_from_arrays(run, global_arrays)
         rows, _ = subject_losses(model, site.holdout, bag_size=run.bag_size, seed=run.seed)
         if len(rows) == 0:

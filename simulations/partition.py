@@ -1,7 +1,7 @@
 """Split a dataset's subjects into emulated hospitals ("sites").
 
 Partitions are by SUBJECT, never by window: all windows of a subject live at one site, as they
-would in a real federation (DESIGN.md §3, §5). Every partitioner is seeded and independent of the
+would in a real federation. Every partitioner is seeded and independent of the
 order of its input (subject ids are sorted first), puts every subject at exactly one site and
 leaves no site empty.
 

@@ -1,7 +1,7 @@
 """Budget-aware sampling: stop sending training rounds to sites whose privacy budget is spent.
 
 A site reports ``budget-exhausted = 1`` with its last affordable update, or refuses a round
-(``refused = 1``) when it can no longer afford one (DESIGN.md §5). :class:`BudgetAwareFedAvg`
+(``refused = 1``) when it can no longer afford one (docs/privacy.md). :class:`BudgetAwareFedAvg`
 excludes such sites (by node id) from every later training round, logs it, and lets the others
 carry on. It samples through a view of the Grid that hides the excluded nodes, so Flower's own
 sampling (fraction and minimum number of nodes) applies to the eligible sites only: once

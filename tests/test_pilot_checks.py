@@ -91,6 +91,9 @@ def test_client_check_refuses_a_second_site_on_the_same_port(tmp_path: Path) -> 
         assert synth.returncode == 0, synth.stderr
         cohort = tmp_path / "cohort" / "site_00"
         toml.write_text(toml.read_text().replace('data_dir = "data"', f'data_dir = "{cohort}"'))
+        init = subprocess.run([*BIOFP, "site", "init", "--config", str(toml)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert init.returncode == 0, init.stderr
         with socket.create_server(("127.0.0.1", 0)) as link:  # a "SuperLink" that accepts TCP
             link_port = link.getsockname()[1]
             toml.write_text(toml.read_text().replace("localhost:9092", f"127.0.0.1:{link_port}"))

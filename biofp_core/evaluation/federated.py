@@ -31,7 +31,9 @@ class SiteProbe(BaseModel):
     kind: TaskKind
     metric: str
     value: float = Field(description="the site's out-of-fold metric")
-    baseline: float = Field(description="chance AUROC, or the fold-mean predictor's MAE")
+    baseline: float = Field(
+        description="chance AUROC, or the mean predictor's MAE (private probes: 0.5 or 1)"
+    )
     rows: int = Field(
         ge=0, description="the weight: labelled rows (local probe); every record row (private)"
     )

@@ -6,7 +6,7 @@
   so 1.0 means "as good as paired" and 0.9 "lost 10 %".
 - `attribute_inference`: how well sensitive attributes (sex, age) are predicted from released
   fingerprints, each variant (e.g. without and with release noise) beside its utility task:
-  released fingerprints are measured, not assumed, private (DESIGN §5).
+  released fingerprints are measured, not assumed, private (docs/privacy.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fingerprints out of a site: compute, pseudonymise, release under a policy, read back.
 
-The path of a release (DESIGN §1, §5)::
+The path of a release (docs/privacy.md)::
 
     window store + model ──► compute.window_fingerprints ──► FingerprintTable (raw ids, in memory)
         ──► release.prepare_release: record means, clipping, Gaussian noise, pseudonyms

@@ -1,4 +1,4 @@
-"""M2AE: a cross-modal masked autoencoder for paired ECG/PPG windows (DESIGN §4).
+"""M2AE: a cross-modal masked autoencoder for paired ECG/PPG windows.
 
     ECG patches ─► ECG encoder ─┐                           ┌─► ECG decoder ─► ECG patches
                                 ├─► fusion (bottleneck) ─────┤
@@ -13,7 +13,7 @@ Training, per window of a subject's bag of K windows:
 - losses: MSE on the hidden patches of the kept modalities (`recon`), MSE on every patch of a
   dropped modality (`cross`), and InfoNCE (`align`) between the fingerprints of the ECG-only,
   PPG-only and joint views of each window, whose negatives are ONLY the other windows of the same
-  bag, i.e. of the same subject (DESIGN §5): no term ever mixes subjects.
+  bag, i.e. of the same subject (subject-level DP): no term ever mixes subjects.
 The three views go through the same fusion encoder and projection in one call (block-diagonal
 attention masks keep the single-modality views apart), which is what puts ECG-only, PPG-only and
 paired fingerprints in one space.
@@ -54,7 +54,7 @@ MODALITIES = ("ecg", "ppg")
 class M2AEConfig(ModelConfig):
     """Architecture and objective of M2AE. Defaults: 1.37 M parameters, 10 tokens per modality.
 
-    Patching is chosen for speed (DESIGN §4): with 1 s patches a paired window is 2 x 10 tokens and
+    Patching is chosen for speed: with 1 s patches a paired window is 2 x 10 tokens and
     the fingerprint path (2 + 2 modality blocks, 2 fusion blocks) runs at ~3,000 paired and ~6,000
     single-modality windows/s on 2 cores; 0.4 s patches (25 tokens) ran at ~1,500 paired/s even
     with a single fusion block.

@@ -2,7 +2,7 @@
 
 A training sample is a bag of K windows of one subject (``BioFPModel.draw_bag``) and every model
 keeps the subject as dimension 0 of every tensor, so the "per-sample" gradient Opacus clips is the
-gradient of one subject's loss over all of its windows (DESIGN §5). Subjects are Poisson-sampled
+gradient of one subject's loss over all of its windows. Subjects are Poisson-sampled
 with rate q = batch_subjects / n_subjects; the RDP accountant's history
 ``[(noise_multiplier, sample_rate, steps), ...]`` is the privacy ledger and can be continued across
 rounds and runs.

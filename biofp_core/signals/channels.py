@@ -1,6 +1,6 @@
 """Channel names: normalise them and choose which header channel is the ECG and which the PPG.
 
-Rules (DESIGN.md §3): names are compared lower-cased with everything but letters and digits
+Rules: names are compared lower-cased with everything but letters and digits
 stripped ('II,' == 'ii'). ECG is lead II when present, else the first ECG alias match; PPG is the
 first PPG alias match. "First" means alias-list order, then channel order, so the choice does not
 depend on the order of channels in the header.

@@ -297,7 +297,7 @@ class RunReader:
         config: dict[str, Any],
         updated: float | None,
     ) -> str:
-        """completed / failed / resumable / running (see the docs for the rules)."""
+        """completed / failed / stopped / resumable / running (see the docs for the rules)."""
         summary = self._read_json(run, SUMMARY) or {}
         status = report.status if report else "running"
         if status == "running" and summary.get("status") in ("completed", "failed"):
@@ -312,6 +312,8 @@ class RunReader:
             )
             if time.time() - updated > 2 * quiet:  # nobody has written for far too long
                 return "resumable" if resumable else "failed"
+        if status == "stopped":
+            return "resumable" if resumable else "stopped"
         return status if status in ("completed", "running") else "running"
 
     # ---- one run: the run page ---------------------------------------------------------------
