@@ -103,7 +103,8 @@ def simulate(
 ) -> None:
     """Federated pretraining on emulated hospitals with the real ClientApp and ServerApp,
     in Flower's simulation engine; writes config, per-round metrics, ledgers and the model
-    (and, when asked, released fingerprints and federated_eval.json)."""
+    (and, when asked, released fingerprints and federated_eval.json), then OUT/report.md unless
+    --no-report."""
     from simulations.public import cohort_config
     from simulations.run import load_simulation_config
     from simulations.run import simulate as run_simulation

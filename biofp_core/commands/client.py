@@ -25,8 +25,9 @@ def start(
     ),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
 ) -> None:
-    """Check site.toml, keys, data and the SuperLink, build the window store, then run the
-    Flower SuperNode (until stopped). Only model weights and scalar metrics leave the site."""
+    """Check site.toml, keys, data, the state folder (initialised once by `biofp site init`) and
+    the SuperLink, build the window store, then run the Flower SuperNode (until stopped). Only
+    what docs/privacy.md lists leaves the site, each value charged to the ledger."""
     from client.launch import prepare_supernode, run_supernode, warm_store
 
     if insecure:

@@ -1,4 +1,4 @@
-"""`biofp demo`: the README's main job on the embedded default cohort."""
+"""`biofp demo`: the synthetic hospital cohort, generated and validated site by site."""
 
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from biofp_core.privacy.ledger import LedgerEntry, LedgerSummary
     from biofp_core.validate import ValidationReport
 
-site_app = typer.Typer(no_args_is_help=True, help="Site tools: validate data, inspect the ledger.")
+site_app = typer.Typer(
+    no_args_is_help=True,
+    help="Site tools: check the data, initialise the state folder, read the ledger and audit log.",
+)
 WIDE = 100_000  # columns when not on a terminal: a table written to a file is never cut
 
 
