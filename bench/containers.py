@@ -104,7 +104,7 @@ class Container:
         with contextlib.suppress(RuntimeError):
             buildah("rm", self.name)
         t0 = time.perf_counter()
-        buildah("from", "--pull-never", "--name", self.name, self.image)
+        buildah("from", "--pull=never", "--name", self.name, self.image)
         self.created_s = time.perf_counter() - t0
         return self
 
