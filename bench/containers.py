@@ -72,10 +72,12 @@ def image_bytes(image: str) -> int:
     return int(done.stdout.strip())
 
 
-def build_images(*, cold: bool) -> dict[str, float]:
+def build_images(*, cold: bool, skip: bool = False) -> dict[str, float]:
     """Seconds for deploy/build-images.sh --offline: cold (no BioFP image, no cached step; the
     base image and the wheelhouse's third-party wheels kept) and then cached (nothing changed)."""
     out: dict[str, float] = {}
+    if skip:
+        return out
     script = [str(ROOT / "deploy" / "build-images.sh"), "--offline"]
     if cold:
         for image in (SITE_IMAGE, SERVER_IMAGE):
@@ -222,7 +224,7 @@ class Hospital:
 
     @property
     def mounts(self) -> list[str]:
-        return [f"{self.data}:/data:ro", f"{self.etc}:/etc/biofp:ro", f"{self.state}:/state"]
+        return [f"{self.data}:/data:ro", f"{self.etc}:/etc/biofp:ro", f"{self.state}:/state/"]
 
 
 def server_files(root: Path, port: int) -> tuple[Path, Path]:
@@ -322,6 +324,12 @@ def federation(root: Path) -> Iterator[Federation]:
     fed = Federation(root)
     try:
         yield fed
+    except BaseException:
+        kept = Path(os.environ.get("TMPDIR", "/tmp")) / "biofp-containers-failed-logs"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(root / "logs", kept, dirs_exist_ok=True)
+        print(f"containers' logs kept in {kept}", file=sys.stderr)
+        raise
     finally:
         fed.close()
 
@@ -375,7 +383,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
     assert all(i["user"] == str(UID) for i in found["images"].values())
     with federation(root) as fed:
         server = fed.container("server", SERVER_IMAGE)
-        server_mounts = [f"{server_etc}:/etc/biofp:ro", f"{server_state}:/srv/biofp",
+        server_mounts = [f"{server_etc}:/etc/biofp:ro", f"{server_state}:/srv/biofp/",
                          f"{inbox}:/inbox:ro"]  # fmt: skip
         t0 = time.perf_counter()
         server.start(server_mounts)
@@ -400,7 +408,6 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
             "--format", "json"))  # fmt: skip
         found["run_id"] = submitted.get("run-id")
         run_dir = server_state / "runs" / "containers-1"
-        run_key = wait_until(lambda: read_run_key(run_dir), timeout_s=120, what="run.json")
 
         ctrs = {site.name: fed.container(site.name, SITE_IMAGE) for site in sites}
         found["site_create_s"] = {n: c.created_s for n, c in ctrs.items()}
@@ -410,8 +417,9 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         first: dict[str, float] = {}
 
         def first_rounds() -> bool:
+            key = read_run_key(run_dir)  # written once the ServerApp has its sites
             for site in sites:
-                if site.name not in first and _train_audit(site.state, run_key):
+                if key and site.name not in first and _train_audit(site.state, key):
                     first[site.name] = time.perf_counter() - t0
                 proc = ctrs[site.name].proc
                 if proc is not None and proc.poll() is not None:
@@ -420,6 +428,8 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
 
         wait_until(first_rounds, timeout_s=900, what="both sites' first round", poll_s=0.2)
         found["first_round_s"] = first
+        run_key = read_run_key(run_dir)
+        assert run_key is not None
         health = healthcheck(ctrs["north"])
         assert health.returncode == 0, health.stdout + health.stderr
         found["site_health"] = (health.stdout + health.stderr).strip().splitlines()[-1]
@@ -490,21 +500,21 @@ def refusals(root: Path, ctr: Container, site: Hospital) -> dict:
     no_key = bad / "no-key"
     shutil.copytree(site.etc, no_key)
     (no_key / "federation" / f"{site.name}.key").unlink()
-    mounts = [f"{site.data}:/data:ro", f"{no_key}:/etc/biofp:ro", f"{site.state}:/state"]
+    mounts = [f"{site.data}:/data:ro", f"{no_key}:/etc/biofp:ro", f"{site.state}:/state/"]
     out["node key missing"] = _refused(ctr, mounts, "refuse-no-key.log")
 
     readable = bad / "readable-key"
     shutil.copytree(site.etc, readable)
     key = readable / "federation" / f"{site.name}.key"
     _own(key, 0o644)
-    mounts = [f"{site.data}:/data:ro", f"{readable}:/etc/biofp:ro", f"{site.state}:/state"]
+    mounts = [f"{site.data}:/data:ro", f"{readable}:/etc/biofp:ro", f"{site.state}:/state/"]
     out["node key world-readable"] = _refused(ctr, mounts, "refuse-readable-key.log")
 
     empty = bad / "no-records"
     empty.mkdir()
     (empty / "labels.csv").write_text("subject,label\n")
     (empty / "notes.txt").write_text("exported the wrong folder\n")
-    mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/state"]
+    mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/state/"]
     out["data folder without records"] = _refused(ctr, mounts, "refuse-no-records.log")
     return out
 
@@ -528,7 +538,7 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     state.mkdir()
     _own(state)
     server = fed.containers[0]
-    server.start([f"{alt}:/etc/biofp:ro", f"{state}:/srv/biofp"], log_name="server-other.log")
+    server.start([f"{alt}:/etc/biofp:ro", f"{state}:/srv/biofp/"], log_name="server-other.log")
     _wait_port(server, port, "the other-name server")
     etc = alt / "site-etc"
     shutil.copytree(site.etc, etc)
@@ -538,7 +548,7 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     toml.write_text(text)
     hosts = alt / "hosts"
     hosts.write_text("127.0.0.1 localhost fl.example.org\n")
-    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/state",
+    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/state/",
               f"{hosts}:/etc/hosts:ro"]  # fmt: skip
     try:
         return _refused(ctr, mounts, "refuse-other-name.log")

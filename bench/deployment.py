@@ -121,9 +121,12 @@ def _round_walls(metrics: dict) -> list[float]:
 
 def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -> None:
     """Build the images, run the container check, and the same run as plain processes."""
+    import signal
+
     import containers as ctr
 
-    builds = ctr.build_images(cold=args.cold)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop and remove the containers
+    builds = ctr.build_images(cold=args.cold, skip=args.no_build)
     print(f"builds: {builds}", flush=True)
     with tempfile.TemporaryDirectory(prefix="biofp-bench-containers-") as tmp:
         root = Path(tmp)
@@ -174,6 +177,9 @@ def main() -> None:
         "--cold",
         action="store_true",
         help="with --containers: also time a build without cached steps",
+    )
+    parser.add_argument(
+        "--no-build", action="store_true", help="with --containers: run the images as they are"
     )
     args = parser.parse_args()
     rounds = 2 if args.smoke else max(2, args.rounds)

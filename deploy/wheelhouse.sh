@@ -23,8 +23,9 @@ command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found (set PYTHON=
 mkdir -p "$OUT/deps" "$OUT/biofp"
 rm -f "$OUT"/biofp/*.whl
 touch "$OUT/deps/.keep" "$OUT/biofp/.keep"
-# BioFP's own wheel: reproducible bytes for unchanged sources (layer cache hits)
-SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 315532800)} \
+# BioFP's own wheel: the same bytes for the same sources (fixed timestamps), so that the image
+# build's cached step is reused until a source file changes
+SOURCE_DATE_EPOCH=315532800 \
     "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$OUT/biofp" .
 stamp="$OUT/deps/.resolved-for"
 want="torch==$TORCH_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
