@@ -183,8 +183,8 @@ SERVER_TOML = """[superlink]
 host = "127.0.0.1"
 port = {port}
 public_name = "{name}"
-state_dir = "/srv/biofp/state"
-workdir = "/srv/biofp/runs"
+state_dir = "/var/lib/biofp-server/state"
+workdir = "/var/lib/biofp-server/runs"
 
 [tls]
 ca_cert = "{certs}/ca.crt"
@@ -198,8 +198,8 @@ supernode_auth = true
 SITE_TOML = """name = "{name}"
 data_dir = "/data"
 labels_csv = "/data/labels.csv"
-state_dir = "/state"
-cache_dir = "/state/cache"
+state_dir = "/var/lib/biofp"
+cache_dir = "/var/lib/biofp/cache"
 
 [privacy]
 epsilon = 50.0
@@ -215,7 +215,12 @@ runtime_port = {runtime_port}
 
 @dataclass
 class Hospital:
-    """One site's host folders: config (mounted read-only at /etc/biofp), data, state volume."""
+    """One site's host folders: config (mounted read-only at /etc/biofp), data, state volume.
+
+    The state volumes are mounted at /var/lib/biofp (/var/lib/biofp-server for the server), not
+    on the paths the images declare as VOLUME: buildah 1.28's ``run`` mounts a private folder of
+    its own there, which can end up over a ``-v`` for the same path.
+    """
 
     name: str
     etc: Path
@@ -224,7 +229,7 @@ class Hospital:
 
     @property
     def mounts(self) -> list[str]:
-        return [f"{self.data}:/data:ro", f"{self.etc}:/etc/biofp:ro", f"{self.state}:/state/"]
+        return [f"{self.data}:/data:ro", f"{self.etc}:/etc/biofp:ro", f"{self.state}:/var/lib/biofp"]
 
 
 def server_files(root: Path, port: int) -> tuple[Path, Path]:
@@ -383,7 +388,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
     assert all(i["user"] == str(UID) for i in found["images"].values())
     with federation(root) as fed:
         server = fed.container("server", SERVER_IMAGE)
-        server_mounts = [f"{server_etc}:/etc/biofp:ro", f"{server_state}:/srv/biofp/",
+        server_mounts = [f"{server_etc}:/etc/biofp:ro", f"{server_state}:/var/lib/biofp-server",
                          f"{inbox}:/inbox:ro"]  # fmt: skip
         t0 = time.perf_counter()
         server.start(server_mounts)
@@ -400,11 +405,11 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
             return done.stdout
 
         coordinator("biofp", "server", "connect", "--config", "/etc/biofp/server.toml")
-        coordinator("biofp", "server", "app", "--out", "/srv/biofp/app")
+        coordinator("biofp", "server", "app", "--out", "/var/lib/biofp-server/app")
         for site in sites:
             coordinator("flwr", "supernode", "register", f"/inbox/{site.name}.pub", "biofp")
         submitted = _json_tail(coordinator(
-            "flwr", "run", "/srv/biofp/app", "biofp", "--run-config", "/inbox/run-1.toml",
+            "flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config", "/inbox/run-1.toml",
             "--format", "json"))  # fmt: skip
         found["run_id"] = submitted.get("run-id")
         run_dir = server_state / "runs" / "containers-1"
@@ -458,7 +463,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         wait_until(lambda: "window store ready" in north.log(), timeout_s=300,
                    what="the new north container")  # fmt: skip
         assert _ledger(sites[0]) == before["north"], "the ledger changed across the restart"
-        coordinator("flwr", "run", "/srv/biofp/app", "biofp", "--run-config",
+        coordinator("flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config",
                     "/inbox/run-2.toml", "--format", "json")  # fmt: skip
         run2_dir = server_state / "runs" / "containers-2"
         wait_until(lambda: _finished(run2_dir), timeout_s=1800, what="the second run", poll_s=0.5)
@@ -500,21 +505,21 @@ def refusals(root: Path, ctr: Container, site: Hospital) -> dict:
     no_key = bad / "no-key"
     shutil.copytree(site.etc, no_key)
     (no_key / "federation" / f"{site.name}.key").unlink()
-    mounts = [f"{site.data}:/data:ro", f"{no_key}:/etc/biofp:ro", f"{site.state}:/state/"]
+    mounts = [f"{site.data}:/data:ro", f"{no_key}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     out["node key missing"] = _refused(ctr, mounts, "refuse-no-key.log")
 
     readable = bad / "readable-key"
     shutil.copytree(site.etc, readable)
     key = readable / "federation" / f"{site.name}.key"
     _own(key, 0o644)
-    mounts = [f"{site.data}:/data:ro", f"{readable}:/etc/biofp:ro", f"{site.state}:/state/"]
+    mounts = [f"{site.data}:/data:ro", f"{readable}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     out["node key world-readable"] = _refused(ctr, mounts, "refuse-readable-key.log")
 
     empty = bad / "no-records"
     empty.mkdir()
     (empty / "labels.csv").write_text("subject,label\n")
     (empty / "notes.txt").write_text("exported the wrong folder\n")
-    mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/state/"]
+    mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     out["data folder without records"] = _refused(ctr, mounts, "refuse-no-records.log")
     return out
 
@@ -538,7 +543,7 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     state.mkdir()
     _own(state)
     server = fed.containers[0]
-    server.start([f"{alt}:/etc/biofp:ro", f"{state}:/srv/biofp/"], log_name="server-other.log")
+    server.start([f"{alt}:/etc/biofp:ro", f"{state}:/var/lib/biofp-server"], log_name="server-other.log")
     _wait_port(server, port, "the other-name server")
     etc = alt / "site-etc"
     shutil.copytree(site.etc, etc)
@@ -548,7 +553,7 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     toml.write_text(text)
     hosts = alt / "hosts"
     hosts.write_text("127.0.0.1 localhost fl.example.org\n")
-    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/state/",
+    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp",
               f"{hosts}:/etc/hosts:ro"]  # fmt: skip
     try:
         return _refused(ctr, mounts, "refuse-other-name.log")
