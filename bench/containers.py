@@ -229,7 +229,11 @@ class Hospital:
 
     @property
     def mounts(self) -> list[str]:
-        return [f"{self.data}:/data:ro", f"{self.etc}:/etc/biofp:ro", f"{self.state}:/var/lib/biofp"]
+        return [
+            f"{self.data}:/data:ro",
+            f"{self.etc}:/etc/biofp:ro",
+            f"{self.state}:/var/lib/biofp",
+        ]
 
 
 def server_files(root: Path, port: int) -> tuple[Path, Path]:
@@ -303,8 +307,13 @@ def _ledger(site: Hospital) -> list[dict[str, Any]]:
     return list(doc["entries"])
 
 
+# what `buildah run` itself prints when the command fails (not the container's output)
+_BUILDAH_EXIT = re.compile(r"^(subprocess exited with status \d+|Error: exit status \d+)$")
+
+
 def _error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if line.strip()]
+    """The container's own log lines (buildah's exit-status lines, on the same stream, dropped)."""
+    return [line for line in log.splitlines() if line.strip() and not _BUILDAH_EXIT.match(line)]
 
 
 class Federation:
@@ -409,8 +418,8 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         for site in sites:
             coordinator("flwr", "supernode", "register", f"/inbox/{site.name}.pub", "biofp")
         submitted = _json_tail(coordinator(
-            "flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config", "/inbox/run-1.toml",
-            "--format", "json"))  # fmt: skip
+            "flwr", "run", "/var/lib/biofp-server/app", "biofp",
+            "--run-config", "/inbox/run-1.toml", "--format", "json"))  # fmt: skip
         found["run_id"] = submitted.get("run-id")
         run_dir = server_state / "runs" / "containers-1"
 
@@ -543,7 +552,9 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     state.mkdir()
     _own(state)
     server = fed.containers[0]
-    server.start([f"{alt}:/etc/biofp:ro", f"{state}:/var/lib/biofp-server"], log_name="server-other.log")
+    server.start(
+        [f"{alt}:/etc/biofp:ro", f"{state}:/var/lib/biofp-server"], log_name="server-other.log"
+    )
     _wait_port(server, port, "the other-name server")
     etc = alt / "site-etc"
     shutil.copytree(site.etc, etc)
