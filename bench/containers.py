@@ -559,6 +559,7 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     etc = alt / "site-etc"
     shutil.copytree(site.etc, etc)
     shutil.copy(certs / "ca.crt", etc / "federation" / "ca.crt")  # the CA the site trusts
+    _own(etc / "federation" / f"{site.name}.key", 0o600)  # copies belong to root
     toml = etc / "site.toml"
     text = re.sub(r'superlink = "[^"]*"', f'superlink = "fl.example.org:{port}"', toml.read_text())
     toml.write_text(text)
