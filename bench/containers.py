@@ -497,13 +497,14 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
     return found
 
 
-def _refused(ctr: Container, mounts: list[str], log_name: str) -> list[str]:
+def _refused(ctr: Container, mounts: list[str], log_name: str, needle: str) -> list[str]:
     """Run the site image's entry point with `mounts`; it must exit 1 with one log line."""
     proc = ctr.start(mounts, log_name=log_name)
     code = proc.wait(timeout=300)
     ctr.proc = None
     lines = _error_lines(ctr.log(log_name))
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    assert needle in lines[0], (needle, lines)
     return lines
 
 
@@ -515,38 +516,38 @@ def refusals(root: Path, ctr: Container, site: Hospital) -> dict:
     shutil.copytree(site.etc, no_key)
     (no_key / "federation" / f"{site.name}.key").unlink()
     mounts = [f"{site.data}:/data:ro", f"{no_key}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
-    out["node key missing"] = _refused(ctr, mounts, "refuse-no-key.log")
+    out["node key missing"] = _refused(ctr, mounts, "refuse-no-key.log", "not found")
 
     readable = bad / "readable-key"
     shutil.copytree(site.etc, readable)
     key = readable / "federation" / f"{site.name}.key"
     _own(key, 0o644)
     mounts = [f"{site.data}:/data:ro", f"{readable}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
-    out["node key world-readable"] = _refused(ctr, mounts, "refuse-readable-key.log")
+    out["node key world-readable"] = _refused(ctr, mounts, "refuse-readable-key.log", "chmod 600")
 
     empty = bad / "no-records"
     empty.mkdir()
     (empty / "labels.csv").write_text("subject,label\n")
     (empty / "notes.txt").write_text("exported the wrong folder\n")
     mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
-    out["data folder without records"] = _refused(ctr, mounts, "refuse-no-records.log")
+    out["data folder without records"] = _refused(
+        ctr, mounts, "refuse-no-records.log", "no WFDB records"
+    )
     return out
 
 
 def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> list[str]:
-    """A SuperLink serving a certificate issued for another host name than the one the site
-    dials (fl.example.org, mapped to 127.0.0.1 by a hosts file mounted at /etc/hosts, as
-    ``--add-host`` would): the site refuses it before starting its SuperNode."""
+    """A SuperLink whose certificate (for fl.other.example, from a CA the site trusts) does not
+    name the address the site dials (127.0.0.2, a loopback address outside the certificate;
+    buildah run writes its own /etc/hosts, so no host name can be mapped): the site refuses it
+    before starting its SuperNode."""
     alt = root / "bad" / "other-name"
     certs = alt / "certs"
-    # its own CA (the federation's CA key stays with the coordinator); the site below trusts
-    # it: only the name is wrong
     _host(["certs", "init", "--out", str(certs), "--server-name", "fl.other.example"])
     (certs / "ca.key").unlink()
     port = free_port()
-    (alt / "server.toml").write_text(
-        SERVER_TOML.format(port=port, name="fl.other.example", certs="/etc/biofp/certs")
-    )
+    text = SERVER_TOML.format(port=port, name="fl.other.example", certs="/etc/biofp/certs")
+    (alt / "server.toml").write_text(text.replace('host = "127.0.0.1"', 'host = "0.0.0.0"'))
     _own(certs / "server.key", 0o600)
     state = alt / "state"
     state.mkdir()
@@ -561,13 +562,10 @@ def wrong_name(root: Path, fed: Federation, ctr: Container, site: Hospital) -> l
     shutil.copy(certs / "ca.crt", etc / "federation" / "ca.crt")  # the CA the site trusts
     _own(etc / "federation" / f"{site.name}.key", 0o600)  # copies belong to root
     toml = etc / "site.toml"
-    text = re.sub(r'superlink = "[^"]*"', f'superlink = "fl.example.org:{port}"', toml.read_text())
+    text = re.sub(r'superlink = "[^"]*"', f'superlink = "127.0.0.2:{port}"', toml.read_text())
     toml.write_text(text)
-    hosts = alt / "hosts"
-    hosts.write_text("127.0.0.1 localhost fl.example.org\n")
-    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp",
-              f"{hosts}:/etc/hosts:ro"]  # fmt: skip
+    mounts = [f"{site.data}:/data:ro", f"{etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     try:
-        return _refused(ctr, mounts, "refuse-other-name.log")
+        return _refused(ctr, mounts, "refuse-other-name.log", "not trusted")
     finally:
         server.stop()
