@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean images images-offline
 
 $(BIN)/biofp: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -22,6 +22,15 @@ test: $(BIN)/biofp
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+## images: the site and coordinator images (docker build with a Docker daemon, else buildah):
+## base python:3.11-slim from a registry; dependencies from this machine's pip (deploy/)
+images:
+	deploy/build-images.sh
+
+## images-offline: the same from a local Debian base (debootstrap), no container registry
+images-offline:
+	deploy/build-images.sh --offline
 
 bench: $(BIN)/biofp
 	$(BIN)/python bench/signals.py

@@ -2,6 +2,7 @@
 against Flower's simulation engine on the same two sites with the same run config.
 
 .venv/bin/python bench/deployment.py [--rounds 3] [--smoke]
+.venv/bin/python bench/deployment.py --containers [--cold] [--smoke]     # as root, with buildah
 
 - client start -> first round served: seconds from launching ``biofp client start`` (the run is
   already submitted and waiting for sites) to the site's first training reply leaving it (its
@@ -12,6 +13,12 @@ against Flower's simulation engine on the same two sites with the same run confi
   ClientApp process per message cost over the simulation engine's long-lived workers. The same
   deployment with ``--insecure`` (no TLS, no node authentication) separates TLS + auth from the
   rest of the deployment runtime.
+
+``--containers``: the same federation in the hospital containers (bench/containers.py: the
+images built with deploy/build-images.sh --offline and run with buildah, the two-site check, the
+bad-input refusals), against the plain-process deployment of the same run: build time (``--cold``
+also times a build without any cached step), image sizes, container start -> first round served,
+per-round wall time in containers / as plain processes.
 
 The sites are the synthetic cohort's (same seed, same partition) in both cases; each run starts
 from empty ledgers. Processes are started with the same harness as tests/test_deployment.py.
@@ -112,14 +119,75 @@ def _round_walls(metrics: dict) -> list[float]:
     return [float(r["wall_s"]) for r in metrics["rounds"]]
 
 
+def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -> None:
+    """Build the images, run the container check, and the same run as plain processes."""
+    import signal
+
+    import containers as ctr
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop and remove the containers
+    builds = ctr.build_images(cold=args.cold, skip=args.no_build)
+    print(f"builds: {builds}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="biofp-bench-containers-") as tmp:
+        root = Path(tmp)
+        found = ctr.check_containers(root / "containers", run, **cohort)
+        print(f"containers: {found}", flush=True)
+        plain = deployed(root / "plain", cohort, run)
+    box_round = statistics.mean(found["round_s"][1:])
+    plain_round = statistics.mean(plain["rounds"][1:])
+    size = {name: info["bytes"] for name, info in found["images"].items()}
+    rows = [
+        *((f"build, {k.split('_')[1]} (deploy/build-images.sh --offline)", f"{v / 60:.1f} min",
+           "-") for k, v in builds.items()),
+        *((f"image size {name.split('/')[-1]}", f"{b / 1e6:.0f} MB", "report")
+          for name, b in size.items()),
+        ("server container start -> port open", f"{found['server_start_s']:.1f} s", "-"),
+        *((f"site container created (buildah from, vfs) {n}", f"{s:.1f} s", "-")
+          for n, s in sorted(found["site_create_s"].items())),
+        *((f"site container start -> first round served ({n})", f"{s:.1f} s", "-")
+          for n, s in sorted(found["first_round_s"].items())),
+        ("plain process start -> first round served (mean)",
+         f"{statistics.mean(plain['first_round_s'].values()):.1f} s", "-"),
+        ("round wall in containers, rounds 2..R (mean)", f"{box_round:.2f} s", "-"),
+        ("round wall as plain processes, rounds 2..R (mean)", f"{plain_round:.2f} s", "-"),
+        ("containers / plain processes per round", f"{box_round / plain_round:.2f}x", "report"),
+    ]  # fmt: skip
+    payload = {
+        "rounds": rounds, "sites": 2, "cohort": cohort, "run": run, "smoke": args.smoke,
+        **builds, "containers": found, "plain_first_round_s": plain["first_round_s"],
+        "plain_round_s": plain["rounds"], "container_round_mean_s": box_round,
+        "plain_round_mean_s": plain_round, "container_over_plain": box_round / plain_round,
+    }  # fmt: skip
+    report("containers-smoke" if args.smoke else "containers", rows, payload)
+    print("refusals (each site container's whole log):")
+    for what, lines in found["refusals"].items():
+        print(f"  {what}: {lines[0]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (>= 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
+    parser.add_argument(
+        "--containers",
+        action="store_true",
+        help="the hospital containers (buildah) against plain processes",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --containers: also time a build without cached steps",
+    )
+    parser.add_argument(
+        "--no-build", action="store_true", help="with --containers: run the images as they are"
+    )
     args = parser.parse_args()
     rounds = 2 if args.smoke else max(2, args.rounds)
     cohort = {"subjects": 4, "minutes": 1.0} if args.smoke else {"subjects": 8, "minutes": 2.0}
     run = run_overrides(rounds, args.smoke)
+    if args.containers:
+        containers(args, rounds, cohort, run)
+        return
     with tempfile.TemporaryDirectory(prefix="biofp-bench-deploy-") as tmp:
         root = Path(tmp)
         dep = deployed(root / "deployed", cohort, run)
