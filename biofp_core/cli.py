@@ -19,6 +19,7 @@ from biofp_core.commands.data import data_app
 from biofp_core.commands.demo import demo
 from biofp_core.commands.evaluate import evaluate
 from biofp_core.commands.fingerprint import fingerprint
+from biofp_core.commands.plan import plan
 from biofp_core.commands.server import server_app
 from biofp_core.commands.site import site_app
 from biofp_core.errors import BioFPError
@@ -35,6 +36,7 @@ app.command("demo")(demo)
 app.command("fingerprint")(fingerprint)
 app.command("evaluate")(evaluate)
 app.command("dashboard")(dashboard)
+app.command("plan")(plan)
 
 err_console = Console(stderr=True)
 
