@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,18 @@ def bidmc_store(bidmc_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from biofp_core.store import build_store
 
     return build_store(bidmc_dir, cache_dir=tmp_path_factory.mktemp("bidmc-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every process it starts) caches window stores and record bindings in a
+    folder of this session, never in the user's ~/.cache: `biofp site init` binds records there,
+    and a binding left by an earlier run would refuse a new site for the same synthetic records."""
+    path = tmp_path_factory.mktemp("biofp-cache")
+    previous = os.environ.get("BIOFP_CACHE_DIR")
+    os.environ["BIOFP_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("BIOFP_CACHE_DIR", None)
+    else:
+        os.environ["BIOFP_CACHE_DIR"] = previous
