@@ -345,7 +345,6 @@ def subject_losses(
     return (np.concatenate(rows) if rows else np.zeros((0, 1))), names
 
 
-@torch.no_grad()
 def evaluate_loss(
     model: BioFPModel,
     subjects: Sequence[SubjectWindows],
@@ -355,18 +354,11 @@ def evaluate_loss(
     batch_subjects: int = 32,
 ) -> dict[str, float]:
     """Mean per-subject loss and terms over one bag per subject (seeded), plus "subjects"."""
-    was_training = model.training
-    model.eval()
-    meter = _Meter()
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            dataset = SubjectBagDataset(model, subjects, bag_size=bag_size, seed=seed)
-            for i in range(0, len(dataset), batch_subjects):
-                items = [dataset[j] for j in range(i, min(i + batch_subjects, len(dataset)))]
-                loss, terms = model.loss(collate_bags(items))
-                meter.add(loss, terms, i // batch_subjects)
-    finally:
-        model.train(was_training)
-    mean_loss, terms = meter.means()
-    return {"loss": mean_loss, **terms, "subjects": float(meter.n)}
+    rows, names = subject_losses(
+        model, subjects, bag_size=bag_size, seed=seed, batch_subjects=batch_subjects
+    )
+    if not np.isfinite(rows).all():
+        raise DataError("loss is not finite on the held-out subjects: lower lr or check the data")
+    means = rows.mean(axis=0) if len(rows) else np.full(1, np.nan)
+    terms = {name: float(v) for name, v in zip(names, means[1:], strict=True)}
+    return {"loss": float(means[0]), **terms, "subjects": float(len(rows))}

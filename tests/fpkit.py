@@ -59,43 +59,34 @@ def site_config(
     return site
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    """Run `biofp ARGS` in this process like the console script; (exit code, stderr text)."""
+def _run(*args: str) -> tuple[int, str, str]:
+    """Run `biofp ARGS` in this process like the console script; (exit code, stdout, stderr)."""
     import contextlib
     import io
     import sys
 
     from biofp_core.cli import main
 
-    err = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["biofp", *args]
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             main()
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
     finally:
         sys.argv = argv
-    return code, err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run `biofp ARGS` in this process like the console script; (exit code, stderr text)."""
+    code, _, err = _run(*args)
+    return code, err
 
 
 def run_cli_out(*args: str) -> tuple[int, str]:
     """Run `biofp ARGS` in this process; (exit code, stdout text)."""
-    import contextlib
-    import io
-    import sys
-
-    from biofp_core.cli import main
-
-    out = io.StringIO()
-    argv, sys.argv = sys.argv, ["biofp", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue()
+    code, out, _ = _run(*args)
+    return code, out
