@@ -113,14 +113,8 @@ class AuditLog:
         AuditLogError
             Naming the file and line of the first line that is not a valid entry.
         """
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
         out = []
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        for lineno, line in enumerate(self._read().split(b"\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -170,14 +164,8 @@ class AuditLog:
     def readable_entries(self) -> list[AuditEntry]:
         """Every entry that parses, skipping any other line: for display only (the privacy
         ledger trusts :meth:`checked_entries`)."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise AuditLogError(f"{self.path}: cannot read the audit log: {exc.strerror}") from None
         out = []
-        for line in raw.split(b"\n"):
+        for line in self._read().split(b"\n"):
             if line.strip():
                 try:
                     out.append(AuditEntry.model_validate_json(line))
