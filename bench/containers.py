@@ -45,7 +45,7 @@ from localfed import free_port, kill_tree, read_json, wait_until  # noqa: E402
 SITE_IMAGE = "localhost/biofp-site:latest"
 SERVER_IMAGE = "localhost/biofp-server:latest"
 UID = 10001
-BIOFP = [sys.executable, "-m", "biofp_core"]  # the host's BioFP: keys, cohort, reading volumes
+BIOFP = [sys.executable, "-m", "biofp_cli"]  # the host's BioFP: keys, cohort, reading volumes
 
 
 def buildah(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:

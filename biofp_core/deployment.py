@@ -2,9 +2,9 @@
 
 A coordinator describes the SuperLink in ``server.toml``; a hospital adds a ``[federation]``
 section to its ``site.toml``. Both are parsed once, here, into pydantic models with relative paths
-resolved against the TOML file (:mod:`biofp_core.preflight` checks them before anything starts).
-Nothing here imports Flower; ``server/launch.py`` and ``client/launch.py`` turn these models into
-Flower command lines.
+resolved against the TOML file (:mod:`biofp_cli.preflight` checks them before anything starts).
+Nothing here imports Flower; :mod:`biofp_cli.superlink` and :mod:`biofp_cli.supernode` turn
+these models into Flower command lines.
 
 ``server.toml``::
 

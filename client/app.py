@@ -28,22 +28,19 @@ from biofp_core.protocol import (
     QUERY_FINGERPRINT_ACTION,
     QUERY_PROBE_ACTION,
     REFUSED,
+    EvaluateInstruction,
     FingerprintReplyMetrics,
+    ProbeInstruction,
     ProbeReplyMetrics,
+    RunConfig,
+    TrainInstruction,
     TrainReplyMetrics,
 )
 from client.limits import check_run_limits
-from client.queries import ProbeInstruction, probe_task, release_fingerprints
+from client.queries import probe_task, release_fingerprints
 from client.replies import Replies
 from client.site_data import SiteData, SiteRef, load_site_data, locate_site, site_config
-from client.task import (
-    Arrays,
-    EvaluateInstruction,
-    TrainInstruction,
-    evaluate_round,
-    train_round,
-)
-from server.config import RunConfig
+from client.task import Arrays, evaluate_round, train_round
 
 ERROR_FEEDBACK_STATE = "biofp-error-feedback"  # Context.state key: compression residual (local)
 
@@ -92,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
 
     def body() -> Message:
         run, site, global_arrays = _load(msg, context, replies)
-        instruction = TrainInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
+        instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
         residual = context.state.array_records.get(ERROR_FEEDBACK_STATE)
         feedback = ErrorFeedback({k: v.numpy() for k, v in (residual or {}).items()})
         outcome = train_round(
@@ -120,7 +117,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     def body() -> Message:
         run, site, global_arrays = _load(msg, context, replies)
-        instruction = EvaluateInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
+        instruction = EvaluateInstruction.from_config(msg.content[CONFIG_KEY])
         outcome = evaluate_round(site, run, instruction, global_arrays, run_key=replies.run_key)
         metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
         return replies.content(metrics, charged=outcome.charged)
@@ -157,7 +154,7 @@ def probe(msg: Message, context: Context) -> Message:
     def body() -> Message:
         run, where, global_arrays = _unpack(msg, context, replies)
         assert replies.site is not None
-        instruction = ProbeInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
+        instruction = ProbeInstruction.from_config(msg.content[CONFIG_KEY])
         metrics, charged = probe_task(
             replies.site, where, run, global_arrays, instruction.task,
             run_key=replies.run_key, server_round=replies.server_round,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from biofp_core.errors import SiteLimitError
 from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.protocol import RunConfig
 from biofp_core.site import SiteConfig
-from server.config import RunConfig
 
 CHARGED_QUERY_KINDS = ("release", "probe:")  # ledger kinds a query is charged as
 

@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import ModelCard, load_model, save_model
 from biofp_core.audit import arrays_sha256
@@ -44,7 +43,7 @@ from biofp_core.models.base import BioFPModel
 from biofp_core.privacy.accounting import gaussian_noise_multiplier
 from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger
 from biofp_core.privacy.mechanisms import noise_rng
-from biofp_core.protocol import PROBE_TASK, FingerprintReplyMetrics, ProbeReplyMetrics
+from biofp_core.protocol import FingerprintReplyMetrics, ProbeReplyMetrics, RunConfig
 from biofp_core.site import SiteConfig
 from biofp_core.validate import open_site_store
 from client.charged import (
@@ -57,7 +56,6 @@ from client.charged import (
 from client.limits import check_query_cap
 from client.site_data import SiteRef
 from client.task import Arrays, model_from_arrays, round_seed
-from server.config import RunConfig
 
 RELEASES_DIR = "releases"  # under the site's state folder: the bytes of charged releases
 FINGERPRINT_MODALITY = {"both": "paired", "ecg": "ecg", "ppg": "ppg"}  # site sensors -> modality
@@ -66,14 +64,6 @@ FINGERPRINT_MODALITY = {"both": "paired", "ecg": "ecg", "ppg": "ppg"}  # site se
 class QueryRefusedError(SiteLimitError):
     """The site declines a query under its own rules: no release policy, no usable labels for the
     task, or a charged release it cannot send again."""
-
-
-class ProbeInstruction(BaseModel):
-    """The server's probe query (the message's ConfigRecord)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-    task: str = Field(alias=PROBE_TASK, min_length=1, description="the label column to probe")
 
 
 def global_model(run: RunConfig, arrays: Arrays) -> tuple[BioFPModel, ModelCard]:

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_nbytes, arrays_sha256
-from biofp_core.compression import ErrorFeedback, Scheme, check_scheme
+from biofp_core.compression import ErrorFeedback, Scheme
 from biofp_core.errors import DataError, PrivacyBudgetError, SiteLimitError
 from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
@@ -52,13 +52,9 @@ from biofp_core.privacy.accounting import rdp_epsilon
 from biofp_core.privacy.ledger import Charge, LedgerEntry, PrivacyLedger
 from biofp_core.privacy.mechanisms import noise_rng, noisy_mean
 from biofp_core.protocol import (
-    COMPRESSION,
-    LOCAL_STEPS,
-    LR,
-    PROXIMAL_MU,
-    RUN_KEY,
-    RUN_KEY_PATTERN,
-    SERVER_ROUND,
+    EvaluateInstruction,
+    RunConfig,
+    TrainInstruction,
     TrainReplyMetrics,
 )
 from biofp_core.signals.types import WINDOW_S
@@ -78,37 +74,10 @@ from client.charged import (
     instruction_json,
 )
 from client.site_data import SiteData
-from server.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-
-
-class TrainInstruction(BaseModel):
-    """The server's instructions for one training round (the message's ConfigRecord)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-    server_round: int = Field(alias=SERVER_ROUND, ge=1)
-    local_steps: int | None = Field(None, alias=LOCAL_STEPS, ge=1)
-    lr: float | None = Field(None, alias=LR, gt=0)
-    proximal_mu: float = Field(0.0, alias=PROXIMAL_MU, ge=0)
-    compression: str | None = Field(None, alias=COMPRESSION)
-    run_key: str | None = Field(None, alias=RUN_KEY, pattern=RUN_KEY_PATTERN)
-
-    def scheme(self) -> Scheme | None:
-        """The update encoding the server asked for, or None for full weights."""
-        return None if self.compression is None else check_scheme(self.compression)
-
-
-class EvaluateInstruction(BaseModel):
-    """The server's instructions for one evaluation (the message's ConfigRecord)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-    server_round: int = Field(alias=SERVER_ROUND, ge=0)
-    run_key: str | None = Field(None, alias=RUN_KEY, pattern=RUN_KEY_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -466,7 +435,7 @@ def _train_round(
             f"(q={plan.sample_rate:.3g}); raise batch-subjects or local-steps"
         )
     new = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    arrays, payload = _encode(new, global_arrays, instruction.scheme(), feedback)
+    arrays, payload = _encode(new, global_arrays, instruction.compression, feedback)
     private = plan.dp is not None
     loss = result.noisy_loss if private else result.mean_loss
     metrics = TrainReplyMetrics(

@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
-from server.config import RunConfig
+from biofp_core.protocol import RunConfig
 from server.queries import run_queries
 from server.rounds import run_rounds
 from server.rundir import RunDirectory

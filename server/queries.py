@@ -42,15 +42,14 @@ from biofp_core.protocol import (
     CONFIG_KEY,
     FINGERPRINTS_ARRAY,
     METRICS_KEY,
-    PROBE_TASK,
     QUERY_FINGERPRINT,
     QUERY_PROBE,
-    RUN_KEY,
-    SERVER_ROUND,
     FingerprintReplyMetrics,
+    ProbeInstruction,
     ProbeReplyMetrics,
+    QueryInstruction,
+    RunConfig,
 )
-from server.config import RunConfig
 from server.rounds import FederationError, wait_for_sites
 
 log = logging.getLogger(__name__)
@@ -137,11 +136,11 @@ def _because(answer: NodeAnswer) -> str:
 
 
 def _send(
-    grid: Grid, node_ids: Iterable[int], message_type: str, arrays: ArrayRecord, config: dict,
-    *, timeout: float,
+    grid: Grid, node_ids: Iterable[int], message_type: str, arrays: ArrayRecord,
+    instruction: QueryInstruction, *, timeout: float,
 ) -> dict[int, Message]:  # fmt: skip
     """Send one query to every node; the replies by node id (silent nodes are absent)."""
-    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(instruction.to_config())})
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in node_ids]
     replies = grid.send_and_receive(messages, timeout=timeout)
     return {reply.metadata.src_node_id: reply for reply in replies}
@@ -203,13 +202,14 @@ def _released_file(
 
 
 def collect_fingerprints(
-    grid: Grid, node_ids: list[int], arrays: ArrayRecord, config: dict, *, run: RunConfig,
+    grid: Grid, node_ids: list[int], arrays: ArrayRecord, query: QueryInstruction, *,
+    run: RunConfig,
     weights_sha256: str,
 ) -> dict[int, ReleasedFile]:  # fmt: skip
     """Ask every node for its released fingerprints; write the valid files, log the others."""
     folder = run.run_dir / FINGERPRINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    replies = _send(grid, node_ids, QUERY_FINGERPRINT, arrays, config, timeout=run.round_timeout_s)
+    replies = _send(grid, node_ids, QUERY_FINGERPRINT, arrays, query, timeout=run.round_timeout_s)
     answers = {n: _released_file(n, replies.get(n), folder, weights_sha256) for n in node_ids}
     for node_id, answer in answers.items():
         if answer.status == "ok":
@@ -258,12 +258,12 @@ def combine_probes(task: str, answers: dict[int, ProbeAnswer]) -> TaskEvaluation
 
 
 def probe_sites(
-    grid: Grid, node_ids: list[int], arrays: ArrayRecord, config: dict, task: str, *,
-    timeout: float,
+    grid: Grid, node_ids: list[int], arrays: ArrayRecord, query: QueryInstruction, task: str,
+    *, timeout: float,
 ) -> TaskEvaluation:  # fmt: skip
     """Ask every node to probe `task` on its own fingerprints; combine the scalars."""
-    replies = _send(grid, node_ids, QUERY_PROBE, arrays, {**config, PROBE_TASK: task},
-                    timeout=timeout)  # fmt: skip
+    probe = ProbeInstruction(**query.model_dump(), task=task)
+    replies = _send(grid, node_ids, QUERY_PROBE, arrays, probe, timeout=timeout)
     answers = {n: probe_answer(task, replies.get(n)) for n in node_ids}
     for node_id, answer in answers.items():
         if answer.status != "ok":
@@ -292,7 +292,7 @@ def run_queries(
     except FederationError as exc:  # the model is saved: query the sites that are here
         log.error("%s; querying the connected sites only", exc)
     node_ids = sorted(grid.get_node_ids())
-    config = {SERVER_ROUND: run.num_rounds, **({RUN_KEY: run_key} if run_key else {})}
+    query = QueryInstruction(run_key=run_key, server_round=run.num_rounds)
     result = FederatedEval(
         run_key=run_key,
         server_round=run.num_rounds,
@@ -300,12 +300,12 @@ def run_queries(
     )
     if run.collect_fingerprints:
         result.fingerprints = collect_fingerprints(
-            grid, node_ids, arrays, config, run=run,
+            grid, node_ids, arrays, query, run=run,
             weights_sha256=result.model_weights_sha256,
         )  # fmt: skip
     for task in tasks:
         result.tasks[task] = probe_sites(
-            grid, node_ids, arrays, config, task, timeout=run.round_timeout_s
+            grid, node_ids, arrays, query, task, timeout=run.round_timeout_s
         )
     path = result.write(run.run_dir)
     log.info("federated evaluation of %d node(s) written to %s", len(node_ids), path)

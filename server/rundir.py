@@ -39,14 +39,13 @@ from biofp_core.artifacts import (
 )
 from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.protocol import RUN_KEY_PATTERN
+from biofp_core.protocol import RUN_KEY_PATTERN, RunConfig
 from server.checkpoint import (
     describe_state,
     latest_checkpoint,
     restore_strategy_state,
     save_checkpoint,
 )
-from server.config import RunConfig
 from server.nodes import node_label
 from server.report import RoundMetrics, RunReport
 

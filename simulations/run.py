@@ -47,6 +47,7 @@ from biofp_core.errors import BioFPError, ConfigError
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
+from biofp_core.protocol import RunConfig
 from biofp_core.site import default_cache_dir, load_site_config
 from biofp_core.training import evaluate_loss, train_local
 from biofp_core.validate import open_site_store
@@ -57,7 +58,6 @@ from client.site_data import (
     load_site_data,
     locate_site,
 )
-from server.config import RunConfig
 from server.report import RoundMetrics, RunReport
 from simulations.cohort import Cohort, synthetic_cohort, wfdb_cohort, write_sites
 from simulations.engine import run_federation

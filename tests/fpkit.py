@@ -65,7 +65,7 @@ def _run(*args: str) -> tuple[int, str, str]:
     import io
     import sys
 
-    from biofp_core.cli import main
+    from biofp_cli.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["biofp", *args]

@@ -20,7 +20,7 @@ from biofp_core.audit import (
     arrays_sha256,
 )
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def arrays() -> dict[str, np.ndarray]:

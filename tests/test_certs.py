@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from biofp_core.certs import (
+from biofp_cli.certs import (
     CertificateError,
     certificate_names,
     check_certificate,
@@ -28,7 +28,7 @@ from biofp_core.certs import (
     node_keypair,
 )
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def mode(path: Path) -> int:

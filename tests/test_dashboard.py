@@ -32,7 +32,7 @@ from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CHROMIUM = "/usr/bin/chromium"
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 TINY_MODEL = json.dumps(
     {"stem_channels": 8, "stage_channels": [8, 8], "groups": 4, "proj_dim": 16,
      "pred_hidden": 8, "fingerprint_dim": 8}

@@ -26,12 +26,12 @@ from localfed import (
     write_app,
 )
 
+from biofp_cli.certs import init_certificates
+from biofp_cli.supernode import supernode_command
 from biofp_core.artifacts import load_model
 from biofp_core.audit import AuditLog, AuditLogError
-from biofp_core.certs import init_certificates
 from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.site import load_site_config
-from client.launch import supernode_command
 from server.rundir import read_run_key
 
 RUN = {  # a tiny model and 2 short rounds, no federated evaluation: seconds of training

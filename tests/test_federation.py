@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flowerkit import initial_arrays, instruction, site_context
+from flwr.app import Message, MessageType
 from safetensors.numpy import load_file
 
 from biofp_core.artifacts import load_model
@@ -25,7 +26,6 @@ from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.protocol import (
     ARRAYS_KEY,
     COMPRESSION,
-    CONFIG_KEY,
     LOCAL_STEPS,
     LR,
     METRICS_KEY,
@@ -34,6 +34,7 @@ from biofp_core.protocol import (
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
+    RunConfig,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
 )
@@ -45,10 +46,9 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from server.config import RunConfig
 from server.report import RunReport
 from server.rounds import FederationError
-from server.rundir import RunDirectory, read_run_key, to_arrayrecord
+from server.rundir import RunDirectory, read_run_key
 from simulations.run import RunSummary, SimulationConfig, load_simulation_config, simulate
 from strategies.registry import build_strategy
 
@@ -233,37 +233,6 @@ def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path
 
 
 # ---- the ClientApp called directly on real Messages -----------------------------------------
-
-
-def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-
-
-def instruction(
-    run: RunConfig,
-    message_type: str,
-    *,
-    run_id: int = 7,
-    arrays: dict[str, np.ndarray] | None = None,
-    **config: object,
-) -> Message:
-    """A server instruction carrying `arrays` (default: the run's initial arrays), as Flower
-    delivers it."""
-    record = to_arrayrecord(initial_arrays(run) if arrays is None else arrays)
-    metadata = Metadata(
-        run_id=run_id, message_id=f"instruction-{time.monotonic_ns()}", src_node_id=1,
-        dst_node_id=11, reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
-        message_type=message_type,
-    )  # fmt: skip
-    content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: ConfigRecord(dict(config))})
-    return Message(content, metadata=metadata)
-
-
-def site_context(run: RunConfig, site_toml: Path, *, run_id: int = 7) -> Context:
-    return Context(
-        run_id=run_id, node_id=11, node_config={"site-config": str(site_toml)},
-        state=RecordDict(), run_config=run.to_run_config(),
-    )  # fmt: skip
 
 
 def sent_arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -517,7 +486,7 @@ def test_a_bad_simulation_config_names_the_file_and_key(tmp_path: Path) -> None:
         load_simulation_config(path)
 
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def test_simulate_help_and_a_bad_flag() -> None:
@@ -528,7 +497,7 @@ def test_simulate_help_and_a_bad_flag() -> None:
     bad = subprocess.run([*BIOFP, "simulate", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "No such option" in bad.stderr
-    code = "import sys, biofp_core.cli; print('flwr' in sys.modules)"
+    code = "import sys, biofp_cli.cli; print('flwr' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
 
 

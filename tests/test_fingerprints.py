@@ -40,7 +40,7 @@ from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.site import PrivacyBudget
 from biofp_core.validate import open_site_store
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from localfed import free_port, kill_tree, wait_until
 
-from biofp_core.certs import init_certificates
+from biofp_cli.certs import init_certificates
 
 ROOT = Path(__file__).resolve().parents[1]
 UID = "10001"
@@ -135,7 +135,7 @@ def test_build_script_refuses_an_unknown_option_in_one_line() -> None:
 def server_health_argv() -> list[str]:
     (check,) = values(stages(ROOT / "server/Dockerfile")[-1], "HEALTHCHECK")
     argv = shlex.split(check.split(" CMD ", 1)[1])
-    assert argv[:3] == ["python", "-m", "server.health"]
+    assert argv[:3] == ["python", "-m", "biofp_cli.health"]
     return [sys.executable, *argv[1:]]  # `python` of the image's venv: this interpreter
 
 
@@ -164,7 +164,7 @@ def superlink(tmp_path: Path) -> Iterator[Path]:
     toml = server_toml(tmp_path / "server", port=port)
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biofp_core", "server", "start", "--config", str(toml)],
+        [sys.executable, "-m", "biofp_cli", "server", "start", "--config", str(toml)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:

@@ -26,7 +26,7 @@ from biofp_core.privacy.ledger import (
 )
 from biofp_core.site import PrivacyBudget
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
 
 
@@ -293,7 +293,7 @@ def run_main(
     *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str, str]:
     """`biofp ARGS` in this process (already past the slow imports): exit code, stdout, stderr."""
-    from biofp_core.cli import main
+    from biofp_cli.cli import main
 
     monkeypatch.setattr(sys, "argv", ["biofp", *args])
     try:

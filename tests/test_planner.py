@@ -101,7 +101,7 @@ def test_impossible_or_bad_requests_are_refused(args: tuple, message: str) -> No
 
 def _biofp(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str):
     """Run `biofp *args` in this process: (exit code, stdout, stderr)."""
-    from biofp_core.cli import main
+    from biofp_cli.cli import main
 
     monkeypatch.setattr(sys, "argv", ["biofp", *args])
     try:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowerkit import instruction, site_context
 from fpkit import run_cli, site_config, tiny_cohort
-from test_attacks import ATTACK_RUN, METRICS_KEY, TINY, context, message, train
+from test_attacks import ATTACK_RUN, METRICS_KEY, TINY, train
 
 from biofp_core.audit import AUDIT_FILENAME, AuditLog
 from biofp_core.privacy.ledger import (
@@ -22,10 +23,9 @@ from biofp_core.privacy.ledger import (
     PrivacyLedger,
     PrivacyLedgerError,
 )
-from biofp_core.protocol import RUN_KEY, SERVER_ROUND, TrainReplyMetrics
+from biofp_core.protocol import RUN_KEY, SERVER_ROUND, RunConfig, TrainReplyMetrics
 from biofp_core.site import load_site_config
 from client.app import app as client_app
-from server.config import RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,10 @@ def test_a_noisy_window_level_release_does_not_give_back_the_withheld_window_cou
                        release='level = "window"\nclip_norm = 1.0\nepsilon = 2.0')  # fmt: skip
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1, RUN_KEY: "w"}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1, RUN_KEY: "w"}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert not reply.has_error(), reply.error
     path = tmp_path / "released.parquet"
     path.write_bytes(reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes())
@@ -232,7 +234,9 @@ def test_whether_a_probe_is_answered_and_its_kind_do_not_depend_on_one_patients_
     for af in ("1", "0", "2"):
         toml = _site_with_af(cohort, tmp_path / f"af{af}", af)
         config = {SERVER_ROUND: 1, PROBE_TASK: "af", RUN_KEY: "probe-af"}
-        reply = client_app(message(run, QUERY_PROBE, arrays, **config), context(run, toml))
+        reply = client_app(
+            instruction(run, QUERY_PROBE, arrays=arrays, **config), site_context(run, toml)
+        )
         assert not reply.has_error(), reply.error
         metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
         charged = len(PrivacyLedger.at(toml.parent / "state").entries)
@@ -255,8 +259,10 @@ def test_a_task_the_site_did_not_declare_is_refused_uncharged(cohort: Path, tmp_
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
     config = {SERVER_ROUND: 1, PROBE_TASK: "age", RUN_KEY: "undeclared"}
-    reply = client_app(message(run, QUERY_PROBE, arrays, **config),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_PROBE, arrays=arrays, **config),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).refused
     assert PrivacyLedger.at(tmp_path / "state").entries == []
     note = AuditLog.at(tmp_path / "state").entries()[-1].note or ""
@@ -278,8 +284,10 @@ def test_a_noisy_release_is_calibrated_to_a_public_cap_not_to_its_own_data(
                        release='level = "window"\nclip_norm = 1.0\nepsilon = 2.0')  # fmt: skip
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1, RUN_KEY: "k"}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1, RUN_KEY: "k"}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert not reply.has_error(), reply.error
     path = tmp_path / "released.parquet"
     path.write_bytes(reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes())

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fpkit import TINY, tiny_artifact
 
+from biofp_cli.commands.simulate import main as simulate_cli
 from biofp_core.artifacts import load_model, save_model
 from biofp_core.evaluation import evaluate_table, merge_labels, read_labels, task_labels
 from biofp_core.fingerprints.parquet import read_fingerprints
@@ -27,11 +28,10 @@ from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.table import concat
 from biofp_core.models import build_model
 from biofp_core.privacy.ledger import PrivacyLedger, rdp_epsilon
+from biofp_core.protocol import RunConfig
 from biofp_core.site import PrivacyBudget
 from client.site_data import SimulationSites
-from server.config import RunConfig
 from server.report import RunReport
-from simulations.cli import main as simulate_cli
 from simulations.downstream import (
     CLEAN,
     NOISY,

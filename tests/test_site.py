@@ -14,7 +14,7 @@ from biofp_core.errors import ConfigError, DataError
 from biofp_core.site import load_site_config, read_labels
 from biofp_core.validate import validate_site
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
+BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def write(path: Path, text: str) -> Path:

@@ -450,3 +450,10 @@ def test_simulation_reports_a_raising_site_and_stops_sampling_a_spent_one(
     assert (len(second.contributed), len(second.failed)) == (1, 1)
     assert result.train_metrics_clientapp[2][REPLIES_FAILED] == 1
     assert result.train_metrics_clientapp[2][NODES_EXCLUDED] == 1
+
+
+def test_the_registry_builds_exactly_the_strategies_the_wire_contract_names() -> None:
+    from biofp_core.protocol import STRATEGY_NAMES
+    from strategies.registry import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from biofp_core.supervise import run_supervised
+from biofp_cli.supervise import run_supervised
 
 # prints two lines, leaves a grandchild holding the output pipe, exits 3
 LEAVES_A_HELPER = """

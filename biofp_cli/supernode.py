@@ -10,7 +10,7 @@ the path of site.toml (``site-config``), from which the ClientApp finds the site
 (privacy ledger, audit log) and budget (client/site_data.py). Flower's app cache lives in the
 site's state folder; telemetry and the update check are off.
 
-Before anything starts, every check of :func:`biofp_core.preflight.check_site` runs, and the
+Before anything starts, every check of :func:`biofp_cli.preflight.check_site` runs, and the
 site's window store is built (or found in the cache), so the first round does not pay for it.
 """
 
@@ -21,12 +21,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from biofp_core.certs import load_node_key, ssh_fingerprint
+from biofp_cli.certs import load_node_key, ssh_fingerprint
+from biofp_cli.preflight import check_site
+from biofp_cli.superlink import flower_env, flower_executable, last_error
+from biofp_cli.supervise import run_supervised
 from biofp_core.deployment import DeploymentError, FederationConfig, derived_runtime_port
-from biofp_core.preflight import check_site
 from biofp_core.site import SiteConfig, load_site_config
-from biofp_core.supervise import run_supervised
-from server.launch import flower_env, flower_executable, last_error
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ def start(
     """Check site.toml, keys, data, the state folder (initialised once by `biofp site init`) and
     the SuperLink, build the window store, then run the Flower SuperNode (until stopped). Only
     what docs/privacy.md lists leaves the site, each value charged to the ledger."""
-    from client.launch import prepare_supernode, run_supernode, warm_store
+    from biofp_cli.supernode import prepare_supernode, run_supernode, warm_store
 
     if insecure:
         warnings.warn("--insecure: traffic to the SuperLink is not encrypted",
