@@ -465,7 +465,7 @@ def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None
         ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; valid: fedavg, fedprox"),
         ({"model": "resnet"}, "unknown model 'resnet'; valid: m2ae, siamquality"),
         ({"compression": "int4"}, "unknown compression 'int4'; valid: none, fp16, int8"),
-        ({"compression": "int8"}, "needs strategy 'compressed'"),
+        ({"budget-aware": "maybe"}, "budget-aware: Input should be a valid boolean"),
         ({"num-rounds": 0}, "num-rounds"),
         ({"rounds": 3}, "rounds: unknown key"),
     ],

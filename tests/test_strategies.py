@@ -75,7 +75,6 @@ from strategies import (
     CountedFedAvg,
     EligibleNodesGrid,
     build_strategy,
-    encoded_to_arrayrecord,
 )
 
 GridFactory = Callable[[int], tuple[InMemoryGrid, list[int]]]
@@ -311,7 +310,7 @@ def test_compressed_strategy_decodes_deltas_to_the_weighted_average(
         delta = {k: local[k] - global_w[k] for k in global_w}
         encoded = ErrorFeedback().encode(delta, scheme=scheme)  # type: ignore[arg-type]
         metrics = ok(n, payload_bytes=encoded.nbytes)
-        replies.append(reply(sent[node], encoded_to_arrayrecord(encoded), metrics))
+        replies.append(reply(sent[node], as_record(encoded.to_arrays()), metrics))
         for k, d in decode_delta(encoded).items():
             expected[k] += n / 100 * (global_w[k] + d)
             truth[k] += n / 100 * local[k]
@@ -335,10 +334,10 @@ def test_an_int8_update_of_a_small_m2ae_is_at_most_027_of_fp32_as_flower_counts_
     fp32_bytes = sum(4 * v.size for v in state.values())
     rng = np.random.default_rng(0)
     delta = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in state.items()}
-    record = encoded_to_arrayrecord(encode_delta(delta, scheme="int8"))
+    record = as_record(encode_delta(delta, scheme="int8").to_arrays())
     assert len(record) == 2
     assert record.count_bytes() / fp32_bytes <= 0.27
-    fp16 = encoded_to_arrayrecord(encode_delta(delta, scheme="fp16"))
+    fp16 = as_record(encode_delta(delta, scheme="fp16").to_arrays())
     assert len(fp16) == 1 and fp16.count_bytes() / fp32_bytes <= 0.51
 
 
@@ -347,7 +346,7 @@ def test_compressed_strategy_counts_undecodable_updates_as_failed(make_grid: Gri
     strategy = CompressedFedAvg(scheme="int8")
     sent = configure(strategy, grid)
     delta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    wrong_scheme = encoded_to_arrayrecord(encode_delta(delta, scheme="fp16"))
+    wrong_scheme = as_record(encode_delta(delta, scheme="fp16").to_arrays())
     full_weights = as_record(weights(3))  # float32: read as scheme "none"
     replies = [
         reply(sent[nodes[0]], wrong_scheme, ok(5)),
