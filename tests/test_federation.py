@@ -221,6 +221,35 @@ def test_a_site_over_budget_refuses_while_the_others_finish(
     assert card.privacy is not None and len(card.privacy.sites) == 2  # contributors only
 
 
+def test_budget_aware_fedadam_over_int8_updates_in_the_simulation_engine(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """The composition asked for by run config (fedadam + int8 + budget-aware) in the real apps:
+    the site over budget refuses round 1 and is not sampled in round 2; the moments and the
+    exclusion are in the checkpoint."""
+    sites_dir = tmp_path / "sites"
+    initialise_site_state(sites_dir / "site_01" / "state", name="site_01")
+    PrivacyLedger.at(sites_dir / "site_01" / "state").charge(
+        run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0, steps=40,
+        delta=1e-5,
+    )  # fmt: skip
+    run = {"num-rounds": 2, "strategy": "fedadam", "compression": "int8", "budget-aware": True,
+           "fraction-evaluate": 0.0}  # fmt: skip
+    summary = timed_simulate(sim_config(cache_dir, tmp_path / "run", sites_dir, **run))
+    assert summary.status == "completed", summary.error
+    report = RunReport.read(tmp_path / "run")
+    assert report is not None
+    first, second = report.rounds
+    assert (first.sampled, first.contributed, first.refused, first.excluded) == (3, 2, 1, 1)
+    assert (second.sampled, second.contributed, second.refused, second.excluded) == (2, 2, 0, 1)
+    full = sum(v.nbytes for v in final_arrays(tmp_path / "run").values())
+    assert all(0 < s.payload_bytes < 0.3 * full for s in second.sites)  # int8 deltas
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and set(checkpoint.strategy_arrays) == {"m_t", "v_t"}
+    refused = next(s.node_id for s in first.sites if s.status == "refused")
+    assert checkpoint.meta.strategy_state == {"excluded_node_ids": [refused]}
+
+
 def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path) -> None:
     cfg = sim_config(
         cache_dir, tmp_path / "run", tmp_path / "sites",
