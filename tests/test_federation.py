@@ -34,6 +34,7 @@ from biofp_core.protocol import (
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
+    EvaluateReplyMetrics,
     RunConfig,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
@@ -416,6 +417,8 @@ def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> No
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS_KEY}
     assert set(reply.content[METRICS_KEY].keys()) == EVAL_REPLY_KEYS
+    answer = EvaluateReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))  # the server's
+    assert not answer.refused and answer.num_examples > 0  # model of it
 
 
 def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:
