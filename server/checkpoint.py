@@ -1,9 +1,11 @@
 """Round checkpoints of the global model and the strategy's state, in the run directory.
 
 After every round the server writes ``<run_dir>/checkpoints/round-NNNN.safetensors``: the global
-arrays under ``global/<name>``, the strategy's array state (e.g. FedAdam's moments) under
-``strategy/<attr>/<name>``, and in the safetensors metadata a :class:`CheckpointMeta` (round,
-strategy, model, the strategy's scalar state and the sha256 of every tensor). A checkpoint is
+arrays under ``global/<name>``, the array part of the strategy's own state
+(:meth:`strategies.base.CountedFedAvg.state_dict`, e.g. FedAdam's moments) under
+``strategy/<entry>/<name>``, and in the safetensors metadata a :class:`CheckpointMeta` (round,
+strategy, model, the strategy's JSON state, e.g. the budget-aware exclusions, and the sha256 of
+every tensor). What the state holds is the strategy's business, not this module's. A checkpoint is
 written to a temporary file, fsync'ed and renamed into place, so a crash leaves the previous
 checkpoints as they were; the latest ``keep`` checkpoints are kept.
 
@@ -30,6 +32,7 @@ from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_sha256
 from biofp_core.errors import ArtifactError
+from strategies.base import CountedFedAvg, StrategyState
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,6 @@ _META_KEY = "biofp"
 _GLOBAL_PREFIX = "global/"
 _STRATEGY_PREFIX = "strategy/"
 _NAME_PATTERN = re.compile(r"^round-(\d{4,})\.safetensors$")
-
-# Strategy attributes that are state across rounds (Flower's FedOpt family, BioFP's budget-aware
-# selection). Everything else about a strategy is rebuilt from the run config.
-_ARRAY_STATE_ATTRS = ("m_t", "v_t")  # dict[str, np.ndarray] | None: FedAdam/FedYogi moments
-_SCALAR_STATE_ATTRS = ("excluded_node_ids",)  # set[int]: BudgetAwareFedAvg
 
 
 class CheckpointMeta(BaseModel):
@@ -57,7 +55,9 @@ class CheckpointMeta(BaseModel):
     server_round: int = Field(ge=0, description="rounds completed when it was written")
     strategy: str
     model: str
-    strategy_state: dict[str, Any] = Field(default_factory=dict, description="scalar state")
+    strategy_state: dict[str, Any] = Field(
+        default_factory=dict, description="the JSON part of the strategy's state_dict"
+    )
     sha256: str = Field(description="audit.arrays_sha256 of every tensor in the file")
 
 
@@ -74,35 +74,33 @@ class Checkpoint:
     def server_round(self) -> int:
         return self.meta.server_round
 
+    @property
+    def strategy_state(self) -> StrategyState:
+        """The strategy's state as it was saved, for ``strategy.load_state_dict``."""
+        return StrategyState(
+            arrays={entry: dict(values) for entry, values in self.strategy_arrays.items()},
+            values=dict(self.meta.strategy_state),
+        )
+
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     """``<run_dir>/checkpoints/round-NNNN.safetensors``."""
     return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:04d}.safetensors"
 
 
-def capture_strategy_state(strategy: object) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """The strategy's state across rounds: (array state by attribute, JSON-able scalar state)."""
-    arrays = {
-        attr: {k: np.asarray(v) for k, v in value.items()}
-        for attr in _ARRAY_STATE_ATTRS
-        if isinstance(value := getattr(strategy, attr, None), dict) and value
-    }
-    scalars = {
-        attr: sorted(value)
-        for attr in _SCALAR_STATE_ATTRS
-        if isinstance(value := getattr(strategy, attr, None), set | frozenset)
-    }
-    return arrays, scalars
+def restore_strategy_state(strategy: CountedFedAvg, checkpoint: Checkpoint) -> None:
+    """Put a checkpoint's strategy state back into a freshly built strategy of the same kind.
 
-
-def restore_strategy_state(strategy: object, checkpoint: Checkpoint) -> None:
-    """Put a checkpoint's strategy state back into a freshly built strategy of the same kind."""
-    for attr, values in checkpoint.strategy_arrays.items():
-        if hasattr(strategy, attr):
-            setattr(strategy, attr, {k: v.copy() for k, v in values.items()})
-    for attr, value in checkpoint.meta.strategy_state.items():
-        if hasattr(strategy, attr):
-            setattr(strategy, attr, set(value))
+    Raises
+    ------
+    ArtifactError
+        One line naming the file: its state is not one this strategy has (another strategy,
+        or budget-aware sampling switched off since).
+    """
+    try:
+        strategy.load_state_dict(checkpoint.strategy_state)
+    except ValueError as exc:
+        raise ArtifactError(f"{checkpoint.path}: cannot resume this strategy: {exc}") from None
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -130,7 +128,7 @@ def save_checkpoint(
     *,
     server_round: int,
     arrays: dict[str, np.ndarray],
-    strategy: object,
+    strategy: CountedFedAvg,
     strategy_name: str,
     model_name: str,
     keep: int = 2,
@@ -142,16 +140,16 @@ def save_checkpoint(
     Path
         The checkpoint file.
     """
-    state_arrays, state_scalars = capture_strategy_state(strategy)
+    state = strategy.state_dict()
     tensors = {f"{_GLOBAL_PREFIX}{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
-    for attr, values in state_arrays.items():
+    for entry, values in state.arrays.items():
         for k, v in values.items():
-            tensors[f"{_STRATEGY_PREFIX}{attr}/{k}"] = np.ascontiguousarray(v)
+            tensors[f"{_STRATEGY_PREFIX}{entry}/{k}"] = np.ascontiguousarray(v)
     meta = CheckpointMeta(
         server_round=server_round,
         strategy=strategy_name,
         model=model_name,
-        strategy_state=state_scalars,
+        strategy_state=state.values,
         sha256=arrays_sha256(tensors),
     )
     path = checkpoint_path(run_dir, server_round)

@@ -1,7 +1,8 @@
 """After the last round: ask every connected site for released fingerprints and local probes.
 
 Both query messages carry the final global arrays, the last round and the run key, and go to
-every connected node at once (one batch per query):
+every connected node at once (one batch per query). Every reply is checked by the one reply
+validator (:func:`strategies.replies.check_reply`), as training and evaluation replies are:
 
 - ``query.fingerprint`` (run config ``collect-fingerprints``): each site releases fingerprints
   under its own policy or refuses. A released file is checked (a BioFP fingerprint file with the
@@ -41,7 +42,6 @@ from biofp_core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FINGERPRINTS_ARRAY,
-    METRICS_KEY,
     QUERY_FINGERPRINT,
     QUERY_PROBE,
     FingerprintReplyMetrics,
@@ -51,6 +51,7 @@ from biofp_core.protocol import (
     RunConfig,
 )
 from server.rounds import FederationError, wait_for_sites
+from strategies.replies import check_reply, one_line
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,6 @@ class FederatedEval(BaseModel):
         return cls.model_validate_json((Path(run_dir) / FEDERATED_EVAL_NAME).read_bytes())
 
 
-def _one_line(text: str | None) -> str:
-    return " ".join(str(text or "").split())[:300]
-
-
 def _because(answer: NodeAnswer) -> str:
     """': <reason>' for a log line, or what a status means when the reply gives no reason."""
     if answer.reason:
@@ -146,22 +143,19 @@ def _send(
     return {reply.metadata.src_node_id: reply for reply in replies}
 
 
-def _save_release(reply: Message, path: Path, weights_sha256: str) -> ReleasedFile:
-    """Check a fingerprint reply and write its file to `path`.
+def _save_release(
+    reply: Message, metrics: FingerprintReplyMetrics, path: Path, weights_sha256: str
+) -> ReleasedFile:
+    """Check the file of a valid fingerprint release (its `metrics` already checked by the
+    validator) and write it to `path`.
 
     Raises
     ------
     ValueError, DataError
-        The reply is not a release the site says it made of the final model: unknown metric
-        keys, other records, other arrays, a file that is not a BioFP fingerprint file, other
-        rows or other weights. Nothing is written then.
+        The file is not a release the site says it made of the final model: other arrays, a
+        file that is not a BioFP fingerprint file, other rows or other weights. Nothing is
+        written then.
     """
-    metrics = FingerprintReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
-    expected = {METRICS_KEY} if metrics.refused else {METRICS_KEY, ARRAYS_KEY}
-    if set(reply.content.keys()) != expected:
-        raise ValueError(f"records {sorted(reply.content.keys())}, expected {sorted(expected)}")
-    if metrics.refused:
-        return ReleasedFile(status="refused", epsilon=metrics.epsilon)
     arrays = reply.content.array_records[ARRAYS_KEY]
     if list(arrays.keys()) != [FINGERPRINTS_ARRAY]:
         raise ValueError(f"arrays {list(arrays.keys())}, expected [{FINGERPRINTS_ARRAY!r}]")
@@ -193,12 +187,16 @@ def _released_file(
     """One node's answer to the fingerprint query, its file written when it released one."""
     if reply is None:
         return ReleasedFile(status="missing")
-    if reply.has_error():
-        return ReleasedFile(status="failed", reason=_one_line(reply.error.reason))
+    checked = check_reply(reply, FingerprintReplyMetrics)
+    if checked.status == "failed" or checked.metrics is None:
+        return ReleasedFile(status="failed", reason=checked.reason)
+    if checked.status == "refused":
+        return ReleasedFile(status="refused", epsilon=checked.metrics.epsilon)
+    path = folder / f"node-{node_id}.parquet"
     try:
-        return _save_release(reply, folder / f"node-{node_id}.parquet", weights_sha256)
-    except (KeyError, ValueError, DataError) as exc:
-        return ReleasedFile(status="failed", reason=_one_line(f"invalid reply: {exc}"))
+        return _save_release(reply, checked.metrics, path, weights_sha256)
+    except (ValueError, DataError) as exc:
+        return ReleasedFile(status="failed", reason=f"invalid release: {one_line(exc, 300)}")
 
 
 def collect_fingerprints(
@@ -224,15 +222,11 @@ def probe_answer(task: str, reply: Message | None) -> ProbeAnswer:
     """One node's answer to the probe query of `task`."""
     if reply is None:
         return ProbeAnswer(status="missing")
-    if reply.has_error():
-        return ProbeAnswer(status="failed", reason=_one_line(reply.error.reason))
-    try:
-        if set(reply.content.keys()) != {METRICS_KEY}:
-            raise ValueError(f"records {sorted(reply.content.keys())}, expected metrics only")
-        metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
-    except (KeyError, ValueError) as exc:
-        return ProbeAnswer(status="failed", reason=_one_line(f"invalid reply: {exc}"))
-    if metrics.refused or metrics.kind is None:
+    checked = check_reply(reply, ProbeReplyMetrics)
+    metrics = checked.metrics
+    if checked.status == "failed" or metrics is None:
+        return ProbeAnswer(status="failed", reason=checked.reason)
+    if checked.status == "refused" or metrics.kind is None:
         return ProbeAnswer(status="refused")
     probe = SiteProbe(
         task=task, kind=metrics.kind, metric=PRIVATE_METRIC_OF[metrics.kind], value=metrics.value,

@@ -98,9 +98,9 @@ def run_round(
     train_config = ConfigRecord(settings.to_config())
     messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)  # counts: round_replies
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)  # verdicts: round_replies
     report = strategy.round_replies[server_round]
-    sites = site_rounds(replies, report)
+    sites = site_rounds(report)
     names = registered_names()
     for site in sites:
         if site.status == "missing":
@@ -119,8 +119,8 @@ def run_round(
             server_round, new_arrays, ConfigRecord(Instruction(run_key=run_key).to_config()), grid
         )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout_s))
-        strategy.aggregate_evaluate(server_round, eval_replies)
-        eval_loss = add_eval_losses(sites, eval_replies)
+        strategy.aggregate_evaluate(server_round, eval_replies)  # answers: round_replies
+        eval_loss = add_eval_losses(sites, report)
     name_sites(sites, names)
     log.info("round %d sites: %s", server_round,
              ", ".join(f"{node_label(s.node_id, names)} {s.status}" for s in sites))  # fmt: skip
@@ -132,7 +132,7 @@ def run_round(
         failed=len(report.failed),
         refused=len(report.refused),
         missing=len(report.missing),
-        excluded=len(getattr(strategy, "excluded_node_ids", ())),
+        excluded=len(report.excluded),
         bytes_received=report.bytes_received,
         train_loss=weighted_train_loss(sites),
         eval_loss=eval_loss,

@@ -34,6 +34,7 @@ from biofp_core.protocol import (
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
+    EvaluateReplyMetrics,
     RunConfig,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
@@ -221,6 +222,35 @@ def test_a_site_over_budget_refuses_while_the_others_finish(
     assert card.privacy is not None and len(card.privacy.sites) == 2  # contributors only
 
 
+def test_budget_aware_fedadam_over_int8_updates_in_the_simulation_engine(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """The composition asked for by run config (fedadam + int8 + budget-aware) in the real apps:
+    the site over budget refuses round 1 and is not sampled in round 2; the moments and the
+    exclusion are in the checkpoint."""
+    sites_dir = tmp_path / "sites"
+    initialise_site_state(sites_dir / "site_01" / "state", name="site_01")
+    PrivacyLedger.at(sites_dir / "site_01" / "state").charge(
+        run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0, steps=40,
+        delta=1e-5,
+    )  # fmt: skip
+    run = {"num-rounds": 2, "strategy": "fedadam", "compression": "int8", "budget-aware": True,
+           "fraction-evaluate": 0.0}  # fmt: skip
+    summary = timed_simulate(sim_config(cache_dir, tmp_path / "run", sites_dir, **run))
+    assert summary.status == "completed", summary.error
+    report = RunReport.read(tmp_path / "run")
+    assert report is not None
+    first, second = report.rounds
+    assert (first.sampled, first.contributed, first.refused, first.excluded) == (3, 2, 1, 1)
+    assert (second.sampled, second.contributed, second.refused, second.excluded) == (2, 2, 0, 1)
+    full = sum(v.nbytes for v in final_arrays(tmp_path / "run").values())
+    assert all(0 < s.payload_bytes < 0.3 * full for s in second.sites)  # int8 deltas
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and set(checkpoint.strategy_arrays) == {"m_t", "v_t"}
+    refused = next(s.node_id for s in first.sites if s.status == "refused")
+    assert checkpoint.meta.strategy_state == {"excluded_node_ids": [refused]}
+
+
 def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path) -> None:
     cfg = sim_config(
         cache_dir, tmp_path / "run", tmp_path / "sites",
@@ -387,6 +417,8 @@ def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> No
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS_KEY}
     assert set(reply.content[METRICS_KEY].keys()) == EVAL_REPLY_KEYS
+    answer = EvaluateReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))  # the server's
+    assert not answer.refused and answer.num_examples > 0  # model of it
 
 
 def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:
@@ -465,7 +497,7 @@ def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None
         ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; valid: fedavg, fedprox"),
         ({"model": "resnet"}, "unknown model 'resnet'; valid: m2ae, siamquality"),
         ({"compression": "int4"}, "unknown compression 'int4'; valid: none, fp16, int8"),
-        ({"compression": "int8"}, "needs strategy 'compressed'"),
+        ({"budget-aware": "maybe"}, "budget-aware: Input should be a valid boolean"),
         ({"num-rounds": 0}, "num-rounds"),
         ({"rounds": 3}, "rounds: unknown key"),
     ],

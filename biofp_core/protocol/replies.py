@@ -1,7 +1,8 @@
 """What may leave a site: the table of every reply key and the typed reply metrics.
 
 The client builds its reply metrics with :class:`TrainReplyMetrics` (training),
-:class:`FingerprintReplyMetrics` and :class:`ProbeReplyMetrics` (query messages);
+:class:`EvaluateReplyMetrics` (evaluation), :class:`FingerprintReplyMetrics` and
+:class:`ProbeReplyMetrics` (query messages);
 :func:`is_allowed_reply_key` is the allow-list of every reply type. The server parses the same
 models. No ``flwr`` import.
 """
@@ -251,6 +252,42 @@ _FIELD_OF_KEY: dict[str, str] = {
     DATA_WINDOWS: "data_windows",
     DATA_HOURS: "data_hours",
 }
+
+
+class EvaluateReplyMetrics(BaseModel):
+    """The scalars of one site's evaluation reply: its noisy held-out loss, or a refusal."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_examples: int = Field(..., ge=0, description="held-out subjects; the averaging weight")
+    eval_loss: float | None = Field(None, description="noisy held-out loss; None if refused")
+    refused: bool = Field(False, description="the site refused to evaluate")
+
+    @model_validator(mode="after")
+    def _answer_or_refusal(self) -> EvaluateReplyMetrics:
+        if self.refused:
+            if self.num_examples != 0 or self.eval_loss is not None:
+                raise ValueError("a refused evaluation reply carries no examples and no loss")
+        elif self.num_examples == 0 or self.eval_loss is None:
+            raise ValueError("an evaluation reply needs num_examples > 0 and an eval_loss")
+        elif not math.isfinite(self.eval_loss):
+            raise ValueError(f"eval_loss must be finite, got {self.eval_loss}")
+        return self
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """Flat metric dict with protocol keys, ready for ``MetricRecord(...)``."""
+        if self.refused:
+            return {NUM_EXAMPLES: 0, REFUSED: 1}
+        return {NUM_EXAMPLES: self.num_examples, EVAL_LOSS: float(self.eval_loss or 0.0)}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, MetricValue]) -> EvaluateReplyMetrics:
+        """Parse and validate a reply's metrics; raises ValueError on any unknown key."""
+        unknown = sorted(k for k in metrics if not is_allowed_reply_key("evaluate", k))
+        if unknown:
+            raise ValueError(f"unknown metric key(s) in reply: {', '.join(unknown)}")
+        keys = {NUM_EXAMPLES: "num_examples", EVAL_LOSS: "eval_loss", REFUSED: "refused"}
+        return cls.model_validate({f: metrics[k] for k, f in keys.items() if k in metrics})
 
 
 class _QueryReplyMetrics(BaseModel):

@@ -30,6 +30,7 @@ from biofp_core.training import TrainConfig
 RunConfigValue = bool | int | float | str  # what a Flower UserConfig value can be
 
 # The strategies a run may name (strategies.registry builds them; a test holds the two equal).
+# "compressed" and "budget-aware" are shorthands for fedavg with compression / budget-aware on.
 STRATEGY_NAMES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "compressed", "budget-aware",
 )  # fmt: skip
@@ -54,7 +55,12 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of sites sampled to train")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 skips federated evaluation")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term (fedprox only)")
-    compression: str = Field("none", description="update encoding (strategy 'compressed' only)")
+    compression: str = Field(
+        "none", description="sites send deltas encoded so (any strategy; none: full weights)"
+    )
+    budget_aware: bool = Field(
+        False, description="stop sampling sites whose privacy budget is spent (any strategy)"
+    )
     # --- model ---------------------------------------------------------------------------
     model: str = Field("m2ae", description="a name in biofp_core.models.MODEL_NAMES")
     model_options: str = Field("{}", description="JSON object of architecture overrides")
@@ -123,11 +129,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.compression != "none" and self.strategy != "compressed":
-            raise ValueError(
-                f"compression {self.compression!r} needs strategy 'compressed', "
-                f"not {self.strategy!r}"
-            )
         if self.proximal_mu > 0 and self.strategy != "fedprox":
             raise ValueError(f"proximal-mu needs strategy 'fedprox', not {self.strategy!r}")
         self.model_architecture()  # unknown or invalid architecture fields fail at parse time
@@ -169,8 +170,14 @@ class RunConfig(BaseModel):
             torch.manual_seed(self.seed)
             return build_model(self.model, self.model_architecture())
 
+    @property
+    def compressed(self) -> bool:
+        """Sites send compressed deltas: a ``compression`` other than none, or the shorthand
+        strategy ``compressed`` (with the scheme ``compression`` names)."""
+        return self.compression != "none" or self.strategy == "compressed"
+
     def strategy_kwargs(self) -> dict[str, Any]:
-        """Options for ``strategies.registry.build_strategy(self.strategy, ...)``."""
+        """Constructor options of the run's strategy (``strategies.registry.run_strategy``)."""
         options: dict[str, Any] = {
             "fraction_train": self.fraction_train,
             "fraction_evaluate": self.fraction_evaluate,
@@ -180,7 +187,7 @@ class RunConfig(BaseModel):
         }
         if self.strategy == "fedprox":
             options["proximal_mu"] = self.proximal_mu
-        if self.strategy == "compressed":
+        if self.compressed:
             options["scheme"] = self.compression
         return {**options, **json.loads(self.strategy_options)}
 
