@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from biofp_core.errors import BioFPError
+from biofp_core.errors import BioFPError, first_error
 
 DEFAULT_PORT = 9092
 RUNTIME_PORT_BASE = 20000  # derived runtime ports: RUNTIME_PORT_BASE + hash(state folder) % SPAN
@@ -186,12 +186,6 @@ class ServerConfig(BaseModel):
         return f"[{host}]:{self.superlink.port}" if ":" in host else f"{host}:{self.superlink.port}"
 
 
-def _first_error(path: Path, exc: ValidationError) -> DeploymentError:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    return DeploymentError(f"{path}: {where}: {str(err['msg']).removeprefix('Value error, ')}")
-
-
 def _resolve(section: dict[str, Any], keys: tuple[str, ...], base: Path) -> None:
     for key in keys:
         if isinstance(section.get(key), str):
@@ -220,4 +214,4 @@ def load_server_config(path: Path) -> ServerConfig:
     try:
         return ServerConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _first_error(path, exc) from None
+        raise DeploymentError(f"{path}: {first_error(exc)}") from None

@@ -19,7 +19,7 @@ from pydantic import (
 
 from biofp_core.config import ChannelAliases, PreprocessConfig
 from biofp_core.deployment import FederationConfig, resolve_federation_paths
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import ConfigError, DataError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.signals.channels import normalise_name
 from biofp_core.signals.formats import ReaderConfig
@@ -210,9 +210,7 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise ConfigError(f"{path or 'site config'}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{path or 'site config'}: {first_error(exc)}") from None
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import load_model
-from biofp_core.errors import DataError
+from biofp_core.errors import DataError, one_line
 from biofp_core.evaluation import FederatedProbe, SiteProbe, aggregate_probes
 from biofp_core.evaluation.federated import PRIVATE_METRIC_OF
 from biofp_core.fingerprints.parquet import read_fingerprints
@@ -121,10 +121,6 @@ class FederatedEval(BaseModel):
         return cls.model_validate_json((Path(run_dir) / FEDERATED_EVAL_NAME).read_bytes())
 
 
-def _one_line(text: str | None) -> str:
-    return " ".join(str(text or "").split())[:300]
-
-
 def _because(answer: NodeAnswer) -> str:
     """': <reason>' for a log line, or what a status means when the reply gives no reason."""
     if answer.reason:
@@ -194,11 +190,11 @@ def _released_file(
     if reply is None:
         return ReleasedFile(status="missing")
     if reply.has_error():
-        return ReleasedFile(status="failed", reason=_one_line(reply.error.reason))
+        return ReleasedFile(status="failed", reason=one_line(reply.error.reason or ""))
     try:
         return _save_release(reply, folder / f"node-{node_id}.parquet", weights_sha256)
     except (KeyError, ValueError, DataError) as exc:
-        return ReleasedFile(status="failed", reason=_one_line(f"invalid reply: {exc}"))
+        return ReleasedFile(status="failed", reason=one_line(f"invalid reply: {exc}"))
 
 
 def collect_fingerprints(
@@ -225,13 +221,13 @@ def probe_answer(task: str, reply: Message | None) -> ProbeAnswer:
     if reply is None:
         return ProbeAnswer(status="missing")
     if reply.has_error():
-        return ProbeAnswer(status="failed", reason=_one_line(reply.error.reason))
+        return ProbeAnswer(status="failed", reason=one_line(reply.error.reason or ""))
     try:
         if set(reply.content.keys()) != {METRICS_KEY}:
             raise ValueError(f"records {sorted(reply.content.keys())}, expected metrics only")
         metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
     except (KeyError, ValueError) as exc:
-        return ProbeAnswer(status="failed", reason=_one_line(f"invalid reply: {exc}"))
+        return ProbeAnswer(status="failed", reason=one_line(f"invalid reply: {exc}"))
     if metrics.refused or metrics.kind is None:
         return ProbeAnswer(status="refused")
     probe = SiteProbe(

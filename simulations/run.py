@@ -43,7 +43,7 @@ from biofp_core.artifacts import (
     save_model,
 )
 from biofp_core.config import one_of
-from biofp_core.errors import BioFPError, ConfigError
+from biofp_core.errors import BioFPError, ConfigError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
@@ -192,12 +192,7 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
     except ConfigError as exc:  # from the run config: already names the key
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(f"{where}: {key}: {message}") from None
+        raise ConfigError(f"{where}: {first_error(exc)}") from None
 
 
 class SiteReport(BaseModel):

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from pydantic import ValidationError
 
+from biofp_core.errors import one_line
 from biofp_core.protocol import (
     BYTES_RECEIVED,
     NODES_SAMPLED,
@@ -91,7 +92,7 @@ class RoundReplies:
         }
 
 
-def _one_line(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> str:
+def _short_reason(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> str:
     """A short one-line reason: pydantic errors per field, else the last non-empty line."""
     if isinstance(err, ValidationError):
         text = "; ".join(
@@ -100,7 +101,7 @@ def _one_line(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> st
     else:
         lines = [line.strip() for line in str(err or "no reason given").splitlines()]
         text = next((line for line in reversed(lines) if line), "no reason given")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(text, limit)
 
 
 def _reply_metrics(content: RecordDict) -> TrainReplyMetrics:
@@ -165,14 +166,16 @@ class CountedFedAvg(FedAvg):
         """
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            report.failed[node_id] = f"error {reply.error.code}: {_one_line(reply.error.reason)}"
+            report.failed[node_id] = (
+                f"error {reply.error.code}: {_short_reason(reply.error.reason)}"
+            )
             return False
         content = reply.content
         report.bytes_received += sum(r.count_bytes() for r in content.array_records.values())
         try:
             metrics = _reply_metrics(content)
         except ValueError as err:
-            report.failed[node_id] = f"invalid metrics: {_one_line(err)}"
+            report.failed[node_id] = f"invalid metrics: {_short_reason(err)}"
             return False
         report.epsilon[node_id] = metrics.epsilon
         if metrics.budget_exhausted:
@@ -183,7 +186,7 @@ class CountedFedAvg(FedAvg):
         try:
             reply.content = self._decoded_content(content)
         except ValueError as err:
-            report.failed[node_id] = f"invalid arrays: {_one_line(err)}"
+            report.failed[node_id] = f"invalid arrays: {_short_reason(err)}"
             return False
         report.contributed.append(node_id)
         return True

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core import __version__
-from biofp_core.errors import DataError
+from biofp_core.errors import DataError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.table import FingerprintTable
 
@@ -117,9 +117,8 @@ def _read_meta(path: Path, arrow: pa.Table) -> FingerprintMeta:
     try:
         return FingerprintMeta.model_validate(doc)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "metadata"
-        raise DataError(f"{path}: invalid fingerprint metadata ({where}: {err['msg']})") from None
+        reason = first_error(exc, "metadata")
+        raise DataError(f"{path}: invalid fingerprint metadata ({reason})") from None
 
 
 def _column(path: Path, arrow: pa.Table, name: str, kind: pa.DataType) -> np.ndarray:

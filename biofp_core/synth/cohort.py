@@ -43,7 +43,7 @@ import numpy as np
 import wfdb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import ConfigError, DataError, first_error
 from biofp_core.synth.physiology import (
     ArtefactProfile,
     Breathing,
@@ -408,8 +408,7 @@ def _validate(**kwargs: float) -> CohortSpec:
     try:
         return CohortSpec(**kwargs)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"synthetic cohort: {err['loc'][0]}: {err['msg']}") from None
+        raise ConfigError(f"synthetic cohort: {first_error(exc)}") from None
 
 
 def _write_site(
