@@ -237,10 +237,12 @@ def read_subject_map(path: Path) -> dict[str, str]:
     return {r["record"].strip(): r["subject"].strip() for r in rows}
 
 
-def read_labels(
+def check_label_ids(
     path: Path, *, subjects: set[str] | None = None, records: set[str] | None = None
 ) -> tuple[str, list[dict[str, str]]]:
-    """Rows of a labels CSV keyed by `subject` (preferred) or `record`.
+    """Rows of a labels CSV keyed by raw `subject` (preferred) or `record` id, each id checked
+    against the site's own (``biofp site validate``); evaluation reads labels with
+    ``biofp_core.evaluation.read_labels``, which pseudonymises them.
 
     Raises DataError when the key column is missing or a row names an unknown subject/record.
     """
