@@ -31,7 +31,6 @@ from biofp_core.fingerprints.policy import (
     _gaussian_delta,
     analytic_gaussian_sigma,
     calibrate_noise,
-    classic_gaussian_sigma,
 )
 from biofp_core.fingerprints.pseudonyms import KEY_FILENAME, SiteKey
 from biofp_core.fingerprints.release import clip_rows, commit_release, prepare_release
@@ -290,8 +289,8 @@ def test_analytic_gaussian_is_exact_and_beats_the_classic_bound(epsilon: float) 
     sigma = analytic_gaussian_sigma(epsilon=epsilon, delta=1e-5, sensitivity=2.0)
     assert _gaussian_delta(sigma, epsilon=epsilon, sensitivity=2.0) <= 1e-5
     assert _gaussian_delta(sigma * 0.99, epsilon=epsilon, sensitivity=2.0) > 1e-5
-    if epsilon <= 1.0:
-        assert sigma < classic_gaussian_sigma(epsilon=epsilon, delta=1e-5, sensitivity=2.0)
+    if epsilon <= 1.0:  # the classic bound Δ·√(2 ln(1.25/δ))/ε (Dwork & Roth, Theorem A.1)
+        assert sigma < 2.0 * math.sqrt(2.0 * math.log(1.25 / 1e-5)) / epsilon
 
 
 def test_policy_validation_and_calibration(tmp_path: Path) -> None:
