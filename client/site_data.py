@@ -25,13 +25,12 @@ from flwr.common.constant import PARTITION_ID_KEY
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import ConfigError, DataError
+from biofp_core.protocol.keys import SITE_CONFIG_KEY
 from biofp_core.signals.types import SiteModality, SubjectWindows
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.validate import open_site_store
 
 log = logging.getLogger(__name__)
-
-SITE_CONFIG_KEY = "site-config"  # node-config key (deployment): path to the site's site.toml
 
 
 class SiteRef(BaseModel):

@@ -2,96 +2,42 @@
 every reply, as plain data and pydantic models that both sides import (never ``flwr``).
 
 - :mod:`~biofp_core.protocol.keys`: every key of a Flower record, ours and Flower's;
-- :mod:`~biofp_core.protocol.run_config`: :class:`RunConfig`, what the server decides for a run;
 - :mod:`~biofp_core.protocol.instructions`: what a server message asks of a site;
 - :mod:`~biofp_core.protocol.replies`: what may leave a site (the table of every reply key, with
-  its source and the ledger kind that pays for it) and the typed reply metrics.
+  its source and the ledger kind that pays for it) and the typed reply metrics;
+- :mod:`~biofp_core.protocol.run_config`: :class:`RunConfig`, what the server decides for a run.
+
+Each public name of these modules can be imported from the package itself
+(``from biofp_core.protocol import EPSILON, RunConfig``). The package loads a module when one of
+its names is first asked for, so code that needs only keys (the SuperNode launcher) never loads
+``run_config``, which builds models and so imports torch.
 """
 
-from biofp_core.protocol.instructions import (
-    EvaluateInstruction,
-    Instruction,
-    ProbeInstruction,
-    QueryInstruction,
-    TrainInstruction,
-    TrainSettings,
-)
-from biofp_core.protocol.keys import (
-    ARRAYS_KEY,
-    BUDGET_EXHAUSTED,
-    BYTES_RECEIVED,
-    COMPRESSION,
-    CONFIG_KEY,
-    DATA_HOURS,
-    DATA_KEYS,
-    DATA_SUBJECTS,
-    DATA_WINDOWS,
-    DELTA,
-    EPSILON,
-    EVAL_LOSS,
-    FINGERPRINTS_ARRAY,
-    LOCAL_STEPS,
-    LOSS_TERM_PREFIX,
-    LR,
-    METRICS_KEY,
-    NODES_EXCLUDED,
-    NODES_SAMPLED,
-    NUM_EXAMPLES,
-    PACKED_KEY,
-    PAYLOAD_BYTES,
-    PROBE_BASELINE,
-    PROBE_KIND,
-    PROBE_KINDS,
-    PROBE_ROWS,
-    PROBE_SUBJECTS,
-    PROBE_TASK,
-    PROBE_VALUE,
-    PROXIMAL_MU,
-    QUERY_FINGERPRINT,
-    QUERY_FINGERPRINT_ACTION,
-    QUERY_PROBE,
-    QUERY_PROBE_ACTION,
-    REFUSED,
-    RELEASED_ROWS,
-    REPLIES_FAILED,
-    REPLIES_MISSING,
-    REPLIES_OK,
-    REPLIES_REFUSED,
-    RUN_KEY,
-    RUN_KEY_PATTERN,
-    SCALES_KEY,
-    SERVER_ROUND,
-    TRAIN_LOSS,
-    MetricValue,
-    loss_term_key,
-)
-from biofp_core.protocol.replies import (
-    ARRAYS_ENTRY,
-    LOSS_TERMS_ENTRY,
-    REPLY_KEYS,
-    FingerprintReplyMetrics,
-    ProbeReplyMetrics,
-    ReplyKey,
-    TrainReplyMetrics,
-    arrays_entry,
-    is_allowed_reply_key,
-    is_allowed_reply_metric_key,
-    reply_key,
-)
-from biofp_core.protocol.run_config import STRATEGY_NAMES, RunConfig, RunConfigValue
+from __future__ import annotations
 
-__all__ = [
-    "ARRAYS_ENTRY", "ARRAYS_KEY", "BUDGET_EXHAUSTED", "BYTES_RECEIVED", "COMPRESSION",
-    "CONFIG_KEY", "DATA_HOURS", "DATA_KEYS", "DATA_SUBJECTS", "DATA_WINDOWS", "DELTA", "EPSILON",
-    "EVAL_LOSS", "FINGERPRINTS_ARRAY", "LOCAL_STEPS", "LOSS_TERMS_ENTRY", "LOSS_TERM_PREFIX", "LR",
-    "METRICS_KEY", "NODES_EXCLUDED", "NODES_SAMPLED", "NUM_EXAMPLES", "PACKED_KEY",
-    "PAYLOAD_BYTES", "PROBE_BASELINE", "PROBE_KIND", "PROBE_KINDS", "PROBE_ROWS",
-    "PROBE_SUBJECTS", "PROBE_TASK", "PROBE_VALUE", "PROXIMAL_MU", "QUERY_FINGERPRINT",
-    "QUERY_FINGERPRINT_ACTION", "QUERY_PROBE", "QUERY_PROBE_ACTION", "REFUSED", "RELEASED_ROWS",
-    "REPLIES_FAILED", "REPLIES_MISSING", "REPLIES_OK", "REPLIES_REFUSED", "REPLY_KEYS", "RUN_KEY",
-    "RUN_KEY_PATTERN", "SCALES_KEY", "SERVER_ROUND", "STRATEGY_NAMES", "TRAIN_LOSS",
-    "EvaluateInstruction", "FingerprintReplyMetrics", "Instruction", "MetricValue",
-    "ProbeInstruction", "ProbeReplyMetrics", "QueryInstruction", "ReplyKey", "RunConfig",
-    "RunConfigValue", "TrainInstruction", "TrainReplyMetrics", "TrainSettings", "arrays_entry",
-    "is_allowed_reply_key", "is_allowed_reply_metric_key", "loss_term_key", "reply_key",
-]  # fmt: skip
+import importlib
+from types import FunctionType, ModuleType
+
+SUBMODULES = ("keys", "instructions", "replies", "run_config")  # searched in this order
+
+
+def _defines(module: ModuleType, name: str) -> bool:
+    """Whether `name` is a public name of `module`: a value it assigns, or a class or function
+    it defines (not a module, class or function it merely imports)."""
+    if name.startswith("_") or name == "annotations" or not hasattr(module, name):
+        return False
+    value = getattr(module, name)
+    if isinstance(value, ModuleType):
+        return False
+    if isinstance(value, type | FunctionType) or callable(value):
+        return getattr(value, "__module__", None) == module.__name__
+    return True
+
+
+def __getattr__(name: str) -> object:
+    for sub in SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{sub}")
+        if _defines(module, name):
+            globals()[name] = value = getattr(module, name)
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
