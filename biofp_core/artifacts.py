@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import biofp_core
+from biofp_core.config import parse_versioned
 from biofp_core.errors import ArtifactError, BioFPError, first_error
 from biofp_core.models.base import BioFPModel
 
@@ -194,18 +195,14 @@ def _read_card(card_path: Path) -> ModelCard:
         raw = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{card_path}: model card is not valid JSON ({err})") from err
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{card_path}: card format {version} is newer than this BioFP supports "
-            f"({FORMAT_VERSION}); upgrade biofp"
-        )
-    try:
-        return ModelCard.model_validate(raw)
-    except ValidationError as err:
-        raise ArtifactError(
-            f"{card_path}: invalid model card ({first_error(err, 'card')})"
-        ) from err
+    return parse_versioned(
+        ModelCard,
+        raw,
+        newest=FORMAT_VERSION,
+        path=card_path,
+        what="model card",
+        error=ArtifactError,
+    )
 
 
 def _build(card: ModelCard, card_path: Path) -> BioFPModel:

@@ -34,13 +34,13 @@ these models into Flower command lines.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from biofp_core.config import read_toml
 from biofp_core.errors import BioFPError, first_error
 
 DEFAULT_PORT = 9092
@@ -202,12 +202,7 @@ def resolve_federation_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def load_server_config(path: Path) -> ServerConfig:
     """Read ``server.toml``; relative paths are resolved against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise DeploymentError(f"{path}: server config not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DeploymentError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path, "server config", DeploymentError)
     for section, keys in _SERVER_PATHS.items():
         if isinstance(raw.get(section), dict):
             _resolve(raw[section], keys, path.parent.resolve())

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from biofp_core.config import ChannelAliases, PreprocessConfig
+from biofp_core.config import ChannelAliases, PreprocessConfig, read_toml
 from biofp_core.deployment import FederationConfig, resolve_federation_paths
 from biofp_core.errors import ConfigError, DataError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
@@ -188,12 +180,7 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: site config not found")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raw = read_toml(path, "site config")
         raw = raw.get("site", raw)
         base = path.parent
     if data_dir is not None:
