@@ -1,7 +1,9 @@
-"""Helpers shared by the fingerprint and evaluation tests: a tiny model, a tiny cohort, sites."""
+"""Helpers shared by the tests: the CLI (as a command and in this process), a tiny model, a tiny
+cohort, sites."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.synth import write_cohort
 
+BIOFP = [sys.executable, "-m", "biofp_cli"]  # the `biofp` command of this interpreter
 TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1,
         "fingerprint_dim": 16}  # fmt: skip
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import wfdb
-from fpkit import run_cli, site_config, tiny_artifact, tiny_cohort
+from fpkit import BIOFP, run_cli, site_config, tiny_artifact, tiny_cohort
 
 from biofp_core.artifacts import ModelCard, load_model
 from biofp_core.audit import AuditLog
@@ -38,8 +37,6 @@ from biofp_core.fingerprints.table import FingerprintTable, record_means
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.site import PrivacyBudget
 from biofp_core.validate import open_site_store
-
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
-from fpkit import run_biofp
+from fpkit import BIOFP, run_biofp
 from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
@@ -27,7 +27,6 @@ from biofp_core.privacy.ledger import (
 )
 from biofp_core.site import PrivacyBudget
 
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import copy_records
+from fpkit import BIOFP
 
 from biofp_core.errors import ConfigError, DataError
 from biofp_core.site import check_label_ids, load_site_config
 from biofp_core.validate import validate_site
-
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def write(path: Path, text: str) -> Path:
