@@ -26,11 +26,11 @@ from biofp_cli.preflight import check_site
 from biofp_cli.superlink import flower_env, flower_executable, last_error
 from biofp_cli.supervise import run_supervised
 from biofp_core.deployment import DeploymentError, FederationConfig, derived_runtime_port
+from biofp_core.protocol.keys import SITE_CONFIG_KEY
 from biofp_core.site import SiteConfig, load_site_config
 
 log = logging.getLogger(__name__)
 
-SITE_CONFIG_KEY = "site-config"  # = client.site_data.SITE_CONFIG_KEY (kept free of torch here)
 _REFUSED = "Failed to activate SuperNode"  # Flower's log line when the SuperLink refuses the key
 
 

@@ -28,7 +28,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import biofp_core
-from biofp_core.errors import ArtifactError, BioFPError
+from biofp_core.config import parse_versioned
+from biofp_core.errors import ArtifactError, BioFPError, first_error
 from biofp_core.models.base import BioFPModel
 
 FORMAT_VERSION = 1  # bump when the card or weights layout changes incompatibly
@@ -194,24 +195,14 @@ def _read_card(card_path: Path) -> ModelCard:
         raw = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{card_path}: model card is not valid JSON ({err})") from err
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{card_path}: card format {version} is newer than this BioFP supports "
-            f"({FORMAT_VERSION}); upgrade biofp"
-        )
-    try:
-        return ModelCard.model_validate(raw)
-    except ValidationError as err:
-        raise ArtifactError(f"{card_path}: invalid model card ({_first_error(err)})") from err
-
-
-def _first_error(err: ValidationError) -> str:
-    """'loc: message' of the first pydantic error, plus how many more there are."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "card"
-    more = f" and {err.error_count() - 1} more" if err.error_count() > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
+    return parse_versioned(
+        ModelCard,
+        raw,
+        newest=FORMAT_VERSION,
+        path=card_path,
+        what="model card",
+        error=ArtifactError,
+    )
 
 
 def _build(card: ModelCard, card_path: Path) -> BioFPModel:
@@ -224,7 +215,7 @@ def _build(card: ModelCard, card_path: Path) -> BioFPModel:
     try:
         return build_model(card.model, card.config)
     except (BioFPError, ValidationError) as err:
-        reason = _first_error(err) if isinstance(err, ValidationError) else err
+        reason = first_error(err, "card") if isinstance(err, ValidationError) else err
         raise ArtifactError(f"{card_path}: config does not match the code ({reason})") from err
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from biofp_core.errors import BioFPError
+from biofp_core.errors import BioFPError, first_error
 from biofp_core.fsutil import fsync_path
 
 AUDIT_FILENAME = "audit.jsonl"
@@ -120,10 +120,9 @@ class AuditLog:
             try:
                 out.append(AuditEntry.model_validate_json(line))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"]) or "line"
+                reason = first_error(exc, "line")
                 raise AuditLogError(
-                    f"{self.path}:{lineno}: corrupt audit entry ({where}: {err['msg']})"
+                    f"{self.path}:{lineno}: corrupt audit entry ({reason})"
                 ) from None
         return out
 

@@ -32,7 +32,7 @@ from flwr.common.constant import ErrorCode
 from pydantic import ValidationError
 
 from biofp_core.audit import AuditEntry, AuditLog, arrays_nbytes, arrays_sha256
-from biofp_core.errors import BioFPError, ConfigError
+from biofp_core.errors import BioFPError, ConfigError, one_line
 from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger, PrivacyLedgerError
 from biofp_core.protocol import (
     ARRAYS_KEY,
@@ -47,13 +47,6 @@ from biofp_core.protocol import (
 from biofp_core.site import SiteConfig
 
 log = logging.getLogger(__name__)
-
-_MAX_REASON = 300
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
 def public_reason(exc: Exception) -> str:
@@ -200,7 +193,7 @@ class Replies:
         assert self.site is not None, "a refusal needs a known site"
         log.warning("%s", reason)
         _check_reply(self.message.metadata.message_type, metrics, None, False)
-        self._audit(None, list(metrics), note=_one_line(f"refused: {reason}"))
+        self._audit(None, list(metrics), note=one_line(f"refused: {reason}"))
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         return Message(records, reply_to=self.message)
 
@@ -210,7 +203,7 @@ class Replies:
         The full message (paths, record names) stays at the site, in its log and audit log:
         an error reply leaves the site like any other message.
         """
-        detail = _one_line(f"{type(exc).__name__}: {exc}")
+        detail = one_line(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, BioFPError):
             log.error("%s", detail)
         else:
@@ -218,7 +211,7 @@ class Replies:
         try:
             self._audit(None, [], note=f"error: {detail}")
         except Exception as audit_exc:  # e.g. a read-only state folder: the reply still goes
-            log.error("audit failed: %s", _one_line(str(audit_exc)))
+            log.error("audit failed: %s", one_line(str(audit_exc)))
         reason = f"{public_reason(exc)}; details in the site's log and audit log"
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         return Message(Error(code=code, reason=reason), reply_to=self.message)

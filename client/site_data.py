@@ -18,22 +18,19 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from flwr.common.constant import PARTITION_ID_KEY
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import ConfigError, DataError
-from biofp_core.signals.types import SubjectWindows
+from biofp_core.protocol.keys import SITE_CONFIG_KEY
+from biofp_core.signals.types import SiteModality, SubjectWindows
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.validate import open_site_store
 
 log = logging.getLogger(__name__)
-
-SITE_CONFIG_KEY = "site-config"  # node-config key (deployment): path to the site's site.toml
-
-Modality = Literal["both", "ecg", "ppg"]
 
 
 class SiteRef(BaseModel):
@@ -42,7 +39,7 @@ class SiteRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     site_config: Path = Field(description="the site's own site.toml")
-    modality: Modality = Field("both", description="ecg/ppg: the site has only that sensor")
+    modality: SiteModality = Field("both", description="ecg/ppg: the site has only that sensor")
     dp_seed: int | None = Field(None, description="seeds DP noise: reproducible simulations")
 
 
@@ -75,7 +72,7 @@ class SiteData:
         return self.config.resolved_state_dir()
 
 
-def _restrict_modality(subject: SubjectWindows, modality: Modality) -> SubjectWindows | None:
+def _restrict_modality(subject: SubjectWindows, modality: SiteModality) -> SubjectWindows | None:
     """The subject's windows with only `modality` kept; None when none of them has it."""
     if modality == "both":
         return subject
@@ -124,7 +121,7 @@ def split_holdout(
 
 @functools.lru_cache(maxsize=8)
 def _load(
-    site_toml: Path, mtime_ns: int, modality: Modality, holdout_fraction: float
+    site_toml: Path, mtime_ns: int, modality: SiteModality, holdout_fraction: float
 ) -> tuple[SiteConfig, list[SubjectWindows], list[SubjectWindows]]:
     """Open a site's store and split its subjects (cached on the TOML path and mtime)."""
     config = load_site_config(site_toml)

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_sha256
-from biofp_core.errors import ArtifactError
+from biofp_core.errors import ArtifactError, first_error
 from strategies.base import CountedFedAvg, StrategyState
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         meta = CheckpointMeta.model_validate_json(raw_meta)
     except ValidationError as exc:
-        reason = exc.errors()[0]["msg"]
+        reason = first_error(exc, "metadata")
         raise ArtifactError(f"{path}: corrupted checkpoint metadata ({reason})") from None
     if meta.format != CHECKPOINT_FORMAT or meta.version > CHECKPOINT_VERSION:
         raise ArtifactError(f"{path}: unsupported checkpoint format {meta.format} v{meta.version}")

@@ -51,7 +51,7 @@ from biofp_core.protocol import (
     RunConfig,
 )
 from server.rounds import FederationError, wait_for_sites
-from strategies.replies import check_reply, one_line
+from strategies.replies import check_reply, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _released_file(
     try:
         return _save_release(reply, checked.metrics, path, weights_sha256)
     except (ValueError, DataError) as exc:
-        return ReleasedFile(status="failed", reason=f"invalid release: {one_line(exc, 300)}")
+        return ReleasedFile(status="failed", reason=f"invalid release: {short_reason(exc, 300)}")
 
 
 def collect_fingerprints(

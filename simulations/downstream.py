@@ -58,10 +58,11 @@ from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import commit_release, prepare_release
 from biofp_core.fingerprints.table import MODALITY_CHOICES, FingerprintTable, concat
 from biofp_core.models.base import BioFPModel, SubjectWindows
+from biofp_core.signals.types import SiteModality
 from biofp_core.site import SiteConfig
 from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
-from client.site_data import Modality, SimulationSites, load_site_data
+from client.site_data import SimulationSites, load_site_data
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class StudySite:
 
     config: SiteConfig
     store: WindowStore
-    modality: Modality
+    modality: SiteModality
     train: list[SubjectWindows]
     holdout: list[SubjectWindows]
     seed: int | None  # seeds release noise (reproducible simulations); None: OS entropy

@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from biofp_core.errors import one_line
 from biofp_core.evaluation import StudyRow
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.privacy.ledger import PrivacyLedger
@@ -87,8 +88,8 @@ class ResearchReport(BaseModel):
     failures: list[str] = Field(default_factory=list, description="one line per failed step")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+def _error_line(exc: BaseException) -> str:
+    return one_line(f"{type(exc).__name__}: {exc}", limit=None)
 
 
 def _model_run(label: str, kind: RunKind, summary: RunSummary) -> ModelRun:
@@ -136,9 +137,9 @@ def _comparison_runs(
         try:
             summary = simulate(sub, on_stage=lambda text, label=label: stage(f"{label}: {text}"))
         except Exception as exc:  # a comparison must never cost the main run its report
-            failures.append(f"{label} run failed: {_one_line(exc)}")
+            failures.append(f"{label} run failed: {_error_line(exc)}")
             runs.append(ModelRun(label=label, kind=kind, out_dir=str(sub.out), status="failed",
-                                 error=_one_line(exc)))  # fmt: skip
+                                 error=_error_line(exc)))  # fmt: skip
             continue
         runs.append(_model_run(label, kind, summary))
     return runs
@@ -158,7 +159,7 @@ def _studies(
             studies.append(run_study(Path(run.model_path), sites, label=run.label,  # type: ignore[arg-type]
                                      out_dir=out_dir, config=config))  # fmt: skip
         except Exception as exc:  # one model's study failing leaves the others
-            failures.append(f"downstream study of the {run.label} model failed: {_one_line(exc)}")
+            failures.append(f"downstream study of the {run.label} model failed: {_error_line(exc)}")
     return studies
 
 
@@ -184,7 +185,7 @@ def _figures(
         try:
             path = draw(fig_dir / f"{name}.png")
         except Exception as exc:  # a figure that cannot be drawn is reported, not fatal
-            failures.append(f"figure {name} failed: {_one_line(exc)}")
+            failures.append(f"figure {name} failed: {_error_line(exc)}")
             continue
         if path is not None:
             figures[name] = path.relative_to(out).as_posix()
@@ -223,19 +224,19 @@ def research_report(
             manifest = SimulationSites.model_validate_json((out / SITES_MANIFEST).read_bytes())
             sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
         except Exception as exc:
-            failures.append(f"sites could not be opened for the study: {_one_line(exc)}")
+            failures.append(f"sites could not be opened for the study: {_error_line(exc)}")
         if sites:
             studies = _studies(cfg, runs, sites, study, stage, failures)
             stage("report: cross-modal reconstruction")
             try:
                 windows = cross_modal_reconstruction(summary.model_path, sites)
             except Exception as exc:
-                failures.append(f"cross-modal reconstruction failed: {_one_line(exc)}")
+                failures.append(f"cross-modal reconstruction failed: {_error_line(exc)}")
     stage("report: figures")
     try:
         metrics = RunReport.read(out)
     except Exception as exc:
-        failures.append(f"metrics.json unreadable: {_one_line(exc)}")
+        failures.append(f"metrics.json unreadable: {_error_line(exc)}")
         metrics = None
     main = next((s for s in studies if s.model == runs[0].label), None)
     figures = _figures(out, metrics, studies, main, windows, failures)

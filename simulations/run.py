@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +41,8 @@ from biofp_core.artifacts import (
     load_model,
     save_model,
 )
-from biofp_core.config import one_of
-from biofp_core.errors import BioFPError, ConfigError
+from biofp_core.config import one_of, read_toml
+from biofp_core.errors import BioFPError, ConfigError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
@@ -174,12 +173,7 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
     where = "simulation config"
     if path is not None:
         where = str(path)
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: simulation config not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raw = read_toml(Path(path), "simulation config")
         raw = {**raw.pop("simulation", {}), **raw}
         base = Path(path).parent  # paths in the file are relative to it; flags to the cwd
         for key in ("data_dir", "labels_csv", "cache_dir", "sites_dir", "out", "data_root"):
@@ -192,12 +186,7 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
     except ConfigError as exc:  # from the run config: already names the key
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(f"{where}: {key}: {message}") from None
+        raise ConfigError(f"{where}: {first_error(exc)}") from None
 
 
 class SiteReport(BaseModel):

@@ -40,7 +40,7 @@ from biofp_core.protocol import (
     EvaluateReplyMetrics,
     TrainReplyMetrics,
 )
-from strategies.replies import check_reply, one_line
+from strategies.replies import check_reply, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class CountedFedAvg(FedAvg):
         try:
             reply.content = self._decoded_content(reply.content)
         except ValueError as err:
-            report.failed[node_id] = f"invalid arrays: {one_line(err)}"
+            report.failed[node_id] = f"invalid arrays: {short_reason(err)}"
             return False
         report.contributed.append(node_id)
         return True

@@ -21,6 +21,7 @@ from typing import Generic, Literal, TypeVar
 from flwr.app import Message
 from pydantic import ValidationError
 
+from biofp_core.errors import one_line
 from biofp_core.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -48,16 +49,16 @@ _MESSAGE_TYPE: dict[type, str] = {
 }
 
 
-def one_line(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> str:
+def short_reason(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> str:
     """A short one-line reason: pydantic errors per field, else the last non-empty line."""
     if isinstance(err, ValidationError):
         text = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in err.errors()
         )
     else:
-        lines = [" ".join(line.split()) for line in str(err or "no reason given").splitlines()]
+        lines = [line.strip() for line in str(err or "no reason given").splitlines()]
         text = next((line for line in reversed(lines) if line), "no reason given")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(text, limit)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def check_reply(reply: Message, model: type[M]) -> CheckedReply[M]:
     """Validate one reply against `model` (one of the four reply models) and its records."""
     node_id = reply.metadata.src_node_id
     if reply.has_error():
-        reason = f"error {reply.error.code}: {one_line(reply.error.reason)}"
+        reason = f"error {reply.error.code}: {short_reason(reply.error.reason)}"
         return CheckedReply(node_id, "failed", reason=reason)
     content = reply.content
     records = list(content.metric_records.items())
@@ -96,7 +97,7 @@ def check_reply(reply: Message, model: type[M]) -> CheckedReply[M]:
             raise ValueError(f"expected one MetricRecord {METRICS_KEY!r}, got {names}")
         metrics = model.from_metrics(dict(records[0][1]))
     except ValueError as err:
-        return CheckedReply(node_id, "failed", reason=f"invalid metrics: {one_line(err)}")
+        return CheckedReply(node_id, "failed", reason=f"invalid metrics: {short_reason(err)}")
     expected = {METRICS_KEY}
     if arrays_entry(_MESSAGE_TYPE[model]) is not None and not metrics.refused:
         expected.add(ARRAYS_KEY)

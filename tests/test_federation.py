@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flowerkit import initial_arrays, instruction, site_context
 from flwr.app import Message, MessageType
+from fpkit import BIOFP
 from safetensors.numpy import load_file
 
 from biofp_core.artifacts import load_model
@@ -516,9 +517,6 @@ def test_a_bad_simulation_config_names_the_file_and_key(tmp_path: Path) -> None:
     path.write_text('[run]\nmodel = "vit"\n')
     with pytest.raises(ConfigError, match="unknown model 'vit'; valid: m2ae, siamquality"):
         load_simulation_config(path)
-
-
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def test_simulate_help_and_a_bad_flag() -> None:

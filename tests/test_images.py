@@ -80,13 +80,20 @@ def test_image_runs_biofp_unprivileged_from_the_wheelhouse_only(dockerfile: str)
         "type=bind,source=build/wheelhouse,target=/wheels",
     ]
     assert "${DEPS_DIGEST" in runs and "${BIOFP_DIGEST" in runs  # cache keys of those steps
-    assert runs.count("--no-index") == 2 and "TORCH_INDEX_URL" in runs
+    # both steps run the shared script, from the wheelhouse where deploy/wheelhouse.sh copies it
+    assert re.findall(r"sh /wheels/deps/install-venv.sh (\w+)", runs) == ["deps", "biofp"]
+    script = "\n".join(
+        line for line in (ROOT / "deploy/install-venv.sh").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    )  # fmt: skip
+    assert script.count("--no-index") == 2 and "TORCH_INDEX_URL" in script
+    assert not re.search(r"https?://", script)
     text = " ".join(rest for _, rest in instructions(ROOT / dockerfile))
     assert not re.search(r"https?://", text)
     # the image: the venv from the build stage and nothing else of the build, as its last step
     assert values(final, "COPY") == ["--from=build /opt/venv /opt/venv"]
     assert final[-1] == ("COPY", "--from=build /opt/venv /opt/venv")
-    assert "pip uninstall" in runs and "-name tests" in runs
+    assert "pip uninstall" in script and "-name tests" in script
     assert values(final, "USER") == [UID]
     assert f"--uid {UID}" in " ".join(values(final, "RUN"))
     assert json.loads(values(final, "VOLUME")[0]) == [volume]
@@ -115,7 +122,13 @@ def test_build_context_is_the_wheelhouse_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["deploy/build-images.sh", "deploy/base-image.sh", "deploy/wheelhouse.sh"]
+    "script",
+    [
+        "deploy/build-images.sh",
+        "deploy/base-image.sh",
+        "deploy/wheelhouse.sh",
+        "deploy/install-venv.sh",
+    ],
 )
 def test_build_scripts_parse_and_are_executable(script: str) -> None:
     path = ROOT / script

@@ -13,6 +13,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
+from fpkit import BIOFP, run_biofp
 from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
@@ -26,7 +27,6 @@ from biofp_core.privacy.ledger import (
 )
 from biofp_core.site import PrivacyBudget
 
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
 
 
@@ -289,33 +289,11 @@ def test_cli_ledger_prints_table_and_json(tmp_path: Path) -> None:
     assert doc["entries"][2]["epsilon_after"] == ledger.entries[2].epsilon_after
 
 
-def run_main(
-    *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """`biofp ARGS` in this process (already past the slow imports): exit code, stdout, stderr."""
-    from biofp_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["biofp", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_ledger_without_ledger_and_with_a_corrupt_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, _, err = run_main(
-        "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys
-    )
+def test_cli_ledger_without_ledger_and_with_a_corrupt_one(tmp_path: Path) -> None:
+    code, _, err = run_biofp("site", "ledger", "--site-dir", str(tmp_path))
     assert code == 1 and "no privacy ledger here" in err and len(err.strip().splitlines()) == 1
     (tmp_path / LEDGER_FILENAME).write_text("{oops")
-    code, _, err = run_main(
-        "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys
-    )
+    code, _, err = run_biofp("site", "ledger", "--site-dir", str(tmp_path))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "corrupt privacy ledger" in lines[0]
     assert (tmp_path / LEDGER_FILENAME).read_text() == "{oops"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fpkit import BIOFP
 
 from biofp_cli.certs import init_certificates
 from biofp_cli.preflight import check_insecure_address, check_server, choose_runtime_port
@@ -31,7 +31,6 @@ from biofp_core.site import load_site_config
 from server.report import RoundMetrics, RunReport, SiteData, SiteRound
 from server.status import render_status
 
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 TINY_MODEL = json.dumps({"stem_channels": 8, "stage_channels": [8, 8], "groups": 4,
                          "proj_dim": 16, "pred_hidden": 8, "fingerprint_dim": 8})  # fmt: skip
 

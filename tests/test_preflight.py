@@ -10,13 +10,13 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import copy_records
+from fpkit import BIOFP
 from test_certs import write_expired_certificate
 
 from biofp_cli.certs import CertificateError, init_certificates, node_keypair
@@ -33,8 +33,6 @@ from biofp_core.deployment import DeploymentError, ServerConfig, load_server_con
 from biofp_core.errors import BioFPError, ConfigError, DataError
 from biofp_core.privacy.ledger import PrivacyLedgerError, initialise_site_state
 from biofp_core.site import load_site_config
-
-BIOFP = [sys.executable, "-m", "biofp_cli"]
 
 
 def closed_port() -> int:

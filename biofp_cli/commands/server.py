@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from biofp_cli.commands import insecure_mode
 
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator: run the federation's SuperLink.")
 console = Console(stderr=True, markup=False)  # paths and [sections] as is
@@ -32,10 +33,9 @@ def start(
     """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
     from biofp_cli.superlink import prepare_superlink, run_superlink
 
-    if insecure:
-        warnings.warn("--insecure: traffic is not encrypted and any SuperNode may join",
-                      UserWarning, stacklevel=1)  # fmt: skip
-    insecure = insecure or insecure_non_loopback
+    insecure = insecure_mode(
+        insecure, insecure_non_loopback, "traffic is not encrypted and any SuperNode may join"
+    )
     launch = prepare_superlink(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     cfg = launch.config
     console.print(f"checks passed; SuperLink for {cfg.address}")

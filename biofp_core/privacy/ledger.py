@@ -49,7 +49,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from biofp_core.errors import BioFPError, PrivacyBudgetError
+from biofp_core.errors import BioFPError, PrivacyBudgetError, first_error
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.privacy.accounting import History, compact_history, rdp_epsilon
 from biofp_core.site import PrivacyBudget
@@ -207,11 +207,6 @@ def _as_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Me
     return (float(noise_multiplier), float(sample_rate), int(steps))
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
-
-
 def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | None:
     """`path` parsed as `model`; None when there is no file."""
     try:
@@ -224,7 +219,7 @@ def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | No
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise PrivacyLedgerError(
-            f"{path}: corrupt {what} ({_first_error(exc)}); {RECOVER}"
+            f"{path}: corrupt {what} ({first_error(exc, 'file')}); {RECOVER}"
         ) from None
 
 

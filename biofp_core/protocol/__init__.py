@@ -6,6 +6,9 @@ every reply, as plain data and pydantic models that both sides import (never ``f
 - :mod:`~biofp_core.protocol.instructions`: what a server message asks of a site;
 - :mod:`~biofp_core.protocol.replies`: what may leave a site (the table of every reply key, with
   its source and the ledger kind that pays for it) and the typed reply metrics.
+
+Every public name of these modules is importable from the package itself; the run config's are
+loaded on first use (it imports torch).
 """
 
 from biofp_core.protocol.instructions import (
@@ -79,7 +82,19 @@ from biofp_core.protocol.replies import (
     is_allowed_reply_metric_key,
     reply_key,
 )
-from biofp_core.protocol.run_config import STRATEGY_NAMES, RunConfig, RunConfigValue
+
+_RUN_CONFIG_NAMES = ("STRATEGY_NAMES", "RunConfig", "RunConfigValue")
+
+
+def __getattr__(name: str) -> object:
+    """The run config's names, loaded when first asked for: ``run_config`` builds models (torch),
+    and code that needs only keys (the SuperNode launcher) should not pay for that."""
+    if name in _RUN_CONFIG_NAMES:
+        from biofp_core.protocol import run_config
+
+        return getattr(run_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ARRAYS_ENTRY", "ARRAYS_KEY", "BUDGET_EXHAUSTED", "BYTES_RECEIVED", "COMPRESSION",

@@ -28,6 +28,9 @@ RUN_KEY = "biofp-run"  # str: the run directory's id (run.json), the same after 
 #   sites key ledger charges, cached replies and audit entries by it, not by Flower's run id
 RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a run key is also a file-name part
 
+# --- Node config of a deployed site (``flower-supernode --node-config``) -----------------------
+SITE_CONFIG_KEY = "site-config"  # str: path to the site's site.toml
+
 # --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
 PACKED_KEY = "::packed"  # every encoded tensor, flattened in sorted name order, one array
 SCALES_KEY = "::scales"  # int8: float32 (n_tensors,), the scales in sorted tensor-name order

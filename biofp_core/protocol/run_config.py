@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from biofp_core.config import one_of
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ConfigError, first_error
 from biofp_core.models import MODEL_NAMES, build_model, model_classes
 from biofp_core.models.base import BioFPModel
 from biofp_core.protocol.keys import SCHEMES
@@ -146,7 +146,7 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as exc:
-            raise ConfigError(f"run config: {_first_error(exc)}") from None
+            raise ConfigError(f"run config: {first_error(exc, None, _hyphenate)}") from None
 
     def to_run_config(self) -> dict[str, RunConfigValue]:
         """The hyphenated key -> value mapping Flower carries (inverse of from_run_config)."""
@@ -159,7 +159,7 @@ class RunConfig(BaseModel):
         try:
             config_cls.model_validate(options)
         except ValidationError as exc:
-            raise ValueError(f"model-options: {_first_error(exc)}") from None
+            raise ValueError(f"model-options: {first_error(exc, None, _hyphenate)}") from None
         return options
 
     def build_model(self) -> BioFPModel:
@@ -211,13 +211,3 @@ class RunConfig(BaseModel):
     def run_dir(self) -> Path:
         """The run directory (relative: to the ServerApp process's working directory)."""
         return Path(self.out_dir).expanduser()
-
-
-def _first_error(exc: ValidationError) -> str:
-    """'key: message' of the first pydantic error, without pydantic's 'Value error, ' prefix."""
-    err = exc.errors()[0]
-    where = ".".join(_hyphenate(str(p)) for p in err["loc"])
-    message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{where}: {message}" if where else message
