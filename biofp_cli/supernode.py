@@ -260,7 +260,10 @@ def run_supernode(
     def on_line(line: str) -> None:
         if launch.insecure or not (match := _ACCEPTED.search(line)):
             return
-        _remember(launch, int(match.group(1)))
+        try:  # runs in the thread echoing Flower's log: it must not die here
+            _remember(launch, int(match.group(1)))
+        except OSError as exc:
+            log.warning("%s: not written (%s): a restart would not know it", SESSION_FILE, exc)
         if retried:
             say(f"reconnected to the SuperLink {time.monotonic() - started:.0f} s after the start")
 
