@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_sha256
 from biofp_core.errors import ArtifactError
+from biofp_core.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +104,6 @@ def restore_strategy_state(strategy: object, checkpoint: Checkpoint) -> None:
             setattr(strategy, attr, set(value))
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write via a fsync'ed temporary file in the same folder, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -157,7 +136,7 @@ def save_checkpoint(
     path = checkpoint_path(run_dir, server_round)
     blob = save_safetensors(tensors, metadata={_META_KEY: meta.model_dump_json()})
     try:
-        _write_durably(path, blob)
+        atomic_write_bytes(path, blob)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write checkpoint ({exc.strerror})") from None
     for old in list_checkpoints(run_dir)[:-keep]:
