@@ -39,13 +39,12 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as save_safetensors
 
 from biofp_core.audit import arrays_nbytes, arrays_sha256
+from biofp_core.checked_tensors import read_checked, write_checked
 from biofp_core.compression import ErrorFeedback, Scheme
-from biofp_core.errors import DataError, PrivacyBudgetError, SiteLimitError
-from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
+from biofp_core.errors import ArtifactError, DataError, PrivacyBudgetError, SiteLimitError
+from biofp_core.fsutil import exclusive_lock
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy import DPConfig
 from biofp_core.privacy.accounting import rdp_epsilon
@@ -230,7 +229,6 @@ def charge_round(
 # ---- replays: a charged round is answered from the site's cache, never trained again --------
 
 REPLAY_ROUNDS_KEPT = 4  # cached replies kept per run key (the latest rounds)
-_CACHE_META_KEY = "biofp"
 _CACHE_FORMAT = "biofp-reply-cache"
 _CACHE_NAME = re.compile(r"^(?P<key>.+)-round-(?P<round>\d{4,})\.safetensors$")
 
@@ -246,7 +244,7 @@ class _CachedReply(BaseModel):
     global_sha256: str = Field(description="sha256 of the global arrays the round trained from")
     instruction: str = Field(description="the instruction answered, as JSON")
     metrics: str = Field(description="the reply's metrics, as JSON")
-    reply_sha256: str = Field(description="sha256 of the reply's arrays")
+    sha256: str = Field(description="sha256 of the reply's arrays")
 
 
 def reply_cache_path(state_dir: Path, run_key: str, server_round: int) -> Path:
@@ -273,12 +271,9 @@ def cache_reply(
         global_sha256=arrays_sha256(global_arrays),
         instruction=_instruction_json(instruction),
         metrics=json.dumps(outcome.metrics.to_metrics()),
-        reply_sha256=arrays_sha256(outcome.arrays),
+        sha256=arrays_sha256(outcome.arrays),
     )
-    tensors = {name: np.ascontiguousarray(value) for name, value in outcome.arrays.items()}
-    atomic_write_bytes(
-        path, save_safetensors(tensors, metadata={_CACHE_META_KEY: meta.model_dump_json()})
-    )
+    write_checked(path, outcome.arrays, meta)
     for old in path.parent.glob(f"{run_key}-round-*.safetensors"):
         match = _CACHE_NAME.match(old.name)
         if match is None or match["key"] != run_key:
@@ -290,20 +285,13 @@ def cache_reply(
 
 def _load_cached(path: Path) -> tuple[_CachedReply, Arrays] | None:
     """The cached reply at `path`; None when it is missing or does not check out."""
+    if not path.exists():
+        return None
     try:
-        with safe_open(str(path), framework="np") as fh:
-            raw = (fh.metadata() or {}).get(_CACHE_META_KEY)
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-        meta = _CachedReply.model_validate_json(raw or "")
-    except FileNotFoundError:
+        return read_checked(path, _CachedReply, what="cached reply")
+    except ArtifactError as exc:
+        log.error("%s", exc)
         return None
-    except (OSError, SafetensorError, ValueError) as exc:
-        log.error("cached reply %s is unusable: %s", path, " ".join(str(exc).split())[:200])
-        return None
-    if arrays_sha256(tensors) != meta.reply_sha256:
-        log.error("cached reply %s does not match its own sha256", path)
-        return None
-    return meta, tensors
 
 
 def replayed_round(
@@ -354,7 +342,7 @@ def replayed_round(
     ]  # fmt: skip
     log.info(
         "%s: replay answered with the cached reply (sha256 %s), nothing trained or charged",
-        where, meta.reply_sha256[:12],
+        where, meta.sha256[:12],
     )  # fmt: skip
     return TrainOutcome(arrays=arrays, metrics=metrics, charged=paid[-1])
 
