@@ -46,7 +46,7 @@ from biofp_core.compression import ErrorFeedback, Scheme
 from biofp_core.errors import ArtifactError, DataError, PrivacyBudgetError, SiteLimitError
 from biofp_core.fsutil import exclusive_lock
 from biofp_core.models.base import BioFPModel
-from biofp_core.privacy import DPConfig
+from biofp_core.privacy import DPConfig, poisson_rate
 from biofp_core.privacy.accounting import rdp_epsilon
 from biofp_core.privacy.ledger import Charge, LedgerEntry, PrivacyLedger
 from biofp_core.privacy.mechanisms import noise_rng, noisy_mean
@@ -179,7 +179,7 @@ def plan_round(
                         seed=seed)  # fmt: skip
     return RoundPlan(
         cfg=cfg, dp=dp, metric_noise=noise if dp is not None else None,
-        sample_rate=min(1.0, cfg.batch_subjects / trainable), steps=cfg.total_steps(trainable),
+        sample_rate=poisson_rate(cfg.batch_subjects, trainable), steps=cfg.total_steps(trainable),
     )  # fmt: skip
 
 
@@ -415,7 +415,7 @@ def _train_round(
     )  # before any patient is touched: a round that fails later is spent all the same
     result = train_local(
         model, site.train, plan.cfg, dp=plan.dp, metric_noise=plan.metric_noise,
-        ledger_history=history,
+        ledger_history=history, sample_rate=plan.sample_rate,
     )  # fmt: skip
     if result.examples == 0:
         raise DataError(

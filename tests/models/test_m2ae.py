@@ -300,7 +300,7 @@ def test_padded_bags_keep_opacus_per_subject_gradients() -> None:
         data.append({k: torch.as_tensor(v) for k, v in bag.items()})
     private = PrivateTraining(
         model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
-        batch_subjects=3, steps=1, collate_fn=collate_bags,
+        sample_rate=1.0, steps=1, collate_fn=collate_bags,
     )  # fmt: skip
     batch = collate_bags(data)
     torch.manual_seed(5)
