@@ -58,9 +58,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from biofp_core.errors import ConfigError, DataError
 from biofp_core.models.layers import Dense
-from biofp_core.privacy.accounting import rdp_epsilon
+from biofp_core.privacy.accounting import poisson_rate, rdp_epsilon
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+__all__ = ["DPConfig", "HistoryEntry", "PrivacyReport", "PrivateTraining", "poisson_rate"]
 
 
 class DPConfig(BaseModel):
@@ -81,14 +83,6 @@ class DPConfig(BaseModel):
 
 def _as_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
     return [(float(s), float(q), int(n)) for s, q, n in history]
-
-
-def poisson_rate(batch_subjects: int, subjects: int) -> float:
-    """q: the Poisson rate at which each of `subjects` is sampled per step, for `batch_subjects`
-    expected subjects per step (capped at 1)."""
-    if subjects <= 0:
-        raise DataError("no subject has data this model can train on")
-    return min(1.0, batch_subjects / subjects)
 
 
 @functools.cache
