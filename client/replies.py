@@ -39,7 +39,7 @@ from biofp_core.protocol import (
     arrays_entry,
     reply_key,
 )
-from client.session import SiteSession, message_run_key, message_server_round
+from client.session import SiteSession, message_run_key
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,6 @@ class Replies:
     context: Context
     session: SiteSession | None = field(default=None)
 
-    @property
-    def server_round(self) -> int:
-        return message_server_round(self.message)
-
-    @property
-    def run_key(self) -> str:
-        """The run the ledger charges under: the server's run key, else Flower's run id."""
-        return message_run_key(self.message, self.context)
-
     def _replay_note(self, session: SiteSession, sha256: str) -> str | None:
         """A note when the audit log already holds this very training reply (a replay)."""
         key = (session.run_key, session.server_round, self.message.metadata.message_type)
@@ -165,7 +156,8 @@ class Replies:
         says which keys need one).
         """
         message_type = self.message.metadata.message_type
-        paid = charged is not None and charged.run_id == self.run_key
+        run_key = message_run_key(self.message, self.context)
+        paid = charged is not None and charged.run_id == run_key
         _check_reply(message_type, metrics, arrays, paid)
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         if arrays is not None:

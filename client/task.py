@@ -1,10 +1,13 @@
 """One round at a site in plain code: check the budget, train, charge the ledger, encode.
 
-This is the ClientApp's "task" (as in Flower's quickstart): ``client/app.py`` only unpacks the
-message and calls :func:`train_round` or :func:`evaluate_round`. Nothing here builds a Message.
+This is the ClientApp's "task" (as in Flower's quickstart): ``client/app.py`` only opens the
+message's site session and calls :func:`train_round` or :func:`evaluate_round`. Nothing here
+builds a Message.
 
 Privacy, per round (docs/privacy.md): the round's cost ``(σ, q, steps)`` is known before training
-(q = batch_subjects / trainable subjects, Poisson-sampled by subject), so the site refuses a round
+(q = batch_subjects / trainable subjects, Poisson-sampled by subject; computed once, by
+:func:`~biofp_core.privacy.accounting.poisson_rate`, and that very q is charged and handed to the
+DP-SGD engine), so the site refuses a round
 that would take its ledger past its own budget, or that asks beyond its limits, before any
 gradient is computed. The round is then charged, under the ledger's lock with the budget checked
 again (another process may have spent in the meantime), BEFORE any patient is touched: a round
@@ -14,7 +17,7 @@ Gaussian for the gradients and the noisy losses together (σ_eff), keyed by
 ``protocol.RUN_KEY`` (the run directory's id, unchanged when a crashed run is resubmitted under a
 new Flower run id), or Flower's run id from an older server. ε is computed from the ledger's whole
 history each time (budget check, DP report, charge, exhausted flag, audit), but the RDP of the
-round's (σ, q) is evaluated once per process (:func:`biofp_core.privacy.ledger.rdp_epsilon`), so
+round's (σ, q) is evaluated once per process (:func:`biofp_core.privacy.accounting.rdp_epsilon`), so
 these cost well under a millisecond each after a site's first round.
 
 The site, run, run key and ledger come from the message's :class:`client.session.SiteSession`
