@@ -65,21 +65,33 @@ def _load(msg: Message, context: Context, replies: Replies) -> tuple[SiteSession
     return session, data, arrays
 
 
-def _answer(
-    replies: Replies, body: Callable[[], Message], refused: Callable[[PrivacyBudgetError], dict]
-) -> Message:
-    """`body`'s reply; a refusal (metrics from `refused`) or an error reply for what it raised."""
-    try:
-        return body()
-    except PrivacyBudgetError as exc:
-        if replies.session is None:
-            return replies.error(exc)
-        try:
-            return replies.refusal(exc, refused(exc))
-        except Exception as inner:  # e.g. an unreadable ledger while refusing
-            return replies.error(inner)
-    except Exception as exc:  # one-line Error reply; details stay in the site's audit log
-        return replies.error(exc)
+Handler = Callable[[Message, Context, Replies], Message]
+Refusal = Callable[[Replies, PrivacyBudgetError], dict]
+
+
+def _answered(refused: Refusal) -> Callable[[Handler], Callable[[Message, Context], Message]]:
+    """Turn a handler into a Flower one: it gets the message's :class:`Replies`, and what it
+    raises becomes a refusal (metrics from `refused`) or an error reply, audited either way."""
+
+    def wrap(handler: Handler) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            replies = Replies(msg, context)
+            try:
+                return handler(msg, context, replies)
+            except PrivacyBudgetError as exc:
+                if replies.session is None:
+                    return replies.error(exc)
+                try:
+                    return replies.refusal(exc, refused(replies, exc))
+                except Exception as inner:  # e.g. an unreadable ledger while refusing
+                    return replies.error(inner)
+            except Exception as exc:  # one-line Error reply; details stay in the audit log
+                return replies.error(exc)
+
+        handle.__name__, handle.__doc__ = handler.__name__, handler.__doc__
+        return handle
+
+    return wrap
 
 
 def _spent(replies: Replies) -> tuple[float, float]:
@@ -87,73 +99,57 @@ def _spent(replies: Replies) -> tuple[float, float]:
     return replies.session.spent()
 
 
+def _train_refusal(replies: Replies, exc: PrivacyBudgetError) -> dict:
+    spent, delta = _spent(replies)
+    return TrainReplyMetrics.refusal(
+        budget_exhausted=exc.exhausted, epsilon=spent, delta=delta
+    ).to_metrics()
+
+
+def _fingerprint_refusal(replies: Replies, exc: PrivacyBudgetError) -> dict:
+    spent, delta = _spent(replies)
+    return FingerprintReplyMetrics.refusal(epsilon=spent, delta=delta).to_metrics()
+
+
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_answered(_train_refusal)
+def train(msg: Message, context: Context, replies: Replies) -> Message:
     """Train the global model on this site's subjects, if the site's privacy budget allows."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        session, data, global_arrays = _load(msg, context, replies)
-        instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
-        residual = context.state.array_records.get(ERROR_FEEDBACK_STATE)
-        feedback = ErrorFeedback({k: v.numpy() for k, v in (residual or {}).items()})
-        outcome = train_round(session, data, instruction, global_arrays, feedback=feedback)
-        residual_state = {k: Array(v) for k, v in feedback.state_dict().items()}
-        context.state[ERROR_FEEDBACK_STATE] = ArrayRecord(residual_state)
-        return replies.content(
-            outcome.metrics.to_metrics(), outcome.arrays, charged=outcome.charged
-        )
-
-    def refused(exc: PrivacyBudgetError) -> dict:
-        spent, delta = _spent(replies)
-        return TrainReplyMetrics.refusal(
-            budget_exhausted=exc.exhausted, epsilon=spent, delta=delta
-        ).to_metrics()
-
-    return _answer(replies, body, refused)
+    session, data, global_arrays = _load(msg, context, replies)
+    instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
+    residual = context.state.array_records.get(ERROR_FEEDBACK_STATE)
+    feedback = ErrorFeedback({k: v.numpy() for k, v in (residual or {}).items()})
+    outcome = train_round(session, data, instruction, global_arrays, feedback=feedback)
+    residual_state = {k: Array(v) for k, v in feedback.state_dict().items()}
+    context.state[ERROR_FEEDBACK_STATE] = ArrayRecord(residual_state)
+    return replies.content(outcome.metrics.to_metrics(), outcome.arrays, charged=outcome.charged)
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+@_answered(lambda replies, exc: {NUM_EXAMPLES: 0, REFUSED: 1})
+def evaluate(msg: Message, context: Context, replies: Replies) -> Message:
     """Noisy held-out loss of the global model at this site, charged to its ledger."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        session, data, global_arrays = _load(msg, context, replies)
-        instruction = EvaluateInstruction.from_config(msg.content[CONFIG_KEY])
-        outcome = evaluate_round(session, data, instruction, global_arrays)
-        metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
-        return replies.content(metrics, charged=outcome.charged)
-
-    return _answer(replies, body, lambda exc: {NUM_EXAMPLES: 0, REFUSED: 1})
+    session, data, global_arrays = _load(msg, context, replies)
+    instruction = EvaluateInstruction.from_config(msg.content[CONFIG_KEY])
+    outcome = evaluate_round(session, data, instruction, global_arrays)
+    metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
+    return replies.content(metrics, charged=outcome.charged)
 
 
 @app.query(QUERY_FINGERPRINT_ACTION)
-def fingerprint(msg: Message, context: Context) -> Message:
+@_answered(_fingerprint_refusal)
+def fingerprint(msg: Message, context: Context, replies: Replies) -> Message:
     """Release this site's fingerprints of the global model, if the site's own policy allows."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        session, global_arrays = _unpack(msg, context, replies)
-        metrics, parquet, charged = release_fingerprints(session, global_arrays)
-        return replies.content(metrics.to_metrics(), {FINGERPRINTS_ARRAY: parquet}, charged=charged)
-
-    def refused(exc: PrivacyBudgetError) -> dict:
-        spent, delta = _spent(replies)
-        return FingerprintReplyMetrics.refusal(epsilon=spent, delta=delta).to_metrics()
-
-    return _answer(replies, body, refused)
+    session, global_arrays = _unpack(msg, context, replies)
+    metrics, parquet, charged = release_fingerprints(session, global_arrays)
+    return replies.content(metrics.to_metrics(), {FINGERPRINTS_ARRAY: parquet}, charged=charged)
 
 
 @app.query(QUERY_PROBE_ACTION)
-def probe(msg: Message, context: Context) -> Message:
+@_answered(lambda replies, exc: ProbeReplyMetrics.refusal().to_metrics())
+def probe(msg: Message, context: Context, replies: Replies) -> Message:
     """Probe one task on this site's own fingerprints; only its noisy, charged scalars leave."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        session, global_arrays = _unpack(msg, context, replies)
-        instruction = ProbeInstruction.from_config(msg.content[CONFIG_KEY])
-        metrics, charged = probe_task(session, global_arrays, instruction.task)
-        return replies.content(metrics.to_metrics(), charged=charged)
-
-    return _answer(replies, body, lambda exc: ProbeReplyMetrics.refusal().to_metrics())
+    session, global_arrays = _unpack(msg, context, replies)
+    instruction = ProbeInstruction.from_config(msg.content[CONFIG_KEY])
+    metrics, charged = probe_task(session, global_arrays, instruction.task)
+    return replies.content(metrics.to_metrics(), charged=charged)
