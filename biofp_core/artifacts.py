@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 import biofp_core
 from biofp_core.config import parse_versioned
 from biofp_core.errors import ArtifactError, BioFPError, first_error
+from biofp_core.fsutil import fsync_path, write_temp
 from biofp_core.models.base import BioFPModel
 
 FORMAT_VERSION = 1  # bump when the card or weights layout changes incompatibly
@@ -121,20 +121,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _stage(target: Path, data: bytes) -> Path:
-    """Write `data` to a fsync'ed temporary file next to `target`; return its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def save_model(
     model: BioFPModel, path: Path | str, card: ModelCard | dict[str, Any] | None = None
 ) -> Path:
@@ -178,9 +164,10 @@ def save_model(
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         for target, data in ((weights_path, blob), (card_path, card_bytes)):
-            staged.append(_stage(target, data))
+            staged.append(write_temp(target, data))
         os.replace(staged[0], weights_path)
         os.replace(staged[1], card_path)
+        fsync_path(weights_path.parent)
     except OSError as err:
         raise ArtifactError(f"{weights_path}: cannot write artifact ({err})") from err
     finally:

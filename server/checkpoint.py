@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as save_safetensors
+from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.audit import arrays_sha256
-from biofp_core.errors import ArtifactError, first_error
+from biofp_core.checked_tensors import read_checked, write_checked
+from biofp_core.errors import ArtifactError
 from strategies.base import CountedFedAvg, StrategyState
 
 log = logging.getLogger(__name__)
@@ -39,7 +36,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "biofp-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
-_META_KEY = "biofp"
 _GLOBAL_PREFIX = "global/"
 _STRATEGY_PREFIX = "strategy/"
 _NAME_PATTERN = re.compile(r"^round-(\d{4,})\.safetensors$")
@@ -103,26 +99,6 @@ def restore_strategy_state(strategy: CountedFedAvg, checkpoint: Checkpoint) -> N
         raise ArtifactError(f"{checkpoint.path}: cannot resume this strategy: {exc}") from None
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write via a fsync'ed temporary file in the same folder, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -153,9 +129,8 @@ def save_checkpoint(
         sha256=arrays_sha256(tensors),
     )
     path = checkpoint_path(run_dir, server_round)
-    blob = save_safetensors(tensors, metadata={_META_KEY: meta.model_dump_json()})
     try:
-        _write_durably(path, blob)
+        write_checked(path, tensors, meta)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write checkpoint ({exc.strerror})") from None
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -171,32 +146,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     ArtifactError
         One line naming the file: unreadable, not a BioFP checkpoint, or corrupted.
     """
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="np") as fh:
-            raw_meta = (fh.metadata() or {}).get(_META_KEY)
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except (OSError, SafetensorError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise ArtifactError(f"{path}: corrupted checkpoint, unreadable ({reason})") from None
-    if raw_meta is None:
-        raise ArtifactError(f"{path}: not a BioFP checkpoint (no '{_META_KEY}' metadata)")
-    try:
-        meta = CheckpointMeta.model_validate_json(raw_meta)
-    except ValidationError as exc:
-        reason = first_error(exc, "metadata")
-        raise ArtifactError(f"{path}: corrupted checkpoint metadata ({reason})") from None
+    meta, tensors = read_checked(path, CheckpointMeta, what="checkpoint")
     if meta.format != CHECKPOINT_FORMAT or meta.version > CHECKPOINT_VERSION:
         raise ArtifactError(f"{path}: unsupported checkpoint format {meta.format} v{meta.version}")
-    if arrays_sha256(tensors) != meta.sha256:
-        raise ArtifactError(f"{path}: corrupted checkpoint (tensors do not match their sha256)")
     arrays = {k[len(_GLOBAL_PREFIX) :]: v for k, v in tensors.items() if k.startswith("global/")}
     strategy_arrays: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if key.startswith(_STRATEGY_PREFIX):
             attr, _, name = key[len(_STRATEGY_PREFIX) :].partition("/")
             strategy_arrays.setdefault(attr, {})[name] = value
-    return Checkpoint(meta=meta, arrays=arrays, strategy_arrays=strategy_arrays, path=path)
+    return Checkpoint(meta=meta, arrays=arrays, strategy_arrays=strategy_arrays, path=Path(path))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

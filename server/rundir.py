@@ -19,7 +19,6 @@ recognises the round that was in flight as one it already trained and was charge
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,13 +110,8 @@ def ensure_run_key(run_dir: Path) -> str:
         created = datetime.now(UTC).isoformat(timespec="seconds")
         text = RunKeyFile(run_key=key, created_at=created).model_dump_json(indent=1)
         path = Path(run_dir) / RUN_KEY_NAME
-        atomic_write_text(path, text + "\n")
-        for synced in (path, path.parent):  # durable before any site is charged under it
-            fd = os.open(synced, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_write_text(path, text + "\n")  # durable (file and folder fsync'ed) before any
+        # site is charged under it
         log.info("new run key %s in %s", key, run_dir)
     return key
 

@@ -32,7 +32,7 @@ def assert_per_sample_grads_are_per_subject(model: BioFPModel, data: list[dict])
     reference = copy.deepcopy(model)
     private = PrivateTraining(
         model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
-        batch_subjects=len(data), steps=1, collate_fn=collate_bags,
+        sample_rate=1.0, steps=1, collate_fn=collate_bags,
     )  # fmt: skip
     batch = collate_bags(data)
     torch.manual_seed(5)

@@ -41,7 +41,7 @@ from biofp_core.protocol import (
     is_allowed_reply_metric_key,
 )
 from client.app import app as client_app
-from client.task import reply_cache_path
+from client.charged import cache_path
 from server.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -314,7 +314,7 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
     charged = PrivacyLedger.at(state)
     assert [e.key for e in charged.entries if e.kind == "train"] == [("run-a1", 1, "train")]
     epsilon = charged.epsilon(delta=1e-5)
-    assert reply_cache_path(state, "run-a1", 1).exists()
+    assert cache_path(state, "run-a1", "train", 1).exists()
 
     # the server crashed and the run was resubmitted: a new Flower run id, the same run key,
     # the same global arrays (its last checkpoint)

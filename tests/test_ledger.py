@@ -119,7 +119,7 @@ def test_a_site_round_evaluates_the_rdp_of_its_mechanism_once(tmp_path: Path) ->
         entry = ledger.charge(
             run_id="new-run", server_round=rnd, delta=DELTA, budget=budget, **mech
         )
-        ledger.epsilon_if(delta=DELTA, **mech)  # exhausted flag
+        ledger_module.rdp_epsilon([*ledger.history, (sigma, q, 17)], delta=DELTA)  # exhausted
         assert ledger.epsilon(delta=DELTA) == entry.epsilon_after == planned  # audit, report
     assert one_step.cache_info().misses == misses + 1  # one new (σ, q): one evaluation
     accountant = RDPAccountant()
@@ -154,7 +154,7 @@ def test_check_budget_refuses_the_round_that_would_exceed(tmp_path: Path) -> Non
     ledger = PrivacyLedger.at(init(tmp_path))
     spent = charge_rounds(ledger, "run-a", range(1, 3))[-1]
     nxt = {"noise_multiplier": SIGMA, "sample_rate": Q, "steps": STEPS}
-    would = ledger.epsilon_if(**nxt, delta=DELTA)
+    would = ledger_module.rdp_epsilon([*ledger.history, (SIGMA, Q, STEPS)], delta=DELTA)
     assert would > spent
     roomy = PrivacyBudget(epsilon=would + 0.01, delta=DELTA)
     assert ledger.check_budget(budget=roomy, mechanisms=[(SIGMA, Q, STEPS)]) == pytest.approx(

@@ -259,7 +259,7 @@ def test_a_site_without_a_release_policy_refuses_to_release_and_to_probe(
     assert parsed.refused and parsed.rows == 0 and parsed.epsilon == 0
     note = AuditLog.at(tmp_path / "state").entries()[-1].note or ""
     assert "no [release] policy" in note
-    assert not list((tmp_path / "state").glob("releases/*.parquet"))
+    assert not list((tmp_path / "state").glob("replies/*@release@*"))
 
     probed = client_app(
         instruction(run, QUERY_PROBE, **{SERVER_ROUND: 1, "probe-task": "sbp_mmhg"}),

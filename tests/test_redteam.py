@@ -307,19 +307,25 @@ def test_two_charged_keys_never_share_a_cache_file(tmp_path: Path) -> None:
     """``<run key>-<kind>-round-N`` with ``:`` written ``-``: run "r" probing task "evaluate"
     and run "r-probe" evaluating were one file, so one answer could be sent for the other."""
     from biofp_core.privacy.ledger import initialise_site_state
-    from client.charged import CachedAnswer, cache_answer, cached_answer
+    from biofp_core.protocol import RunConfig
+    from biofp_core.site import SiteConfig
+    from client.charged import Answer, answered_before, charging, keep_answer
+    from client.session import SiteSession
+    from client.site_data import SiteRef
 
     initialise_site_state(tmp_path, name="north")
-    ledger = PrivacyLedger.at(tmp_path)
+    site = SiteConfig(name="north", data_dir=tmp_path, state_dir=tmp_path)
+    ref, run = SiteRef(site_config=tmp_path / "site.toml"), RunConfig.from_run_config({})
     keys = [("r", "probe:evaluate"), ("r-probe", "evaluate")]
-    for n, (run_key, kind) in enumerate(keys):
-        entry = ledger.charge(run_id=run_key, server_round=1, kind=kind, noise_multiplier=5.0,
-                              sample_rate=1.0, steps=1, delta=1e-5)  # fmt: skip
-        answer = CachedAnswer(global_sha256="0" * 64, instruction="{}", metrics={"n": n},
-                              ledger_entry=entry.hash)  # fmt: skip
-        cache_answer(tmp_path, run_key=run_key, kind=kind, server_round=1, answer=answer)
-    for n, (run_key, kind) in enumerate(keys):
-        got = cached_answer(tmp_path, run_key=run_key, kind=kind, server_round=1,
-                            global_sha256="0" * 64, instruction="{}")  # fmt: skip
+    sessions = [SiteSession(site, ref, run, run_key, 1) for run_key, _ in keys]
+    for n, (session, (run_key, kind)) in enumerate(zip(sessions, keys, strict=True)):
+        entry = session.ledger.charge(run_id=run_key, server_round=1, kind=kind,
+                                      noise_multiplier=5.0, sample_rate=1.0, steps=1,
+                                      delta=1e-5)  # fmt: skip
+        keep_answer(session, kind, global_arrays={}, instruction="{}",
+                    answer=Answer({"n": n}, {}, entry))  # fmt: skip
+    for n, (session, (_, kind)) in enumerate(zip(sessions, keys, strict=True)):
+        with charging(session):
+            got = answered_before(session, kind, global_arrays={}, instruction="{}")
         assert got is not None and got.metrics == {"n": n}
-    assert len(list((tmp_path / "replies").iterdir())) == 2
+    assert len([p for p in (tmp_path / "replies").iterdir() if p.name != ".lock"]) == 2

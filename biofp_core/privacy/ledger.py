@@ -311,14 +311,6 @@ class PrivacyLedger:
         _check_delta(delta)
         return rdp_epsilon(self.history, delta=delta)
 
-    def epsilon_if(
-        self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float
-    ) -> float:
-        """ε the whole history would reach at `delta` after one more charge like this one."""
-        mechanism = _as_mechanism(noise_multiplier, sample_rate, steps)
-        _check_delta(delta)
-        return rdp_epsilon([*self.history, mechanism], delta=delta)
-
     def check_budget(self, *, budget: PrivacyBudget, mechanisms: list[Mechanism]) -> float:
         """ε after charging `mechanisms` (σ, q, steps), at the budget's δ; refuse if over budget.
 
