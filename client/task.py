@@ -106,16 +106,8 @@ def model_from_arrays(run: RunConfig, arrays: Mapping[str, np.ndarray]) -> BioFP
 
 def _dp_config(session: SiteSession, data: SiteData, server_round: int) -> DPConfig | None:
     """The round's DP-SGD settings: the server's σ and clip, the site's δ (and noise seed)."""
-    run = session.run
-    if not run.dp:
-        return None
     seed = None if data.dp_seed is None else round_seed(data.dp_seed, session.run_key, server_round)
-    return DPConfig(
-        noise_multiplier=run.noise_multiplier,
-        max_grad_norm=run.max_grad_norm,
-        delta=session.delta,
-        seed=seed,
-    )
+    return session.run.dp_config(delta=session.delta, seed=seed)
 
 
 @dataclass(frozen=True)

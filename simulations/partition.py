@@ -64,10 +64,6 @@ class Partition(BaseModel):
         """Number of sites."""
         return len(self.sites)
 
-    def site_of(self) -> dict[str, int]:
-        """Subject id -> site index."""
-        return {subject: site for site, subjects in enumerate(self.sites) for subject in subjects}
-
 
 def _sorted_unique(subject_ids: Sequence[str], num_sites: int) -> list[str]:
     """Sorted subject ids, after checking there are enough distinct ones for the sites."""

@@ -51,7 +51,8 @@ from server.checkpoint import (
 from server.report import RunReport
 from server.rounds import FederationError
 from server.rundir import RunDirectory, read_run_key
-from simulations.run import RunSummary, SimulationConfig, load_simulation_config, simulate
+from simulations.config import RunSummary, SimulationConfig, load_simulation_config
+from simulations.run import simulate
 from strategies.registry import build_strategy
 
 TINY_MODEL = json.dumps(
@@ -120,7 +121,8 @@ def test_three_sites_two_rounds_change_the_global_weights(base_run: SimulationCo
     assert any(not np.allclose(initial[k], round_1[k]) for k in initial)
     assert any(not np.allclose(round_1[k], final[k]) for k in initial)
     _, card = load_model(base_run.out / "model")
-    assert card.training.rounds == 2 and card.data.sites == 3 and card.data.subjects == 9
+    assert card.training.rounds == 2 and card.data.sites == 3  # the ServerApp's own card:
+    assert card.data.subjects == 3 * 2  # the training subjects the sites reported (1 held out)
     assert card.privacy is not None and len(card.privacy.sites) == 3
 
 
@@ -561,6 +563,7 @@ def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path:
 
     from simulations.cohort import wfdb_cohort, write_sites
     from simulations.partition import partition_iid
+    from simulations.site_toml import SiteSettings
 
     data = copy_records(bidmc_dir, tmp_path / "bidmc", ["bidmc01", "bidmc02", "bidmc03"])
     labels = tmp_path / "labels.csv"
@@ -568,10 +571,8 @@ def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path:
     cohort = wfdb_cohort(data, labels)
     assert cohort.subjects == ["p1", "p2"] and cohort.label("sex") == {"p1": "F", "p2": "M"}
     partition = partition_iid(cohort.subjects, num_sites=2, seed=0)
-    tomls = write_sites(
-        cohort, partition, tmp_path / "sites", cache_dir=tmp_path / "cache", epsilon=5.0,
-        delta=1e-6,
-    )  # fmt: skip
+    settings = SiteSettings(cache_dir=tmp_path / "cache", epsilon=5.0, delta=1e-6)
+    tomls = write_sites(cohort, partition, tmp_path / "sites", settings)
     from biofp_core.site import load_site_config
 
     records = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +26,9 @@ from biofp_core.models import MODEL_NAMES, build_model, model_classes
 from biofp_core.models.base import BioFPModel
 from biofp_core.protocol.keys import SCHEMES
 from biofp_core.training import TrainConfig
+
+if TYPE_CHECKING:
+    from biofp_core.privacy.dp import DPConfig
 
 RunConfigValue = bool | int | float | str  # what a Flower UserConfig value can be
 
@@ -201,6 +204,18 @@ class RunConfig(BaseModel):
             bag_size=self.bag_size,
             seed=self.seed,
         )
+
+    def dp_config(self, *, delta: float, seed: int | None) -> DPConfig | None:
+        """DP-SGD settings of local training: the run's σ and clip with a site's δ and noise
+        seed (None: OS entropy); None for a run without DP."""
+        if not self.dp:
+            return None
+        from biofp_core.privacy.dp import DPConfig  # Opacus: only where DP-SGD runs
+
+        return DPConfig(
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            delta=delta, seed=seed,
+        )  # fmt: skip
 
     @property
     def probe_task_list(self) -> list[str]:
