@@ -389,7 +389,8 @@ def test_a_finished_run_shows_its_report_with_figures_and_no_raw_html(
     report_img = page.locator('#report img[alt="loss"]')
     expect(report_img).to_have_attribute("src", "/runs/reported/figures/loss.png")
     expect(page.locator("#figures figcaption")).to_have_text("loss.png")
-    page.wait_for_function("() => [...document.images].every((i) => i.complete)")
+    report_img.scroll_into_view_if_needed()  # the figures gallery's copy loads lazily
+    page.wait_for_function("() => document.querySelector('#report img').complete")
     assert report_img.evaluate("(img) => img.naturalWidth") > 0  # served from report/
     assert page.evaluate("window.__injected") is None  # raw HTML shown as text, never run
     expect(page.locator("#report")).to_contain_text("<script>")
