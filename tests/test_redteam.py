@@ -334,32 +334,33 @@ def test_two_charged_keys_never_share_a_cache_file(tmp_path: Path) -> None:
 # ---- red team of issue 11 (one site session per message) -------------------------------------
 
 
+@pytest.mark.parametrize("resend", [{SERVER_ROUND: "1"}, {"server_round": 1}], ids=["text", "name"])
 @pytest.mark.parametrize("kind", ["evaluate", "train"])
-def test_a_round_number_sent_as_text_does_not_get_fresh_noise_for_one_charge(
-    cohort: Path, tmp_path: Path, kind: str
+def test_a_round_number_spelled_otherwise_does_not_get_fresh_noise_for_one_charge(
+    cohort: Path, tmp_path: Path, kind: str, resend: dict
 ) -> None:
-    """The session read ``server-round`` only when a number (else round 0) while the
-    instruction's pydantic model reads "1" as 1: the cache was looked up under round 0, the
-    charge made under round 1, which the ledger answered with its existing entry (a replay
-    charges nothing), so every resend drew new noise for one charge."""
+    """The session read ``server-round`` only when a number and only under its wire key (else
+    round 0), while the instruction's pydantic model reads "1" as 1 and also takes the field's
+    name ``server_round``: the cache was looked up under round 0, the charge made under round
+    1, which the ledger answered with its existing entry (a replay charges nothing), so every
+    resend drew new noise for one charge."""
     from test_attacks import crafted
 
     site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", budget=1e6)
     toml, state = tmp_path / "site.toml", tmp_path / "state"
     run = RunConfig.from_run_config(ATTACK_RUN)
     answers = []
-    for server_round in (1, "1", "1"):
-        ask = {SERVER_ROUND: server_round, RUN_KEY: "text-round"}
+    for ask in ({SERVER_ROUND: 1}, resend, resend):
         reply = client_app(
-            instruction(run, kind, arrays=crafted(run), **ask), site_context(run, toml)
+            instruction(run, kind, arrays=crafted(run), **ask, **{RUN_KEY: "spelled"}),
+            site_context(run, toml),
         )
-        assert not reply.has_error(), reply.error
+        if reply.has_error() or reply.content[METRICS_KEY].get("refused"):
+            continue  # refused: nothing new left the site
         metrics = dict(reply.content[METRICS_KEY])
-        if kind == "train" and not metrics.get("refused"):
+        if kind == "train":
             arrays = reply.content["arrays"]
             metrics["sha"] = hash(b"".join(arrays[k].numpy().tobytes() for k in sorted(arrays)))
         answers.append(metrics)
-    entries = PrivacyLedger.at(state).entries
-    assert len(entries) == 1  # one charge ...
-    fresh = [a for a in answers[1:] if not a.get("refused") and a != answers[0]]
-    assert not fresh, "a resend under the charged key got a new noisy answer"
+    assert len(PrivacyLedger.at(state).entries) == 1  # one charge ...
+    assert answers and all(a == answers[0] for a in answers), "new noise for one charge"
