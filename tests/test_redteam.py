@@ -348,7 +348,7 @@ def test_a_round_number_spelled_otherwise_does_not_get_fresh_noise_for_one_charg
 
     site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", budget=1e6)
     toml, state = tmp_path / "site.toml", tmp_path / "state"
-    run = RunConfig.from_run_config(ATTACK_RUN)
+    run = RunConfig.from_run_config({**ATTACK_RUN, "batch-subjects": 8})  # q = 1: one answer
     answers = []
     for ask in ({SERVER_ROUND: 1}, resend, resend):
         reply = client_app(
