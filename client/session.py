@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 
 from flwr.app import Context, Message
+from pydantic import TypeAdapter, ValidationError
 
 from biofp_core.audit import AuditLog
 from biofp_core.privacy.ledger import PrivacyLedger
@@ -34,11 +35,19 @@ def message_run_key(message: Message, context: Context) -> str:
     return str(context.run_id)
 
 
+_ROUND = TypeAdapter(int)  # read as the instructions' pydantic models read it ("2" is 2)
+
+
 def message_server_round(message: Message) -> int:
-    """The server round a message names (0 when it names none)."""
+    """The server round a message names (0 when it names none or none an int can be read
+    from), read exactly as the message's instruction reads it: the cached answer is looked up
+    under the round the charge is made under."""
     config = message.content.config_records.get(CONFIG_KEY)
     value = config.get(SERVER_ROUND, 0) if config is not None else 0
-    return int(value) if isinstance(value, int | float) else 0
+    try:
+        return _ROUND.validate_python(value)
+    except ValidationError:
+        return 0
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 
 from biofp_core.audit import arrays_nbytes
 from biofp_core.compression import ErrorFeedback, Scheme
-from biofp_core.errors import DataError, PrivacyBudgetError, SiteLimitError
+from biofp_core.errors import ConfigError, DataError, PrivacyBudgetError, SiteLimitError
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy import DPConfig, poisson_rate
 from biofp_core.privacy.accounting import rdp_epsilon
@@ -240,6 +240,23 @@ def data_counts(data: SiteData) -> dict[str, int | float]:
     }
 
 
+def _same_round(session: SiteSession, server_round: int) -> int:
+    """The instruction's round, which must be the session's: the charge is made under the
+    one and the cached answer looked up under the other.
+
+    Raises
+    ------
+    ConfigError
+        They differ.
+    """
+    if server_round != session.server_round:
+        raise ConfigError(
+            f"server-round {server_round} of the instruction is not the message's round "
+            f"{session.server_round}"
+        )
+    return server_round
+
+
 def train_round(
     session: SiteSession,
     data: SiteData,
@@ -262,6 +279,7 @@ def train_round(
     DataError
         The site has no subject this model can train on, or none was sampled.
     """
+    _same_round(session, instruction.server_round)
     question = instruction_json(instruction.model_dump(by_alias=True))
     with charging(session):  # the same round asked twice at once trains once
         cached = answered_before(
@@ -348,7 +366,7 @@ def evaluate_round(
             f"site {name}: no held-out subject to evaluate on "
             "(a site needs at least 2 subjects and holdout-fraction > 0)"
         )
-    server_round = instruction.server_round
+    server_round = _same_round(session, instruction.server_round)
     question = instruction_json(instruction.model_dump(by_alias=True))
     with charging(session):
         cached = answered_before(

@@ -329,3 +329,66 @@ def test_two_charged_keys_never_share_a_cache_file(tmp_path: Path) -> None:
             got = answered_before(session, kind, global_arrays={}, instruction="{}")
         assert got is not None and got.metrics == {"n": n}
     assert len([p for p in (tmp_path / "replies").iterdir() if p.name != ".lock"]) == 2
+
+
+# ---- red team of issue 11 (one site session per message) -------------------------------------
+
+
+@pytest.mark.parametrize("resend", [{SERVER_ROUND: "1"}, {"server_round": 1}], ids=["text", "name"])
+@pytest.mark.parametrize("kind", ["evaluate", "train"])
+def test_a_round_number_spelled_otherwise_does_not_get_fresh_noise_for_one_charge(
+    cohort: Path, tmp_path: Path, kind: str, resend: dict
+) -> None:
+    """The session read ``server-round`` only when a number and only under its wire key (else
+    round 0), while the instruction's pydantic model reads "1" as 1 and also takes the field's
+    name ``server_round``: the cache was looked up under round 0, the charge made under round
+    1, which the ledger answered with its existing entry (a replay charges nothing), so every
+    resend drew new noise for one charge."""
+    from test_attacks import crafted
+
+    site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", budget=1e6)
+    toml, state = tmp_path / "site.toml", tmp_path / "state"
+    run = RunConfig.from_run_config({**ATTACK_RUN, "batch-subjects": 8})  # q = 1: one answer
+    answers = []
+    for ask in ({SERVER_ROUND: 1}, resend, resend):
+        reply = client_app(
+            instruction(run, kind, arrays=crafted(run), **ask, **{RUN_KEY: "spelled"}),
+            site_context(run, toml),
+        )
+        if reply.has_error() or reply.content[METRICS_KEY].get("refused"):
+            continue  # refused: nothing new left the site
+        metrics = dict(reply.content[METRICS_KEY])
+        if kind == "train":
+            arrays = reply.content["arrays"]
+            metrics["sha"] = hash(b"".join(arrays[k].numpy().tobytes() for k in sorted(arrays)))
+        answers.append(metrics)
+    assert len(PrivacyLedger.at(state).entries) == 1  # one charge ...
+    assert answers and all(a == answers[0] for a in answers), "new noise for one charge"
+
+
+def test_a_noisy_release_never_sends_a_non_finite_fingerprint(cohort: Path, tmp_path: Path) -> None:
+    """The release clipped each row by its norm, which leaves a row holding inf or NaN as NaN,
+    and Gaussian noise does not hide a NaN: weights whose fingerprint overflows or not depending
+    on a record's samples (here: the mean patch sum's sign, pushed over float32's largest value)
+    read one exact bit per released record. A non-finite row now becomes a fixed public one."""
+    from test_attacks import crafted
+
+    from biofp_core.fingerprints.parquet import read_fingerprints
+    from biofp_core.protocol import ARRAYS_KEY, FINGERPRINTS_ARRAY, QUERY_FINGERPRINT
+
+    site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache",
+                release='level = "window"\nclip_norm = 1.0\nepsilon = 2.0')  # fmt: skip
+    run = RunConfig.from_run_config(ATTACK_RUN)
+    arrays = crafted(run)
+    arrays["embed.ecg.proj.weight"][0, :] = 1.0  # token 0: the patch's sum of samples
+    arrays["head.weight"][0, 0], arrays["head.bias"][0] = -3e38, 3e38  # inf iff that sum is low
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1}),
+        site_context(run, tmp_path / "site.toml"),
+    )
+    assert not reply.has_error(), reply.error
+    path = tmp_path / "released.parquet"
+    path.write_bytes(reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes())
+    table, _ = read_fingerprints(path)
+    bad = ~np.isfinite(table.fp).all(axis=1)
+    assert not bad.any(), f"{int(bad.sum())} of {len(bad)} rows not finite"

@@ -84,7 +84,9 @@ class ReleaseReport(BaseModel):
 
 
 def clip_rows(fp: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Each row scaled down to L2 norm <= `clip_norm` (rows already inside are unchanged)."""
+    """Each row scaled down to L2 norm <= `clip_norm` (rows already inside are unchanged); a row
+    holding NaN or inf becomes zero, a public row inside the ball (noise does not hide a NaN)."""
+    fp = np.where(np.isfinite(fp).all(axis=1, keepdims=True), fp, 0.0)
     norms = np.linalg.norm(fp, axis=1, keepdims=True)
     return fp * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
 
