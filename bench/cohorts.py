@@ -49,13 +49,20 @@ from biofp_core.errors import DataError
 from biofp_core.evaluation.handcrafted import handcrafted_features
 from biofp_core.evaluation.probes import probe
 from biofp_core.fingerprints.compute import window_fingerprints
-from biofp_core.site import load_site_config
+from biofp_core.privacy.planner import PlanError, plan_privacy
+from biofp_core.site import PrivacyBudget, load_site_config
 from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
-from client.site_data import SimulationSites
+from client.site_data import SimulationSites, load_site_data
 from simulations.downstream import cross_modal_reconstruction, load_study_sites
 from simulations.public import cohort_config
-from simulations.run import SimulationConfig, load_simulation_config, prepare_sites, simulate
+from simulations.run import (
+    RunSummary,
+    SimulationConfig,
+    load_simulation_config,
+    prepare_sites,
+    simulate,
+)
 
 log = logging.getLogger("cohorts")
 
@@ -252,20 +259,60 @@ def _sim(cfg: SimulationConfig, out: Path, **update) -> SimulationConfig:
     return cfg.model_copy(update={"out": out, "sites_dir": None, "run": run, **update})
 
 
-def train(cfg: SimulationConfig, label: str) -> dict:
+def train(cfg: SimulationConfig, label: str, *, reuse: bool = False) -> dict:
     """Run one simulation; its model path, wall time, losses and per-site ε."""
     t0 = time.perf_counter()
+    done = cfg.out / "summary.json"
+    if reuse and done.is_file():  # a completed run of an earlier call (same --out): its model
+        summary = RunSummary.model_validate_json(done.read_text())
+        if summary.status == "completed" and summary.model_path is not None:
+            log.warning("reusing %s from %s", label, cfg.out)
+            return _summary_row(summary, summary.wall_s)
     log.warning("training %s -> %s", label, cfg.out)
     try:
         summary = simulate(cfg)
     except Exception as exc:  # a failed run is a row of the table, not the end of the bench
         log.warning("%s failed: %s", label, exc)
         return {"error": str(exc), "wall_s": time.perf_counter() - t0}
+    return _summary_row(summary, time.perf_counter() - t0)
+
+
+def _summary_row(summary: RunSummary, wall_s: float) -> dict:
     return {
-        "model": str(summary.model_path), "wall_s": time.perf_counter() - t0,
+        "model": str(summary.model_path), "wall_s": wall_s,
         "rounds": summary.rounds, "train_loss": summary.train_loss, "eval_loss": summary.eval_loss,
         "epsilon": {s.name: s.ledger.epsilon for s in summary.sites},
     }  # fmt: skip
+
+
+def planned(
+    base: SimulationConfig, out: Path, epsilon: float, train_subjects: dict[str, int]
+) -> tuple[SimulationConfig | None, dict]:
+    """The federated DP run at budget ε per site: σ (and, if even σ_max cannot pay for them,
+    fewer local steps) from the privacy planner for the site with the fewest training subjects
+    (it spends the most), the run's rounds, batch and evaluations; no probe queries (they would
+    spend the budget the curve is about)."""
+    n = min(train_subjects.values())
+    limits = PrivacyBudget.model_validate({**base.site_privacy, "epsilon": epsilon})
+    try:
+        plan = plan_privacy(
+            n, epsilon, delta=base.delta, rounds=base.run.num_rounds,
+            batch=min(float(base.run.batch_subjects), n), limits=limits,
+            max_steps_per_round=base.run.local_steps,
+        )  # fmt: skip
+    except PlanError as exc:
+        return None, {"error": str(exc)}
+    run = {"noise_multiplier": plan.noise_multiplier, "local_steps": plan.steps_per_round,
+           "probe_tasks": ""}  # fmt: skip
+    info = {
+        "plan": {
+            "subjects": n,
+            "sigma": plan.noise_multiplier,
+            "steps_per_round": plan.steps_per_round,
+            "epsilon": plan.epsilon_total,
+        }
+    }
+    return _sim(base, out, epsilon=epsilon, run=run), info  # fmt: skip
 
 
 def untrained_model(cfg: SimulationConfig, out: Path) -> dict:
@@ -298,7 +345,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, help="override local-steps")
     p.add_argument("--run", default="{}", help="JSON of more [run] overrides (all models)")
     p.add_argument("--epsilons", default="", help="extra budgets for the ε curve, e.g. 1,2,4")
-    p.add_argument("--skip", default="", help="comma list: local, nodp, pooled, ablation, recon")
+    skips = "local, nodp, pooled, ablation, recon, baselines (untrained and hand-crafted)"
+    p.add_argument("--skip", default="", help=f"comma list of: {skips}")
+    p.add_argument("--reuse", action="store_true", help="keep completed runs found in --out")
+    p.add_argument("--repeats", type=int, help="fold draws per probe (default 1 quick, 3 full)")
     p.add_argument("--out", type=Path, default=Path("/tmp/biofp-cohorts"))
     p.add_argument("--name", help="results file stem (default cohorts[-quick])")
     return p.parse_args()
@@ -341,16 +391,28 @@ def main() -> None:
                 base, out / f"local-{site.name}", public_sites=[site], sites=1,
                 run={"min_sites": 1},
             )  # fmt: skip
+    manifest = prepare_sites(base)  # the federated DP run's folders: its held-out split too
+    train_subjects = {
+        load_site_config(ref.site_config).name: len(
+            load_site_data(ref, holdout_fraction=base.run.holdout_fraction).train
+        )
+        for ref in manifest.sites
+    }
+    curve: dict[str, dict] = {}
     for eps in filter(None, args.epsilons.split(",")):
-        plans[f"{FED_DP} ε={eps}"] = _sim(base, out / f"fed-dp-eps{eps}", epsilon=float(eps))
-    models: dict[str, dict] = {UNTRAINED: untrained_model(base, out)}
+        label = f"{FED_DP} ε={eps}"
+        cfg, curve[label] = planned(base, out / f"fed-dp-eps{eps}", float(eps), train_subjects)
+        if cfg is not None:
+            plans[label] = cfg
+    models: dict[str, dict] = {}
+    if "baselines" not in skip:
+        models[UNTRAINED] = untrained_model(base, out)
     for label, cfg in plans.items():
-        models[label] = train(cfg, label)
+        models[label] = {**train(cfg, label, reuse=args.reuse), **curve.get(label, {})}
     t_train = time.perf_counter() - t_start
 
-    # evaluation sites: the federated DP run's own folders (its held-out split)
-    manifest = prepare_sites(base)
-    probe_args = {"folds": 5, "repeats": 1 if args.quick else 3, "seed": 0,
+    repeats = args.repeats or (1 if args.quick else 3)
+    probe_args = {"folds": 5, "repeats": repeats, "seed": 0,
                   "n_boot": 100 if args.quick else 200}  # fmt: skip
     results: dict[str, dict[str, dict]] = {}
     feature_s: dict[str, float] = {}
@@ -358,9 +420,10 @@ def main() -> None:
     for ref in manifest.sites:
         site = site_rows(ref.site_config, data_root, set())
         t0 = time.perf_counter()
-        results.setdefault(HANDCRAFTED, {})[site.name] = probe_site(
-            site, handcrafted_matrix(site), probe_args
-        )
+        if "baselines" not in skip:
+            results.setdefault(HANDCRAFTED, {})[site.name] = probe_site(
+                site, handcrafted_matrix(site), probe_args
+            )
         feature_s[site.name] = time.perf_counter() - t0
         for label, m in models.items():
             if "model" not in m:
@@ -413,8 +476,13 @@ def table_rows(results: dict, models: dict, recon: dict) -> list[tuple[str, str,
                     target = "main task"
                 rows.append((f"{site} {task.name}: {label}", _fmt(r), target))
     for label, m in models.items():
-        if "epsilon" in m:
+        if label == POOLED and "wall_s" in m:
+            rows.append((f"trained: {label}", f"{m['wall_s']:.0f} s", "no site ledger charged"))
+        elif "epsilon" in m:
             eps = ", ".join(f"{k} {v:.2f}" for k, v in m["epsilon"].items())
+            plan = m.get("plan")
+            if plan:
+                eps = f"σ {plan['sigma']:g} x {plan['steps_per_round']} steps; {eps}"
             rows.append((f"ε spent: {label}", f"{m['wall_s']:.0f} s", eps))
         elif "error" in m:
             rows.append((f"training {label}", "failed", m["error"][:60]))
