@@ -196,6 +196,14 @@ def fingerprint_matrix(site: SiteRows, model_path: Path) -> np.ndarray:
     return table.fp
 
 
+def _number(cell: str) -> float:
+    """A numeric label; BIDMC writes ages over 89 as '90+' (read as 90); NaN if none."""
+    try:
+        return float(cell.rstrip("+")) if cell else math.nan
+    except ValueError:
+        return math.nan
+
+
 def _target(site: SiteRows, task: Task) -> tuple[np.ndarray, tuple[str, ...]]:
     """Per-row label (class index or value; NaN where unknown) and class names."""
     if task.column in ("hr", "rr"):
@@ -203,7 +211,7 @@ def _target(site: SiteRows, task: Task) -> tuple[np.ndarray, tuple[str, ...]]:
         return site.numerics[:, 0 if task.column == "hr" else 1], ()
     cells = [row.get(task.column, "").strip() for row in site.label]
     if task.kind == "regression":
-        return np.array([float(c) if c else np.nan for c in cells]), ()
+        return np.array([_number(c) for c in cells]), ()
     if task.kind == "binary":
         if task.column == "diabetes":  # empty cell: no diabetes
             return np.array([1.0 if c in task.positive else 0.0 for c in cells]), ("no", "yes")
@@ -336,11 +344,18 @@ def reconstruction(cfg: SimulationConfig, model: str) -> dict:
 # ---- main ---------------------------------------------------------------------------------
 
 
+def _caps(text: str) -> dict[str, int]:
+    """'N' (every site) or 'site=N,site=N' -> {site or '*': N}."""
+    if "=" not in text:
+        return {"*": int(text)}
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="public-quick.toml, fewer fold draws")
     p.add_argument("--config", type=Path, help="another sim.toml of the public federation")
-    p.add_argument("--max-subjects", type=int, help="cap every site at this many subjects")
+    p.add_argument("--max-subjects", help="N (every site) or site=N,...: subjects per site")
     p.add_argument("--rounds", type=int, help="override num-rounds")
     p.add_argument("--local-steps", type=int, help="override local-steps")
     p.add_argument("--run", default="{}", help="JSON of more [run] overrides (all models)")
@@ -372,8 +387,13 @@ def main() -> None:
         run=run,
     )  # fmt: skip
     if args.max_subjects:
-        sites = [s.model_copy(update={"max_subjects": min(args.max_subjects, s.max_subjects or
-                 10**9)}) for s in base.public_sites]  # fmt: skip
+        caps = _caps(args.max_subjects)
+        sites = [
+            s.model_copy(update={"max_subjects": min(caps.get(s.name, caps.get("*", 10**9)),
+                                                     s.max_subjects or 10**9)})
+            if s.name in caps or "*" in caps else s
+            for s in base.public_sites
+        ]  # fmt: skip
         base = base.model_copy(update={"public_sites": sites})
     nodp = {"dp": False}  # with ε = inf: a site with a finite budget refuses non-DP training
     options = json.loads(base.run.model_options or "{}")
@@ -409,6 +429,8 @@ def main() -> None:
         models[UNTRAINED] = untrained_model(base, out)
     for label, cfg in plans.items():
         models[label] = {**train(cfg, label, reuse=args.reuse), **curve.get(label, {})}
+    for label, info in curve.items():  # a budget with no plan: its reason
+        models.setdefault(label, info)
     t_train = time.perf_counter() - t_start
 
     repeats = args.repeats or (1 if args.quick else 3)
