@@ -3,17 +3,17 @@ long a new round takes to show on an open run page.
 
 .venv/bin/python bench/dashboard.py [--sites 50] [--rounds 20] [--repeats 5]
 
-The run directory is synthesised with the server's own models (``server.report.RunReport`` and
-its rounds and sites, ``server.config.RunConfig``, ``simulations.run.SimulationConfig``), so its
+The run directory is synthesised with the server's own models (``server.report.RunReport`` and its
+rounds and sites, ``biofp_core.protocol.RunConfig``, ``simulations.run.SimulationConfig``), so its
 ``metrics.json`` has exactly the schema a real run writes: every site with a loss and a growing ε,
-a few refusals (budget), failures (with a reason) and time-outs. ``biofp dashboard`` serves it
-from its own process; Debian's headless Chromium (Playwright) loads each page ``--repeats``
-times in a fresh browser context (empty cache). Time to first render is the page's
-``biofp-first-render`` performance mark (navigation start to the first data drawn: HTML,
-scripts, the first API response and the render); page weight is the bytes of every response
-the page loaded (``encodedBodySize``: gzip where the server compressed). Update latency: with the
-run page open on round ``rounds - 1``, round ``rounds`` is written (atomically, as the server
-does) and the time until the page shows it is measured; repeated ``--repeats`` times.
+a few refusals (budget), failures (with a reason) and time-outs. ``biofp dashboard`` serves it from
+its own process; Debian's headless Chromium (Playwright) loads each page ``--repeats`` times in a
+fresh browser context (empty cache). Time to first render is the page's ``biofp-first-render``
+performance mark (navigation start to the first data drawn: HTML, scripts, the first API response
+and the render); page weight is the bytes of every response the page loaded (``encodedBodySize``:
+gzip where the server compressed). Update latency: with the run page open on round ``rounds - 1``,
+round ``rounds`` is written (atomically, as the server does) and the time until the page shows it
+is measured; repeated ``--repeats`` times.
 Targets: first render <= 1 s, update <= 2 s.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common import report
 
-from server.config import RunConfig
+from biofp_core.protocol import RunConfig
 from server.report import RoundMetrics, RunReport, SiteRound
 from simulations.run import SimulationConfig
 
@@ -118,7 +118,7 @@ def main() -> None:
     one_less = full.model_copy(update={"rounds": full.rounds[:-1], "status": "running"})
     metrics_bytes = (run_dir / "metrics.json").stat().st_size
     port = free_port()
-    biofp = [sys.executable, "-m", "biofp_core"]
+    biofp = [sys.executable, "-m", "biofp_cli"]
     server = subprocess.Popen([*biofp, "dashboard", "--runs", str(tmp / "runs"),
                                "--port", str(port)], stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"

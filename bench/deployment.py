@@ -52,6 +52,11 @@ from localfed import (  # noqa: E402  (the shared harness lives with the tests)
 from biofp_core.audit import AuditLog  # noqa: E402
 
 
+def _per_site(label: str, seconds: dict[str, float]) -> list[tuple[str, str, str]]:
+    """One table row per site: `label (site)` and its seconds."""
+    return [(f"{label} ({name})", f"{s:.1f} s", "-") for name, s in sorted(seconds.items())]
+
+
 def run_overrides(rounds: int, smoke: bool) -> dict:
     """The run both deployments execute (hyphenated run-config keys)."""
     run = {
@@ -142,10 +147,8 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
         *((f"image size {name.split('/')[-1]}", f"{b / 1e6:.0f} MB", "report")
           for name, b in size.items()),
         ("server container start -> port open", f"{found['server_start_s']:.1f} s", "-"),
-        *((f"site container created (buildah from, vfs) {n}", f"{s:.1f} s", "-")
-          for n, s in sorted(found["site_create_s"].items())),
-        *((f"site container start -> first round served ({n})", f"{s:.1f} s", "-")
-          for n, s in sorted(found["first_round_s"].items())),
+        *_per_site("site container created (buildah from, vfs)", found["site_create_s"]),
+        *_per_site("site container start -> first round served", found["first_round_s"]),
         ("plain process start -> first round served (mean)",
          f"{statistics.mean(plain['first_round_s'].values()):.1f} s", "-"),
         ("round wall in containers, rounds 2..R (mean)", f"{box_round:.2f} s", "-"),
@@ -200,8 +203,7 @@ def main() -> None:
     sim_round = statistics.mean(sim["rounds"][1:])
     ratio = dep_round / sim_round
     rows = [
-        *((f"client start -> first round served ({name})", f"{s:.1f} s", "-")
-          for name, s in sorted(dep["first_round_s"].items())),
+        *_per_site("client start -> first round served", dep["first_round_s"]),
         ("deployed round wall, TLS + auth, rounds 2..R (mean)", f"{dep_round:.2f} s", "-"),
         ("deployed round wall, --insecure (mean)", f"{plain_round:.2f} s", "-"),
         ("simulated round wall, rounds 2..R (mean)", f"{sim_round:.2f} s", "-"),

@@ -61,7 +61,7 @@ def dp_step(model: M2AE, bags: list, cfg: TrainConfig, mode: str, skip: bool) ->
         warnings.simplefilter("ignore")
         private = PrivateTraining(
             model, optimizer, bags, dp=DPConfig(seed=0, grad_sample_mode=mode),
-            batch_subjects=len(bags), steps=1, collate_fn=collate_bags,
+            sample_rate=1.0, steps=1, collate_fn=collate_bags,
         )  # fmt: skip
     if not skip:
         for layer in model.modules():

@@ -56,11 +56,11 @@ from biofp_core.fingerprints.pseudonyms import KEY_FILENAME, SiteKey
 from biofp_core.fingerprints.table import FingerprintTable, concat
 from biofp_core.models.m2ae import M2AE, M2AEConfig
 from biofp_core.privacy import DPConfig
+from biofp_core.protocol import RunConfig
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.store import WindowStore
 from biofp_core.training import TrainConfig, train_local
 from biofp_core.validate import open_site_store
-from server.config import RunConfig
 
 MODEL = {"width": 64, "heads": 4, "decoder_width": 32, "modality_depth": 1, "fusion_depth": 1}
 SMOKE_MODEL = {**MODEL, "width": 32, "heads": 2, "decoder_width": 16}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import biofp_core
-from biofp_core.errors import ArtifactError, BioFPError
+from biofp_core.config import parse_versioned
+from biofp_core.errors import ArtifactError, BioFPError, first_error
+from biofp_core.fsutil import fsync_path, write_temp
 from biofp_core.models.base import BioFPModel
 
 FORMAT_VERSION = 1  # bump when the card or weights layout changes incompatibly
@@ -120,20 +121,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _stage(target: Path, data: bytes) -> Path:
-    """Write `data` to a fsync'ed temporary file next to `target`; return its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def save_model(
     model: BioFPModel, path: Path | str, card: ModelCard | dict[str, Any] | None = None
 ) -> Path:
@@ -177,9 +164,10 @@ def save_model(
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         for target, data in ((weights_path, blob), (card_path, card_bytes)):
-            staged.append(_stage(target, data))
+            staged.append(write_temp(target, data))
         os.replace(staged[0], weights_path)
         os.replace(staged[1], card_path)
+        fsync_path(weights_path.parent)
     except OSError as err:
         raise ArtifactError(f"{weights_path}: cannot write artifact ({err})") from err
     finally:
@@ -194,24 +182,14 @@ def _read_card(card_path: Path) -> ModelCard:
         raw = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{card_path}: model card is not valid JSON ({err})") from err
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{card_path}: card format {version} is newer than this BioFP supports "
-            f"({FORMAT_VERSION}); upgrade biofp"
-        )
-    try:
-        return ModelCard.model_validate(raw)
-    except ValidationError as err:
-        raise ArtifactError(f"{card_path}: invalid model card ({_first_error(err)})") from err
-
-
-def _first_error(err: ValidationError) -> str:
-    """'loc: message' of the first pydantic error, plus how many more there are."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "card"
-    more = f" and {err.error_count() - 1} more" if err.error_count() > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
+    return parse_versioned(
+        ModelCard,
+        raw,
+        newest=FORMAT_VERSION,
+        path=card_path,
+        what="model card",
+        error=ArtifactError,
+    )
 
 
 def _build(card: ModelCard, card_path: Path) -> BioFPModel:
@@ -224,7 +202,7 @@ def _build(card: ModelCard, card_path: Path) -> BioFPModel:
     try:
         return build_model(card.model, card.config)
     except (BioFPError, ValidationError) as err:
-        reason = _first_error(err) if isinstance(err, ValidationError) else err
+        reason = first_error(err, "card") if isinstance(err, ValidationError) else err
         raise ArtifactError(f"{card_path}: config does not match the code ({reason})") from err
 
 

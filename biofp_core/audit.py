@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from biofp_core.errors import BioFPError
-from biofp_core.fsutil import fsync_path
+from biofp_core.errors import BioFPError, first_error
+from biofp_core.fsutil import fsync_path, write_all_synced
 
 AUDIT_FILENAME = "audit.jsonl"
 
@@ -96,10 +96,7 @@ class AuditLog:
                 # the last line was torn by a crash: do not glue onto it, and say so
                 torn = entry.model_copy(update={"after_torn_bytes": _torn_tail(fd, size)})
                 line = b"\n" + torn.model_dump_json().encode() + b"\n"
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_all_synced(fd, line)
         finally:
             os.close(fd)  # also releases the lock
         if created:
@@ -120,10 +117,9 @@ class AuditLog:
             try:
                 out.append(AuditEntry.model_validate_json(line))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"]) or "line"
+                reason = first_error(exc, "line")
                 raise AuditLogError(
-                    f"{self.path}:{lineno}: corrupt audit entry ({where}: {err['msg']})"
+                    f"{self.path}:{lineno}: corrupt audit entry ({reason})"
                 ) from None
         return out
 

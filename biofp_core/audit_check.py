@@ -17,6 +17,7 @@ Each violation is one line naming the check and the audit line (1-based, as in t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -47,6 +48,14 @@ def _is_train(entry: AuditEntry) -> bool:
     return entry.message_type.partition(".")[0] == "train"
 
 
+def _each_line(
+    audit: list[AuditEntry], check: str, problem: Callable[[AuditEntry], str | None]
+) -> list[Violation]:
+    """A violation of `check` for each audit line whose `problem` is not None."""
+    lines = ((i, problem(e)) for i, e in enumerate(audit, start=1))
+    return [Violation(check=check, line=i, problem=p) for i, p in lines if p is not None]
+
+
 def check_ledger_links(audit: list[AuditEntry], ledger: list[LedgerEntry]) -> list[Violation]:
     """Check 1: training replies with arrays and training charges match one to one."""
     charged = {(e.run_id, e.server_round) for e in ledger if e.kind == "train"}
@@ -68,16 +77,14 @@ def check_ledger_links(audit: list[AuditEntry], ledger: list[LedgerEntry]) -> li
 
 def check_metric_keys(audit: list[AuditEntry]) -> list[Violation]:
     """Check 2: only allowed metric keys per message type."""
-    out = []
-    for i, e in enumerate(audit, start=1):
+
+    def problem(e: AuditEntry) -> str | None:
         if e.message_type == RELEASE_MESSAGE:  # a file written at the site: its keys are columns
-            continue
+            return None
         bad = [k for k in e.metric_keys if not is_allowed_reply_key(e.message_type, k)]
-        if bad:
-            out.append(Violation(check="metric-keys", line=i, problem=(
-                f"{e.message_type} reply named key(s) not allowed: {', '.join(bad)}"
-            )))  # fmt: skip
-    return out
+        return f"{e.message_type} reply named key(s) not allowed: {', '.join(bad)}" if bad else None
+
+    return _each_line(audit, "metric-keys", problem)
 
 
 def check_payload(audit: list[AuditEntry]) -> list[Violation]:
@@ -117,14 +124,14 @@ def check_epsilon(audit: list[AuditEntry], ledger_epsilon: float) -> list[Violat
 
 def check_notes(audit: list[AuditEntry]) -> list[Violation]:
     """Check 5: refusals and errors carry their reason."""
-    out = []
-    for i, e in enumerate(audit, start=1):
+
+    def problem(e: AuditEntry) -> str | None:
         refusal_or_error = (_is_train(e) and not e.arrays_sha256) or not e.metric_keys
         if refusal_or_error and not (e.note and e.note.strip()):
-            out.append(Violation(check="notes", line=i, problem=(
-                f"{e.message_type} reply without arrays or metrics has no note (reason)"
-            )))  # fmt: skip
-    return out
+            return f"{e.message_type} reply without arrays or metrics has no note (reason)"
+        return None
+
+    return _each_line(audit, "notes", problem)
 
 
 def check_audit(

@@ -26,15 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.protocol import PACKED_KEY, SCALES_KEY
-
-Scheme = Literal["none", "fp16", "int8"]
-SCHEMES: tuple[str, ...] = get_args(Scheme)
+from biofp_core.protocol.keys import PACKED_KEY, SCALES_KEY, SCHEMES, Scheme
 
 _INT8_LEVELS = 127  # symmetric: q in [-127, 127], so -x encodes exactly as -q
 _FP16_MAX = float(np.finfo(np.float16).max)

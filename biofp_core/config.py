@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from biofp_core.errors import BioFPError, ConfigError, first_error
+
+M = TypeVar("M", bound=BaseModel)
 
 # Channel names are compared after lower-casing and stripping everything but letters and digits,
 # so 'II,' == 'ii' and 'PLETH' == 'pleth' == 'Pleth.'.
@@ -18,6 +25,37 @@ DEFAULT_ECG_ALIASES: tuple[str, ...] = (
 # Not "pulse": in MIMIC/BIDMC monitor numerics PULSE is the pulse rate (bpm), not a waveform.
 DEFAULT_PPG_ALIASES: tuple[str, ...] = ("pleth", "ppg", "plethysmogram", "spo2wave", "pl")
 LEAD_II_ALIASES: frozenset[str] = frozenset({"ii", "ecgii", "leadii", "ecg2", "mlii"})
+
+
+def read_toml(path: Path, what: str, error: type[BioFPError] = ConfigError) -> dict[str, Any]:
+    """The top-level table of the TOML file `path` (a `what`, e.g. 'site config'); `error`
+    naming the file when it is missing or not valid TOML."""
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: invalid TOML: {exc}") from None
+
+
+def parse_versioned(
+    model: type[M], doc: object, *, newest: int, path: Path, what: str, error: type[BioFPError]
+) -> M:
+    """`doc` (parsed JSON, a `what` read from `path`) validated as `model`.
+
+    A ``format_version`` newer than `newest` is reported first (a newer BioFP wrote the file: its
+    fields may differ), then the first invalid field; both as `error`, one line naming the file.
+    """
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if isinstance(version, int) and version > newest:
+        raise error(
+            f"{path}: {what} format {version} is newer than this BioFP reads ({newest}); "
+            "upgrade biofp"
+        )
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise error(f"{path}: invalid {what} ({first_error(exc, what)})") from None
 
 
 def one_of(kind: str, value: str, choices: Iterable[str]) -> str:

@@ -2,9 +2,9 @@
 
 A coordinator describes the SuperLink in ``server.toml``; a hospital adds a ``[federation]``
 section to its ``site.toml``. Both are parsed once, here, into pydantic models with relative paths
-resolved against the TOML file (:mod:`biofp_core.preflight` checks them before anything starts).
-Nothing here imports Flower; ``server/launch.py`` and ``client/launch.py`` turn these models into
-Flower command lines.
+resolved against the TOML file (:mod:`biofp_cli.preflight` checks them before anything starts).
+Nothing here imports Flower; :mod:`biofp_cli.superlink` and :mod:`biofp_cli.supernode` turn
+these models into Flower command lines.
 
 ``server.toml``::
 
@@ -34,14 +34,14 @@ Flower command lines.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from biofp_core.errors import BioFPError
+from biofp_core.config import read_toml
+from biofp_core.errors import BioFPError, first_error
 
 DEFAULT_PORT = 9092
 RUNTIME_PORT_BASE = 20000  # derived runtime ports: RUNTIME_PORT_BASE + hash(state folder) % SPAN
@@ -186,12 +186,6 @@ class ServerConfig(BaseModel):
         return f"[{host}]:{self.superlink.port}" if ":" in host else f"{host}:{self.superlink.port}"
 
 
-def _first_error(path: Path, exc: ValidationError) -> DeploymentError:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    return DeploymentError(f"{path}: {where}: {str(err['msg']).removeprefix('Value error, ')}")
-
-
 def _resolve(section: dict[str, Any], keys: tuple[str, ...], base: Path) -> None:
     for key in keys:
         if isinstance(section.get(key), str):
@@ -208,16 +202,11 @@ def resolve_federation_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def load_server_config(path: Path) -> ServerConfig:
     """Read ``server.toml``; relative paths are resolved against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise DeploymentError(f"{path}: server config not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DeploymentError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path, "server config", DeploymentError)
     for section, keys in _SERVER_PATHS.items():
         if isinstance(raw.get(section), dict):
             _resolve(raw[section], keys, path.parent.resolve())
     try:
         return ServerConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _first_error(path, exc) from None
+        raise DeploymentError(f"{path}: {first_error(exc)}") from None

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class BioFPError(Exception):
@@ -56,3 +61,28 @@ class PrivacyBudgetError(BioFPError):
 
 class SiteLimitError(PrivacyBudgetError):
     """The server asks for something beyond a limit the site pinned in its ``[privacy]``."""
+
+
+def one_line(text: object, limit: int | None = 300) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters with '...'."""
+    line = " ".join(str(text).split())
+    if limit is None or len(line) <= limit:
+        return line
+    return line[: limit - 3] + "..."
+
+
+def first_error(
+    exc: ValidationError, default: str | None = "config", key: Callable[[str], str] = str
+) -> str:
+    """'where: message' of the first pydantic error in `exc`, the one line a user reads.
+
+    `where` is the dotted location (each part passed through `key`), or `default` when the error
+    is about the whole document (None: the message alone). pydantic's 'Value error, ' prefix is
+    dropped and an unexpected key is called an 'unknown key'.
+    """
+    err = exc.errors()[0]
+    where = ".".join(key(str(p)) for p in err["loc"]) or default
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}" if where else message

@@ -1,5 +1,6 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of either) and an
-exclusive lock file for work that must not run twice at once."""
+"""Durable file writes, the only place BioFP calls ``os.fsync``: atomic replacement (a reader
+sees the old file or the new one, never half of either), fsync'ed appends, and an exclusive lock
+file for work that must not run twice at once."""
 
 from __future__ import annotations
 
@@ -20,20 +21,44 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` durably: a temporary file in the same folder, fsync, os.replace,
-    then fsync of the folder, so after a crash the file is the old one or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+def write_all_synced(fd: int, data: bytes) -> None:
+    """Write all of `data` to the open descriptor `fd` and fsync it (an append-only log, a file
+    created exclusively); the caller opens and closes `fd`."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def write_temp(target: Path, data: bytes, *, mode: int = 0o600) -> Path:
+    """`data` in a fsync'ed temporary file next to `target` (same folder, so a rename onto
+    `target` is atomic), created with mode 0600 and then given `mode`; its path."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            write_all_synced(fd, data)
+        finally:
+            os.close(fd)
+        if mode != 0o600:
+            os.chmod(tmp, mode)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write `data` to `path` durably: a temporary file in the same folder, fsync, os.replace,
+    then fsync of the folder, so after a crash the file is the old one or the new one. The file
+    never has a wider mode than `mode`, not even briefly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_temp(path, data, mode=mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
 

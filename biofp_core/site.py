@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from biofp_core.config import ChannelAliases, PreprocessConfig
+from biofp_core.config import ChannelAliases, PreprocessConfig, read_toml
 from biofp_core.deployment import FederationConfig, resolve_federation_paths
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import ConfigError, DataError, first_error
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.signals.channels import normalise_name
 from biofp_core.signals.formats import ReaderConfig
@@ -188,12 +180,7 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: site config not found")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raw = read_toml(path, "site config")
         raw = raw.get("site", raw)
         base = path.parent
     if data_dir is not None:
@@ -210,9 +197,7 @@ def load_site_config(path: Path | None = None, *, data_dir: Path | None = None) 
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise ConfigError(f"{path or 'site config'}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{path or 'site config'}: {first_error(exc)}") from None
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -239,10 +224,12 @@ def read_subject_map(path: Path) -> dict[str, str]:
     return {r["record"].strip(): r["subject"].strip() for r in rows}
 
 
-def read_labels(
+def check_label_ids(
     path: Path, *, subjects: set[str] | None = None, records: set[str] | None = None
 ) -> tuple[str, list[dict[str, str]]]:
-    """Rows of a labels CSV keyed by `subject` (preferred) or `record`.
+    """Rows of a labels CSV keyed by raw `subject` (preferred) or `record` id, each id checked
+    against the site's own (``biofp site validate``); evaluation reads labels with
+    ``biofp_core.evaluation.read_labels``, which pseudonymises them.
 
     Raises DataError when the key column is missing or a row names an unknown subject/record.
     """

@@ -19,14 +19,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from biofp_core.errors import DataError
 from biofp_core.models.base import Batch, BioFPModel, SubjectWindows
-from biofp_core.privacy import DPConfig, PrivacyReport, PrivateTraining
+from biofp_core.privacy import DPConfig, PrivacyReport, PrivateTraining, poisson_rate
 from biofp_core.privacy.mechanisms import NoisyLossSums, metric_rows, noise_rng
 
 logger = logging.getLogger(__name__)
@@ -38,28 +38,18 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int | None = Field(None, ge=1, description="optimizer steps; default one epoch")
-    epochs: int | None = Field(None, ge=1, description="passes over the subjects, instead of steps")
     batch_subjects: int = Field(16, ge=1, description="subjects per step (expected, under DP)")
     bag_size: int = Field(16, ge=1, description="K, windows per subject's bag")
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     seed: int = 0
-    max_grad_norm: float | None = Field(None, gt=0, description="batch gradient clip, non-DP only")
     proximal_mu: float | None = Field(None, ge=0, description="FedProx: mu/2 ||w - w_ref||^2")
 
-    @model_validator(mode="after")
-    def _one_length(self) -> TrainConfig:
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give steps or epochs, not both")
-        return self
-
     def total_steps(self, n_subjects: int) -> int:
-        """Steps of this run; an epoch is ceil(n_subjects / batch_subjects) steps."""
+        """Steps of this run: `steps`, else one epoch, ceil(n_subjects / batch_subjects) steps."""
         if self.steps is not None:
             return self.steps
-        return (self.epochs or 1) * math.ceil(n_subjects / self.batch_subjects)
+        return math.ceil(n_subjects / self.batch_subjects)
 
 
 @dataclass(frozen=True)
@@ -118,11 +108,9 @@ def collate_bags(items: list[dict[str, Tensor]]) -> Batch:
 def _make_optimizer(model: BioFPModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=0.0)  # AdamW's own default would decay
 
 
 class _Proximal:
@@ -178,20 +166,17 @@ class _Meter:
 
 
 def _plain_step(
-    model: BioFPModel, optimizer: torch.optim.Optimizer, loss: Tensor, cfg: TrainConfig,
-    after_grad: Callable[[], None] | None,
-) -> None:  # fmt: skip
+    optimizer: torch.optim.Optimizer, loss: Tensor, after_grad: Callable[[], None] | None
+) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.mean().backward()
-    if cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     if after_grad is not None:
         after_grad()
     optimizer.step()
 
 
 def _loop(
-    model: BioFPModel, batches: Iterator[Batch | None], steps: int, cfg: TrainConfig,
+    model: BioFPModel, batches: Iterator[Batch | None], steps: int,
     optimizer: torch.optim.Optimizer, private: PrivateTraining | None, prox: _Proximal | None,
     progress: bool, sums: NoisyLossSums | None,
 ) -> _Meter:  # fmt: skip
@@ -215,7 +200,7 @@ def _loop(
                 meter.add(loss, terms, step)
             else:
                 loss, terms = model.loss(batch)
-                _plain_step(model, optimizer, loss, cfg, prox)
+                _plain_step(optimizer, loss, prox)
                 meter.add(loss, terms, step)
             if progress:
                 bar.update(task, advance=1, description=f"{model.name} loss {meter.last:.4f}")
@@ -234,6 +219,7 @@ def train_local(
     dp: DPConfig | None = None,
     metric_noise: MetricNoise | None = None,
     ledger_history: Sequence[Sequence[float]] | None = None,
+    sample_rate: float | None = None,
     reference: Mapping[str, Tensor] | None = None,
     progress: bool = False,
 ) -> TrainResult:
@@ -254,6 +240,10 @@ def train_local(
         the estimate as ``noisy_loss``/``noisy_terms``.
     ledger_history
         Accountant history of earlier rounds/runs, continued under DP.
+    sample_rate
+        Under DP: q, the Poisson rate of subjects per step, as the caller charged it (a site's
+        round plan); default :func:`~biofp_core.privacy.dp.poisson_rate` of
+        ``cfg.batch_subjects`` and the subjects that can train.
     reference
         FedProx reference weights (state dict); default the weights at the start of this call.
     progress
@@ -271,8 +261,10 @@ def train_local(
         prox = _Proximal(model, cfg.proximal_mu, reference) if cfg.proximal_mu else None
         private = None
         if dp is not None:
+            if sample_rate is None:
+                sample_rate = poisson_rate(cfg.batch_subjects, len(dataset))
             private = PrivateTraining(
-                model, optimizer, dataset, dp=dp, batch_subjects=cfg.batch_subjects, steps=steps,
+                model, optimizer, dataset, dp=dp, sample_rate=sample_rate, steps=steps,
                 collate_fn=collate_bags, history=ledger_history,
             )  # fmt: skip
         model.train()
@@ -284,7 +276,7 @@ def train_local(
                 sums = NoisyLossSums(
                     clip=metric_noise.clip, noise_multiplier=metric_noise.noise_multiplier, rng=rng
                 )
-            meter = _loop(model, batches, steps, cfg, optimizer, private, prox, progress, sums)
+            meter = _loop(model, batches, steps, optimizer, private, prox, progress, sums)
         finally:
             if private is not None:
                 private.close()

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from biofp_core.errors import DataError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.site import SiteConfig, read_labels, read_subject_map
+from biofp_core.site import SiteConfig, check_label_ids, read_subject_map
 from biofp_core.store import WindowStore, build_store
 
 
@@ -156,7 +156,7 @@ def validate_site(
     rows.sort(key=lambda r: r.record_id)
     labels = None
     if config.labels_csv is not None:
-        key, label_rows = read_labels(
+        key, label_rows = check_label_ids(
             config.labels_csv,
             subjects={r.subject_id for r in m.records},
             records={r.record_id for r in m.records},

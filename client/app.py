@@ -2,8 +2,9 @@
 
 Flower calls ``train`` and ``evaluate`` with the global arrays, and after the last round the
 queries ``query.fingerprint`` (release fingerprints) and ``query.probe`` (probe a task locally);
-each handler unpacks the message and the configs, checks the run against the site's own limits,
-calls plain code (:mod:`client.task`, :mod:`client.queries`), and answers through
+each handler opens the message's site session (:mod:`client.session`: site config, run, run key,
+server round, and the ledger opened once), checks the run against the site's own limits, calls
+plain code (:mod:`client.task`, :mod:`client.queries`) with that session, and answers through
 :class:`client.replies.Replies`, which sends nothing but what the protocol's table of reply keys
 allows, checks that every patient-derived value was paid for in the site's ledger, and audits
 every reply. Every exception, wherever it is raised, becomes an audited refusal or error reply
@@ -28,140 +29,127 @@ from biofp_core.protocol import (
     QUERY_FINGERPRINT_ACTION,
     QUERY_PROBE_ACTION,
     REFUSED,
+    EvaluateInstruction,
     FingerprintReplyMetrics,
+    ProbeInstruction,
     ProbeReplyMetrics,
+    TrainInstruction,
     TrainReplyMetrics,
 )
 from client.limits import check_run_limits
-from client.queries import ProbeInstruction, probe_task, release_fingerprints
+from client.queries import probe_task, release_fingerprints
 from client.replies import Replies
-from client.site_data import SiteData, SiteRef, load_site_data, locate_site, site_config
-from client.task import (
-    Arrays,
-    EvaluateInstruction,
-    TrainInstruction,
-    evaluate_round,
-    train_round,
-)
-from server.config import RunConfig
+from client.session import SiteSession, open_session
+from client.site_data import SiteData, load_site_data
+from client.task import Arrays, evaluate_round, train_round
 
 ERROR_FEEDBACK_STATE = "biofp-error-feedback"  # Context.state key: compression residual (local)
 
 app = ClientApp()
 
 
-def _unpack(msg: Message, context: Context, replies: Replies) -> tuple[RunConfig, SiteRef, Arrays]:
-    """Run config, site and global arrays of a message, the run checked against the site's
-    limits; `replies` learns the site's config as soon as it is read, so even a data error is
-    audited at the site."""
-    run = RunConfig.from_run_config(context.run_config)
-    where = locate_site(context.node_config, sim_sites=run.sim_sites)
-    replies.site = site_config(where)
-    check_run_limits(replies.site, run)
+def _unpack(msg: Message, context: Context, replies: Replies) -> tuple[SiteSession, Arrays]:
+    """The message's site session and global arrays, the run checked against the site's
+    limits; `replies` learns the session as soon as the site's config is read, so even a data
+    error is audited at the site."""
+    session = replies.session = open_session(msg, context)
+    check_run_limits(session.site, session.run)
     arrays = {name: array.numpy() for name, array in msg.content[ARRAYS_KEY].items()}
-    return run, where, arrays
+    return session, arrays
 
 
-def _load(msg: Message, context: Context, replies: Replies) -> tuple[RunConfig, SiteData, Arrays]:
+def _load(msg: Message, context: Context, replies: Replies) -> tuple[SiteSession, SiteData, Arrays]:
     """As :func:`_unpack`, with the site's subjects loaded (training and holdout)."""
-    run, where, arrays = _unpack(msg, context, replies)
-    return run, load_site_data(where, holdout_fraction=run.holdout_fraction), arrays
+    session, arrays = _unpack(msg, context, replies)
+    data = load_site_data(session.where, holdout_fraction=session.run.holdout_fraction)
+    return session, data, arrays
 
 
-def _answer(
-    replies: Replies, body: Callable[[], Message], refused: Callable[[PrivacyBudgetError], dict]
-) -> Message:
-    """`body`'s reply; a refusal (metrics from `refused`) or an error reply for what it raised."""
-    try:
-        return body()
-    except PrivacyBudgetError as exc:
-        if replies.site is None:
-            return replies.error(exc)
-        try:
-            return replies.refusal(exc, refused(exc))
-        except Exception as inner:  # e.g. an unreadable ledger while refusing
-            return replies.error(inner)
-    except Exception as exc:  # one-line Error reply; details stay in the site's audit log
-        return replies.error(exc)
+Handler = Callable[[Message, Context, Replies], Message]
+Refusal = Callable[[Replies, PrivacyBudgetError], dict]
+
+
+def _answered(refused: Refusal) -> Callable[[Handler], Callable[[Message, Context], Message]]:
+    """Turn a handler into a Flower one: it gets the message's :class:`Replies`, and what it
+    raises becomes a refusal (metrics from `refused`) or an error reply, audited either way."""
+
+    def wrap(handler: Handler) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            replies = Replies(msg, context)
+            try:
+                return handler(msg, context, replies)
+            except PrivacyBudgetError as exc:
+                if replies.session is None:
+                    return replies.error(exc)
+                try:
+                    return replies.refusal(exc, refused(replies, exc))
+                except Exception as inner:  # e.g. an unreadable ledger while refusing
+                    return replies.error(inner)
+            except Exception as exc:  # one-line Error reply; details stay in the audit log
+                return replies.error(exc)
+
+        handle.__name__, handle.__doc__ = handler.__name__, handler.__doc__
+        return handle
+
+    return wrap
+
+
+def _spent(replies: Replies) -> tuple[float, float]:
+    assert replies.session is not None
+    return replies.session.spent()
+
+
+def _train_refusal(replies: Replies, exc: PrivacyBudgetError) -> dict:
+    spent, delta = _spent(replies)
+    return TrainReplyMetrics.refusal(
+        budget_exhausted=exc.exhausted, epsilon=spent, delta=delta
+    ).to_metrics()
+
+
+def _fingerprint_refusal(replies: Replies, exc: PrivacyBudgetError) -> dict:
+    spent, delta = _spent(replies)
+    return FingerprintReplyMetrics.refusal(epsilon=spent, delta=delta).to_metrics()
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_answered(_train_refusal)
+def train(msg: Message, context: Context, replies: Replies) -> Message:
     """Train the global model on this site's subjects, if the site's privacy budget allows."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        run, site, global_arrays = _load(msg, context, replies)
-        instruction = TrainInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
-        residual = context.state.array_records.get(ERROR_FEEDBACK_STATE)
-        feedback = ErrorFeedback({k: v.numpy() for k, v in (residual or {}).items()})
-        outcome = train_round(
-            site, run, instruction, global_arrays, run_id=str(context.run_id), feedback=feedback
-        )
-        residual_state = {k: Array(v) for k, v in feedback.state_dict().items()}
-        context.state[ERROR_FEEDBACK_STATE] = ArrayRecord(residual_state)
-        return replies.content(
-            outcome.metrics.to_metrics(), outcome.arrays, charged=outcome.charged
-        )
-
-    def refused(exc: PrivacyBudgetError) -> dict:
-        spent, delta = replies.spent()
-        return TrainReplyMetrics.refusal(
-            budget_exhausted=exc.exhausted, epsilon=spent, delta=delta
-        ).to_metrics()
-
-    return _answer(replies, body, refused)
+    session, data, global_arrays = _load(msg, context, replies)
+    instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
+    residual = context.state.array_records.get(ERROR_FEEDBACK_STATE)
+    feedback = ErrorFeedback({k: v.numpy() for k, v in (residual or {}).items()})
+    outcome = train_round(session, data, instruction, global_arrays, feedback=feedback)
+    residual_state = {k: Array(v) for k, v in feedback.state_dict().items()}
+    context.state[ERROR_FEEDBACK_STATE] = ArrayRecord(residual_state)
+    return replies.content(outcome.metrics.to_metrics(), outcome.arrays, charged=outcome.charged)
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+@_answered(lambda replies, exc: {NUM_EXAMPLES: 0, REFUSED: 1})
+def evaluate(msg: Message, context: Context, replies: Replies) -> Message:
     """Noisy held-out loss of the global model at this site, charged to its ledger."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        run, site, global_arrays = _load(msg, context, replies)
-        instruction = EvaluateInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
-        outcome = evaluate_round(site, run, instruction, global_arrays, run_key=replies.run_key)
-        metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
-        return replies.content(metrics, charged=outcome.charged)
-
-    return _answer(replies, body, lambda exc: {NUM_EXAMPLES: 0, REFUSED: 1})
+    session, data, global_arrays = _load(msg, context, replies)
+    instruction = EvaluateInstruction.from_config(msg.content[CONFIG_KEY])
+    outcome = evaluate_round(session, data, instruction, global_arrays)
+    metrics = {NUM_EXAMPLES: outcome.subjects, EVAL_LOSS: outcome.loss}
+    return replies.content(metrics, charged=outcome.charged)
 
 
 @app.query(QUERY_FINGERPRINT_ACTION)
-def fingerprint(msg: Message, context: Context) -> Message:
+@_answered(_fingerprint_refusal)
+def fingerprint(msg: Message, context: Context, replies: Replies) -> Message:
     """Release this site's fingerprints of the global model, if the site's own policy allows."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        run, where, global_arrays = _unpack(msg, context, replies)
-        assert replies.site is not None
-        metrics, parquet, charged = release_fingerprints(
-            replies.site, where, run, global_arrays,
-            run_key=replies.run_key, server_round=replies.server_round,
-        )  # fmt: skip
-        return replies.content(metrics.to_metrics(), {FINGERPRINTS_ARRAY: parquet}, charged=charged)
-
-    def refused(exc: PrivacyBudgetError) -> dict:
-        spent, delta = replies.spent()
-        return FingerprintReplyMetrics.refusal(epsilon=spent, delta=delta).to_metrics()
-
-    return _answer(replies, body, refused)
+    session, global_arrays = _unpack(msg, context, replies)
+    metrics, parquet, charged = release_fingerprints(session, global_arrays)
+    return replies.content(metrics.to_metrics(), {FINGERPRINTS_ARRAY: parquet}, charged=charged)
 
 
 @app.query(QUERY_PROBE_ACTION)
-def probe(msg: Message, context: Context) -> Message:
+@_answered(lambda replies, exc: ProbeReplyMetrics.refusal().to_metrics())
+def probe(msg: Message, context: Context, replies: Replies) -> Message:
     """Probe one task on this site's own fingerprints; only its noisy, charged scalars leave."""
-    replies = Replies(msg, context)
-
-    def body() -> Message:
-        run, where, global_arrays = _unpack(msg, context, replies)
-        assert replies.site is not None
-        instruction = ProbeInstruction.model_validate(dict(msg.content[CONFIG_KEY]))
-        metrics, charged = probe_task(
-            replies.site, where, run, global_arrays, instruction.task,
-            run_key=replies.run_key, server_round=replies.server_round,
-        )  # fmt: skip
-        return replies.content(metrics.to_metrics(), charged=charged)
-
-    return _answer(replies, body, lambda exc: ProbeReplyMetrics.refusal().to_metrics())
+    session, global_arrays = _unpack(msg, context, replies)
+    instruction = ProbeInstruction.from_config(msg.content[CONFIG_KEY])
+    metrics, charged = probe_task(session, global_arrays, instruction.task)
+    return replies.content(metrics.to_metrics(), charged=charged)

@@ -9,9 +9,9 @@ Evaluations are not queries: one per round, each charged (and answered again fro
 from __future__ import annotations
 
 from biofp_core.errors import SiteLimitError
-from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.protocol import RunConfig
 from biofp_core.site import SiteConfig
-from server.config import RunConfig
+from client.session import SiteSession
 
 CHARGED_QUERY_KINDS = ("release", "probe:")  # ledger kinds a query is charged as
 
@@ -48,7 +48,7 @@ def check_run_limits(site: SiteConfig, run: RunConfig) -> None:
         )
 
 
-def check_query_cap(site: SiteConfig, *, run_key: str) -> None:
+def check_query_cap(session: SiteSession) -> None:
     """Refuse a charged query once the run has had the site's cap of them.
 
     Raises
@@ -56,13 +56,15 @@ def check_query_cap(site: SiteConfig, *, run_key: str) -> None:
     SiteLimitError
         The run key already holds ``max_charged_queries`` charged queries.
     """
-    ledger = PrivacyLedger.at(site.resolved_state_dir())
+    run_key = session.run_key
     used = sum(
-        1 for e in ledger.entries if e.run_id == run_key and e.kind.startswith(CHARGED_QUERY_KINDS)
+        1
+        for e in session.ledger.entries
+        if e.run_id == run_key and e.kind.startswith(CHARGED_QUERY_KINDS)
     )
-    cap = site.privacy.max_charged_queries
+    cap = session.site.privacy.max_charged_queries
     if used >= cap:
         raise SiteLimitError(
-            f"site {site.name}: run {run_key} has had its {cap} charged queries "
+            f"site {session.site.name}: run {run_key} has had its {cap} charged queries "
             "(max_charged_queries); refused"
         )

@@ -7,8 +7,8 @@
   release). Fingerprints leave only under a policy the site wrote down: a ``site.toml`` without a
   ``[release]`` section refuses. A noisy release is charged once per (run key, round, "release");
   asked again (a resumed server, a replayed message), the site sends the very bytes it released,
-  cached in ``<state_dir>/releases/``, never a second noise draw for one charge; without that
-  cache, or for other global weights, it refuses.
+  kept by :mod:`client.charged`, never a second noise draw for one charge; without that cache,
+  or for other global weights, it refuses.
 - ``query.probe``: one task's linear probe, cross-validated by subject on the site's own
   noise-free record fingerprints (never released) and its labels CSV; only the scalars of
   :func:`~biofp_core.evaluation.federated.private_site_probe` leave (subsample-and-aggregate plus
@@ -26,54 +26,35 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import ModelCard, load_model, save_model
-from biofp_core.audit import arrays_sha256
 from biofp_core.errors import DataError, SiteLimitError
 from biofp_core.evaluation import declared_task_labels, read_labels
 from biofp_core.evaluation.federated import private_site_probe
 from biofp_core.fingerprints.compute import window_fingerprints
 from biofp_core.fingerprints.export import release_store
-from biofp_core.fingerprints.parquet import read_fingerprints
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import prepare_release
-from biofp_core.fsutil import atomic_write_bytes, exclusive_lock
 from biofp_core.models.base import BioFPModel
 from biofp_core.privacy.accounting import gaussian_noise_multiplier
-from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger
+from biofp_core.privacy.ledger import LedgerEntry
 from biofp_core.privacy.mechanisms import noise_rng
-from biofp_core.protocol import PROBE_TASK, FingerprintReplyMetrics, ProbeReplyMetrics
+from biofp_core.protocol import FingerprintReplyMetrics, ProbeReplyMetrics, RunConfig
 from biofp_core.site import SiteConfig
 from biofp_core.validate import open_site_store
-from client.charged import (
-    REPLIES_DIR,
-    CachedAnswer,
-    cache_answer,
-    cached_answer,
-    instruction_json,
-)
+from client.charged import Answer, answered_before, charging, instruction_json, keep_answer
 from client.limits import check_query_cap
-from client.site_data import SiteRef
+from client.session import SiteSession
 from client.task import Arrays, model_from_arrays, round_seed
-from server.config import RunConfig
 
-RELEASES_DIR = "releases"  # under the site's state folder: the bytes of charged releases
 FINGERPRINT_MODALITY = {"both": "paired", "ecg": "ecg", "ppg": "ppg"}  # site sensors -> modality
+RELEASE_ARRAY = "parquet"  # the released file's bytes, as kept in the charged-answer cache
 
 
 class QueryRefusedError(SiteLimitError):
-    """The site declines a query under its own rules: no release policy, no usable labels for the
-    task, or a charged release it cannot send again."""
-
-
-class ProbeInstruction(BaseModel):
-    """The server's probe query (the message's ConfigRecord)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-    task: str = Field(alias=PROBE_TASK, min_length=1, description="the label column to probe")
+    """The site declines a query under its own rules: no release policy or no usable labels for
+    the task."""
 
 
 def global_model(run: RunConfig, arrays: Arrays) -> tuple[BioFPModel, ModelCard]:
@@ -83,47 +64,9 @@ def global_model(run: RunConfig, arrays: Arrays) -> tuple[BioFPModel, ModelCard]
         return load_model(save_model(model_from_arrays(run, arrays), Path(tmp) / "global"))
 
 
-def release_cache_path(state_dir: Path, run_key: str, server_round: int) -> Path:
-    """Where a site keeps the bytes of the release charged under (run key, round)."""
-    return Path(state_dir) / RELEASES_DIR / f"{run_key}-round-{server_round:04d}.parquet"
-
-
-def _released_before(
-    site: SiteConfig, card: ModelCard, *, run_key: str, server_round: int
-) -> tuple[int, bytes] | None:
-    """(rows, bytes) of the release already charged under (run key, round); None if none.
-
-    Raises
-    ------
-    QueryRefusedError
-        The release is charged but its bytes are not cached, or were of other global weights.
-    """
-    state_dir = site.resolved_state_dir()
-    key = (run_key, server_round, "release")
-    if not any(e.key == key for e in PrivacyLedger.at(state_dir).entries):
-        return None
-    path = release_cache_path(state_dir, run_key, server_round)
-    where = f"site {site.name}: the release of round {server_round} of run {run_key} is charged"
-    try:
-        _, meta = read_fingerprints(path)
-    except DataError:
-        raise QueryRefusedError(
-            f"{where} but its bytes are not cached ({path}); releasing again would draw new "
-            "noise for one charge; refused"
-        ) from None
-    if meta.model_weights_sha256 != card.weights_sha256:
-        raise QueryRefusedError(
-            f"{where} for other global weights ({meta.model_weights_sha256[:12]}, now "
-            f"{card.weights_sha256[:12]}); releasing again would draw new noise for one charge; "
-            "refused"
-        )
-    return meta.rows, path.read_bytes()
-
-
 def release_fingerprints(
-    site: SiteConfig, ref: SiteRef, run: RunConfig, arrays: Arrays, *, run_key: str,
-    server_round: int,
-) -> tuple[FingerprintReplyMetrics, np.ndarray, LedgerEntry]:  # fmt: skip
+    session: SiteSession, arrays: Arrays
+) -> tuple[FingerprintReplyMetrics, np.ndarray, LedgerEntry]:
     """Release the site's fingerprints of the global model under its own policy.
 
     Returns
@@ -135,23 +78,26 @@ def release_fingerprints(
     Raises
     ------
     QueryRefusedError
-        The site has no ``[release]`` policy or one without noise, or cannot send a charged
-        release again.
+        The site has no ``[release]`` policy or one without noise.
+    ReplayRefusedError
+        The release is charged but its bytes are not cached, or were of other global weights.
     PrivacyBudgetError
         The release's noise would exceed the site's budget; nothing is released.
     """
+    site, run_key, server_round = session.site, session.run_key, session.server_round
     _check_release_policy(site, what="fingerprints")
     if not site.release.noisy:
         raise QueryRefusedError(
             f"site {site.name}: its [release] policy adds no noise (no epsilon); fingerprints "
             "leave through Flower only with noise charged to the ledger; refused"
         )
-    model, card = global_model(run, arrays)
-    state_dir = site.resolved_state_dir()
-    with exclusive_lock(Path(state_dir) / RELEASES_DIR / ".lock"):  # check, release, cache
-        released = _released_before(site, card, run_key=run_key, server_round=server_round)
-        if released is None:
-            check_query_cap(site, run_key=run_key)
+    question = instruction_json({"server_round": server_round})
+    with charging(session):  # check, release, cache
+        answer = answered_before(session, "release", global_arrays=arrays, instruction=question)
+        if answer is None:
+            check_query_cap(session)
+            model, card = global_model(session.run, arrays)
+            ref = session.where
             seed = (
                 None
                 if ref.dp_seed is None
@@ -162,19 +108,24 @@ def release_fingerprints(
                 modality=FINGERPRINT_MODALITY[ref.modality], run_id=run_key,
                 server_round=server_round, seed=seed,
             )  # fmt: skip
-            if report.charged:  # asked again, the site sends these very bytes
-                atomic_write_bytes(release_cache_path(state_dir, run_key, server_round), blob)
-            released = report.rows, blob
-    rows, blob = released
-    ledger = PrivacyLedger.at(state_dir)
-    charged = next(e for e in ledger.entries if e.key == (run_key, server_round, "release"))
+            session.ledger.reload()  # release_store charged the ledger itself
+            charged = next(
+                e for e in session.ledger.entries if e.key == (run_key, server_round, "release")
+            )
+            answer = Answer(
+                {"rows": report.rows}, {RELEASE_ARRAY: np.frombuffer(blob, dtype=np.uint8)}, charged
+            )
+            # a noisy policy always charges: asked again, the site sends these very bytes
+            keep_answer(session, "release", global_arrays=arrays, instruction=question,
+                        answer=answer)  # fmt: skip
+    parquet = answer.arrays[RELEASE_ARRAY]
     metrics = FingerprintReplyMetrics(
-        rows=rows,
-        payload_bytes=len(blob),
-        epsilon=ledger.epsilon(delta=site.privacy.delta),
-        delta=site.privacy.delta,
+        rows=int(answer.metrics["rows"]),
+        payload_bytes=int(parquet.nbytes),
+        epsilon=session.epsilon(),
+        delta=session.delta,
     )
-    return metrics, np.frombuffer(blob, dtype=np.uint8), charged
+    return metrics, parquet, answer.charged
 
 
 def _check_release_policy(site: SiteConfig, *, what: str) -> None:
@@ -185,17 +136,9 @@ def _check_release_policy(site: SiteConfig, *, what: str) -> None:
         )
 
 
-def fingerprint_refusal(site: SiteConfig) -> FingerprintReplyMetrics:
-    """The metrics of a refused fingerprint query: nothing released, the site's ε."""
-    delta = site.privacy.delta
-    epsilon = PrivacyLedger.at(site.resolved_state_dir()).epsilon(delta=delta)
-    return FingerprintReplyMetrics.refusal(epsilon=epsilon, delta=delta)
-
-
 def probe_task(
-    site: SiteConfig, ref: SiteRef, run: RunConfig, arrays: Arrays, task: str, *, run_key: str,
-    server_round: int,
-) -> tuple[ProbeReplyMetrics, LedgerEntry]:  # fmt: skip
+    session: SiteSession, arrays: Arrays, task: str
+) -> tuple[ProbeReplyMetrics, LedgerEntry]:
     """`task`'s probe on the site's own record fingerprints, released as noisy scalars.
 
     The fingerprints are the global model's, noise-free and keyed by the site's pseudonyms like
@@ -211,6 +154,7 @@ def probe_task(
     PrivacyBudgetError
         Over budget or over the query cap.
     """
+    site, run_key, server_round = session.site, session.run_key, session.server_round
     _check_release_policy(site, what="probe results")
     if site.labels_csv is None:
         raise QueryRefusedError(
@@ -222,25 +166,21 @@ def probe_task(
         raise QueryRefusedError(
             f"site {site.name}: task {task!r} is not declared in its site.toml [tasks]; refused"
         )
-    state_dir, kind = site.resolved_state_dir(), f"probe:{task}"[:70]
-    key = SiteKey.load_or_create(state_dir)
+    kind = f"probe:{task}"[:70]
+    key = SiteKey.load_or_create(session.state_dir)
     try:
         rows = read_labels(site.labels_csv, key=key)
         labels = declared_task_labels(rows, task, kind=spec.kind, classes=spec.classes)
     except DataError as exc:
         raise QueryRefusedError(f"site {site.name}: no labels for task {task!r}: {exc}") from None
-    where = {"run_key": run_key, "kind": kind, "server_round": server_round}
-    sha = arrays_sha256(arrays)
     question = instruction_json({"task": task, "server_round": server_round})
-    with exclusive_lock(Path(state_dir) / REPLIES_DIR / ".lock"):
-        cached = cached_answer(state_dir, **where, global_sha256=sha, instruction=question)
+    with charging(session):
+        cached = answered_before(session, kind, global_arrays=arrays, instruction=question)
         if cached is not None:
-            entry = next(e for e in PrivacyLedger.at(state_dir).entries
-                         if e.hash == cached.ledger_entry)  # fmt: skip
-            return ProbeReplyMetrics.from_metrics(cached.metrics), entry
-        check_query_cap(site, run_key=run_key)
-        model, card = global_model(run, arrays)
-        modality = FINGERPRINT_MODALITY[ref.modality]
+            return ProbeReplyMetrics.from_metrics(cached.metrics), cached.charged
+        check_query_cap(session)
+        model, card = global_model(session.run, arrays)
+        modality = FINGERPRINT_MODALITY[session.where.modality]
         windows = window_fingerprints(open_site_store(site), model, modality=modality)
         # record means keyed by pseudonyms, without noise: prepared, never committed nor sent
         level = "window" if labels.key == "window" else "record"  # window labels: window rows
@@ -248,14 +188,14 @@ def probe_task(
             windows, card=card, policy=ReleasePolicy(level=level), key=key, modality=modality,
             default_delta=site.privacy.delta,
         ).table  # fmt: skip
-        limits = site.privacy
+        limits, dp_seed = site.privacy, session.where.dp_seed
         sigma = gaussian_noise_multiplier(epsilon=limits.probe_epsilon, delta=limits.delta)
-        seed = None if ref.dp_seed is None else round_seed(ref.dp_seed, run_key, kind, server_round)
+        seed = None if dp_seed is None else round_seed(dp_seed, run_key, kind, server_round)
         probe = private_site_probe(
             local, labels, groups=limits.probe_groups, noise_multiplier=sigma,
-            rng=noise_rng(seed), seed=run.seed,
+            rng=noise_rng(seed), seed=session.run.seed,
         )  # fmt: skip
-        entry = PrivacyLedger.at(state_dir).charge(
+        entry = session.ledger.charge(
             run_id=run_key, server_round=server_round, kind=kind, noise_multiplier=sigma,
             sample_rate=1.0, steps=1, delta=limits.delta, budget=limits,
         )  # fmt: skip
@@ -263,7 +203,6 @@ def probe_task(
             kind=probe.kind, value=probe.value, baseline=probe.baseline, rows=probe.rows,
             subjects=probe.subjects,
         )  # fmt: skip
-        answer = CachedAnswer(global_sha256=sha, instruction=question,
-                              metrics=metrics.to_metrics(), ledger_entry=entry.hash)  # fmt: skip
-        cache_answer(state_dir, **where, answer=answer)
+        keep_answer(session, kind, global_arrays=arrays, instruction=question,
+                    answer=Answer(metrics.to_metrics(), {}, entry))  # fmt: skip
     return metrics, entry

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,29 +30,18 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.common.constant import ErrorCode
 from pydantic import ValidationError
 
-from biofp_core.audit import AuditEntry, AuditLog, arrays_nbytes, arrays_sha256
-from biofp_core.errors import BioFPError, ConfigError
-from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedger, PrivacyLedgerError
+from biofp_core.audit import AuditEntry, arrays_nbytes, arrays_sha256
+from biofp_core.errors import BioFPError, ConfigError, one_line
+from biofp_core.privacy.ledger import LedgerEntry, PrivacyLedgerError
 from biofp_core.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     METRICS_KEY,
-    RUN_KEY,
-    RUN_KEY_PATTERN,
-    SERVER_ROUND,
     arrays_entry,
     reply_key,
 )
-from biofp_core.site import SiteConfig
+from client.session import SiteSession, message_run_key
 
 log = logging.getLogger(__name__)
-
-_MAX_REASON = 300
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
 def public_reason(exc: Exception) -> str:
@@ -99,49 +87,23 @@ class Replies:
         The instruction being answered.
     context : Context
         The ClientApp's context (run id).
-    site : SiteConfig | None
-        The site's config, set once it is read; before that, replies cannot be audited.
+    session : SiteSession | None
+        The message's site session (config, run key, ledger, audit log), set once the site's
+        config is read; before that, replies cannot be audited.
     """
 
     message: Message
     context: Context
-    site: SiteConfig | None = field(default=None)
+    session: SiteSession | None = field(default=None)
 
-    def _epsilon(self) -> float:
-        """ε the site's whole ledger has spent, at the site's δ."""
-        assert self.site is not None
-        ledger = PrivacyLedger.at(self.site.resolved_state_dir())
-        return ledger.epsilon(delta=self.site.privacy.delta)
-
-    def spent(self) -> tuple[float, float]:
-        """(ε spent, δ) of the site, as a refusal reports them."""
-        assert self.site is not None
-        return self._epsilon(), self.site.privacy.delta
-
-    @property
-    def server_round(self) -> int:
-        config = self.message.content.config_records.get(CONFIG_KEY)
-        value = config.get(SERVER_ROUND, 0) if config is not None else 0
-        return int(value) if isinstance(value, int | float) else 0
-
-    @property
-    def run_key(self) -> str:
-        """The run the ledger charges under: the server's run key, else Flower's run id."""
-        config = self.message.content.config_records.get(CONFIG_KEY)
-        value = config.get(RUN_KEY) if config is not None else None
-        if isinstance(value, str) and re.match(RUN_KEY_PATTERN, value):
-            return value
-        return str(self.context.run_id)
-
-    def _replay_note(self, sha256: str) -> str | None:
+    def _replay_note(self, session: SiteSession, sha256: str) -> str | None:
         """A note when the audit log already holds this very training reply (a replay)."""
-        assert self.site is not None
-        key = (self.run_key, self.server_round, self.message.metadata.message_type)
-        for entry in AuditLog.at(self.site.resolved_state_dir()).readable_entries():
+        key = (session.run_key, session.server_round, self.message.metadata.message_type)
+        for entry in session.audit.readable_entries():
             same = (entry.run_id, entry.server_round, entry.message_type) == key
             if same and entry.arrays_sha256 == sha256:
                 return (
-                    f"replay: this reply to round {self.server_round} was already sent at "
+                    f"replay: this reply to round {session.server_round} was already sent at "
                     f"{entry.time}; sent again unchanged, nothing new trained or charged"
                 )
         return None
@@ -150,21 +112,22 @@ class Replies:
         self, arrays: Mapping[str, np.ndarray] | None, metric_keys: list[str], note: str | None,
         charged: LedgerEntry | None = None,
     ) -> None:  # fmt: skip
-        if self.site is None:
+        session = self.session
+        if session is None:
             log.warning("reply not audited (site unknown): %s", note)
             return
         try:
-            epsilon = self._epsilon()
+            epsilon = session.epsilon()
         except BioFPError:  # an unreadable ledger: the line is still written
             epsilon = math.nan
         sha256 = arrays_sha256(arrays) if arrays else None
         if note is None and sha256 is not None:
-            note = self._replay_note(sha256)
-        AuditLog.at(self.site.resolved_state_dir()).append(
+            note = self._replay_note(session, sha256)
+        session.audit.append(
             AuditEntry(
-                run_key=self.run_key,
+                run_key=session.run_key,
                 flower_run_id=self.context.run_id,
-                server_round=self.server_round,
+                server_round=session.server_round,
                 message_type=self.message.metadata.message_type,
                 payload_bytes=arrays_nbytes(arrays) if arrays else 0,
                 arrays_sha256=sha256,
@@ -186,7 +149,8 @@ class Replies:
         says which keys need one).
         """
         message_type = self.message.metadata.message_type
-        paid = charged is not None and charged.run_id == self.run_key
+        run_key = message_run_key(self.message, self.context)
+        paid = charged is not None and charged.run_id == run_key
         _check_reply(message_type, metrics, arrays, paid)
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         if arrays is not None:
@@ -197,10 +161,10 @@ class Replies:
     def refusal(self, reason: BioFPError, metrics: Mapping[str, int | float]) -> Message:
         """A metrics-only reply refusing the message (`metrics`: its type's refusal); audited
         with the reason, which stays at the site."""
-        assert self.site is not None, "a refusal needs a known site"
+        assert self.session is not None, "a refusal needs a known site"
         log.warning("%s", reason)
         _check_reply(self.message.metadata.message_type, metrics, None, False)
-        self._audit(None, list(metrics), note=_one_line(f"refused: {reason}"))
+        self._audit(None, list(metrics), note=one_line(f"refused: {reason}"))
         records = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
         return Message(records, reply_to=self.message)
 
@@ -210,7 +174,7 @@ class Replies:
         The full message (paths, record names) stays at the site, in its log and audit log:
         an error reply leaves the site like any other message.
         """
-        detail = _one_line(f"{type(exc).__name__}: {exc}")
+        detail = one_line(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, BioFPError):
             log.error("%s", detail)
         else:
@@ -218,7 +182,7 @@ class Replies:
         try:
             self._audit(None, [], note=f"error: {detail}")
         except Exception as audit_exc:  # e.g. a read-only state folder: the reply still goes
-            log.error("audit failed: %s", _one_line(str(audit_exc)))
+            log.error("audit failed: %s", one_line(str(audit_exc)))
         reason = f"{public_reason(exc)}; details in the site's log and audit log"
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         return Message(Error(code=code, reason=reason), reply_to=self.message)

@@ -5,7 +5,9 @@ and the site's own ``site.toml`` says where its data, cache and state (ledger, a
 what privacy budget it accepts. Simulation: Flower sets ``partition-id`` in the node config and
 the run config's ``sim-sites`` names a :class:`SimulationSites` manifest written by
 ``simulations/``, which maps each partition to the ``site.toml`` of one emulated hospital. Either
-way the site is then opened the same way (:func:`biofp_core.validate.open_site_store`).
+way the site is then loaded the same way, from its ``site.toml`` (:func:`load_site_data`); the
+simulation's own reports and studies load their emulated sites with it too
+(:meth:`SimulationSites.load`).
 
 Loaded sites are cached per process: a ClientApp process serves many rounds.
 """
@@ -18,22 +20,20 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from flwr.common.constant import PARTITION_ID_KEY
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from biofp_core.errors import ConfigError, DataError
-from biofp_core.signals.types import SubjectWindows
+from biofp_core.protocol.keys import SITE_CONFIG_KEY
+from biofp_core.signals.types import SiteModality, SubjectWindows
 from biofp_core.site import SiteConfig, load_site_config
+from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
 
 log = logging.getLogger(__name__)
-
-SITE_CONFIG_KEY = "site-config"  # node-config key (deployment): path to the site's site.toml
-
-Modality = Literal["both", "ecg", "ppg"]
 
 
 class SiteRef(BaseModel):
@@ -42,7 +42,7 @@ class SiteRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     site_config: Path = Field(description="the site's own site.toml")
-    modality: Modality = Field("both", description="ecg/ppg: the site has only that sensor")
+    modality: SiteModality = Field("both", description="ecg/ppg: the site has only that sensor")
     dp_seed: int | None = Field(None, description="seeds DP noise: reproducible simulations")
 
 
@@ -59,23 +59,52 @@ class SimulationSites(BaseModel):
         path.write_text(self.model_dump_json(indent=1) + "\n")
         return path
 
+    @classmethod
+    def read(cls, path: Path) -> SimulationSites:
+        """The manifest at `path`.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the file: missing or not a manifest.
+        """
+        try:
+            return cls.model_validate_json(Path(path).read_bytes())
+        except (OSError, ValidationError) as exc:
+            raise ConfigError(f"{path}: unreadable simulation manifest ({exc})") from None
+
+    def load(self, *, holdout_fraction: float) -> list[SiteData]:
+        """Every emulated site, in partition order, loaded as its ClientApp loads it."""
+        return [load_site_data(site, holdout_fraction=holdout_fraction) for site in self.sites]
+
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's config and its subjects, split by subject into training and holdout."""
+    """A site's config and its subjects, split by subject into training and holdout; what the
+    site may use (`modality`) and its DP noise seed (both from its :class:`SiteRef`)."""
 
     config: SiteConfig
     train: list[SubjectWindows]
     holdout: list[SubjectWindows]
     dp_seed: int | None = None
+    modality: SiteModality = "both"
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     @property
     def state_dir(self) -> Path:
         """Where the site's ledger and audit log live."""
         return self.config.resolved_state_dir()
 
+    @functools.cached_property
+    def store(self) -> WindowStore:
+        """The site's window store (reopened from its cache on first use)."""
+        return open_site_store(self.config)
 
-def _restrict_modality(subject: SubjectWindows, modality: Modality) -> SubjectWindows | None:
+
+def _restrict_modality(subject: SubjectWindows, modality: SiteModality) -> SubjectWindows | None:
     """The subject's windows with only `modality` kept; None when none of them has it."""
     if modality == "both":
         return subject
@@ -124,7 +153,7 @@ def split_holdout(
 
 @functools.lru_cache(maxsize=8)
 def _load(
-    site_toml: Path, mtime_ns: int, modality: Modality, holdout_fraction: float
+    site_toml: Path, mtime_ns: int, modality: SiteModality, holdout_fraction: float
 ) -> tuple[SiteConfig, list[SubjectWindows], list[SubjectWindows]]:
     """Open a site's store and split its subjects (cached on the TOML path and mtime)."""
     config = load_site_config(site_toml)
@@ -149,10 +178,7 @@ def _simulated_site(node_config: Mapping[str, Any], sim_sites: str) -> SiteRef:
     if not sim_sites:
         raise ConfigError("simulation node without a sim-sites manifest in the run config")
     path = Path(sim_sites)
-    try:
-        manifest = SimulationSites.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as exc:
-        raise ConfigError(f"{path}: unreadable simulation manifest ({exc})") from None
+    manifest = SimulationSites.read(path)
     partition = int(node_config[PARTITION_ID_KEY])
     if not 0 <= partition < len(manifest.sites):
         raise ConfigError(f"{path}: no site for partition {partition}")
@@ -201,4 +227,6 @@ def load_site_data(site: SiteRef, *, holdout_fraction: float) -> SiteData:
     """
     toml = _toml_path(site)
     config, train, holdout = _load(toml, toml.stat().st_mtime_ns, site.modality, holdout_fraction)
-    return SiteData(config=config, train=train, holdout=holdout, dp_seed=site.dp_seed)
+    return SiteData(
+        config=config, train=train, holdout=holdout, dp_seed=site.dp_seed, modality=site.modality
+    )

@@ -49,7 +49,8 @@ BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}
 
 deploy/wheelhouse.sh
 # what the build stage installs, as build arguments: a changed wheel reruns its (cached) step
-DEPS_DIGEST=$(cd build/wheelhouse/deps && ls -l -- *.whl 2>/dev/null | sha256sum | cut -c1-16)
+DEPS_DIGEST=$(cd build/wheelhouse/deps && { ls -l -- *.whl 2>/dev/null; cat install-venv.sh; } \
+    | sha256sum | cut -c1-16)
 BIOFP_DIGEST=$(cat build/wheelhouse/biofp/*.whl | sha256sum | cut -c1-16)
 
 build() {  # build DOCKERFILE IMAGE

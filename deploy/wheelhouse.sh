@@ -42,5 +42,6 @@ else
     rm -f "$OUT"/deps/biofp-*.whl
     echo "$want" >"$stamp"
 fi
+cp deploy/install-venv.sh "$OUT/deps/install-venv.sh"  # the images' install steps
 n=$(ls "$OUT"/deps/*.whl | wc -l)
 echo "wheelhouse: $n dependency wheels ($(du -sh "$OUT/deps" | cut -f1)) + $(ls "$OUT"/biofp/)" >&2

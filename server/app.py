@@ -1,10 +1,11 @@
 """BioFP ServerApp: federated pretraining of the shared encoder, round by round.
 
-Reads the run config, builds the strategy by name, resumes from the run directory's last
-checkpoint (or starts from the seeded initial model), runs the remaining rounds with a checkpoint
-and a metrics report after each, and saves the final model with every site's ε in its card. If
-the run config asks for it, the sites are then queried for released fingerprints and local probes
-(:mod:`server.queries`), also when a resumed run finds every round done.
+Reads the run config, builds the strategy it names (composed with compression and budget-aware
+sampling when asked), resumes from the run directory's last checkpoint (or starts from the
+seeded initial model), runs the remaining rounds with a checkpoint and a metrics report after
+each, and saves the final model with every site's ε in its card. If the run config asks for
+it, the sites are then queried for released fingerprints and local probes (:mod:`server.queries`),
+also when a resumed run finds every round done.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
-from server.config import RunConfig
+from biofp_core.protocol import RunConfig
 from server.queries import run_queries
 from server.rounds import run_rounds
 from server.rundir import RunDirectory
-from strategies.registry import build_strategy
+from strategies.registry import run_strategy
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _watch(run_dir: RunDirectory) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federated run described by the run config."""
     run = RunConfig.from_run_config(context.run_config)
-    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    strategy = run_strategy(run)
     run_dir = RunDirectory(run, strategy)
     done, arrays = run_dir.start(flower_run_id=context.run_id)
     _watch(run_dir)

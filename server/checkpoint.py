@@ -1,9 +1,11 @@
 """Round checkpoints of the global model and the strategy's state, in the run directory.
 
 After every round the server writes ``<run_dir>/checkpoints/round-NNNN.safetensors``: the global
-arrays under ``global/<name>``, the strategy's array state (e.g. FedAdam's moments) under
-``strategy/<attr>/<name>``, and in the safetensors metadata a :class:`CheckpointMeta` (round,
-strategy, model, the strategy's scalar state and the sha256 of every tensor). A checkpoint is
+arrays under ``global/<name>``, the array part of the strategy's own state
+(:meth:`strategies.base.CountedFedAvg.state_dict`, e.g. FedAdam's moments) under
+``strategy/<entry>/<name>``, and in the safetensors metadata a :class:`CheckpointMeta` (round,
+strategy, model, the strategy's JSON state, e.g. the budget-aware exclusions, and the sha256 of
+every tensor). What the state holds is the strategy's business, not this module's. A checkpoint is
 written to a temporary file, fsync'ed and renamed into place, so a crash leaves the previous
 checkpoints as they were; the latest ``keep`` checkpoints are kept.
 
@@ -16,35 +18,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save as save_safetensors
+from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.audit import arrays_sha256
+from biofp_core.checked_tensors import read_checked, write_checked
 from biofp_core.errors import ArtifactError
+from strategies.base import CountedFedAvg, StrategyState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "biofp-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
-_META_KEY = "biofp"
 _GLOBAL_PREFIX = "global/"
 _STRATEGY_PREFIX = "strategy/"
 _NAME_PATTERN = re.compile(r"^round-(\d{4,})\.safetensors$")
-
-# Strategy attributes that are state across rounds (Flower's FedOpt family, BioFP's budget-aware
-# selection). Everything else about a strategy is rebuilt from the run config.
-_ARRAY_STATE_ATTRS = ("m_t", "v_t")  # dict[str, np.ndarray] | None: FedAdam/FedYogi moments
-_SCALAR_STATE_ATTRS = ("excluded_node_ids",)  # set[int]: BudgetAwareFedAvg
 
 
 class CheckpointMeta(BaseModel):
@@ -57,7 +51,9 @@ class CheckpointMeta(BaseModel):
     server_round: int = Field(ge=0, description="rounds completed when it was written")
     strategy: str
     model: str
-    strategy_state: dict[str, Any] = Field(default_factory=dict, description="scalar state")
+    strategy_state: dict[str, Any] = Field(
+        default_factory=dict, description="the JSON part of the strategy's state_dict"
+    )
     sha256: str = Field(description="audit.arrays_sha256 of every tensor in the file")
 
 
@@ -74,55 +70,33 @@ class Checkpoint:
     def server_round(self) -> int:
         return self.meta.server_round
 
+    @property
+    def strategy_state(self) -> StrategyState:
+        """The strategy's state as it was saved, for ``strategy.load_state_dict``."""
+        return StrategyState(
+            arrays={entry: dict(values) for entry, values in self.strategy_arrays.items()},
+            values=dict(self.meta.strategy_state),
+        )
+
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     """``<run_dir>/checkpoints/round-NNNN.safetensors``."""
     return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:04d}.safetensors"
 
 
-def capture_strategy_state(strategy: object) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """The strategy's state across rounds: (array state by attribute, JSON-able scalar state)."""
-    arrays = {
-        attr: {k: np.asarray(v) for k, v in value.items()}
-        for attr in _ARRAY_STATE_ATTRS
-        if isinstance(value := getattr(strategy, attr, None), dict) and value
-    }
-    scalars = {
-        attr: sorted(value)
-        for attr in _SCALAR_STATE_ATTRS
-        if isinstance(value := getattr(strategy, attr, None), set | frozenset)
-    }
-    return arrays, scalars
+def restore_strategy_state(strategy: CountedFedAvg, checkpoint: Checkpoint) -> None:
+    """Put a checkpoint's strategy state back into a freshly built strategy of the same kind.
 
-
-def restore_strategy_state(strategy: object, checkpoint: Checkpoint) -> None:
-    """Put a checkpoint's strategy state back into a freshly built strategy of the same kind."""
-    for attr, values in checkpoint.strategy_arrays.items():
-        if hasattr(strategy, attr):
-            setattr(strategy, attr, {k: v.copy() for k, v in values.items()})
-    for attr, value in checkpoint.meta.strategy_state.items():
-        if hasattr(strategy, attr):
-            setattr(strategy, attr, set(value))
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write via a fsync'ed temporary file in the same folder, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    Raises
+    ------
+    ArtifactError
+        One line naming the file: its state is not one this strategy has (another strategy,
+        or budget-aware sampling switched off since).
+    """
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        strategy.load_state_dict(checkpoint.strategy_state)
+    except ValueError as exc:
+        raise ArtifactError(f"{checkpoint.path}: cannot resume this strategy: {exc}") from None
 
 
 def save_checkpoint(
@@ -130,7 +104,7 @@ def save_checkpoint(
     *,
     server_round: int,
     arrays: dict[str, np.ndarray],
-    strategy: object,
+    strategy: CountedFedAvg,
     strategy_name: str,
     model_name: str,
     keep: int = 2,
@@ -142,22 +116,21 @@ def save_checkpoint(
     Path
         The checkpoint file.
     """
-    state_arrays, state_scalars = capture_strategy_state(strategy)
+    state = strategy.state_dict()
     tensors = {f"{_GLOBAL_PREFIX}{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
-    for attr, values in state_arrays.items():
+    for entry, values in state.arrays.items():
         for k, v in values.items():
-            tensors[f"{_STRATEGY_PREFIX}{attr}/{k}"] = np.ascontiguousarray(v)
+            tensors[f"{_STRATEGY_PREFIX}{entry}/{k}"] = np.ascontiguousarray(v)
     meta = CheckpointMeta(
         server_round=server_round,
         strategy=strategy_name,
         model=model_name,
-        strategy_state=state_scalars,
+        strategy_state=state.values,
         sha256=arrays_sha256(tensors),
     )
     path = checkpoint_path(run_dir, server_round)
-    blob = save_safetensors(tensors, metadata={_META_KEY: meta.model_dump_json()})
     try:
-        _write_durably(path, blob)
+        write_checked(path, tensors, meta)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write checkpoint ({exc.strerror})") from None
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -173,32 +146,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     ArtifactError
         One line naming the file: unreadable, not a BioFP checkpoint, or corrupted.
     """
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="np") as fh:
-            raw_meta = (fh.metadata() or {}).get(_META_KEY)
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except (OSError, SafetensorError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise ArtifactError(f"{path}: corrupted checkpoint, unreadable ({reason})") from None
-    if raw_meta is None:
-        raise ArtifactError(f"{path}: not a BioFP checkpoint (no '{_META_KEY}' metadata)")
-    try:
-        meta = CheckpointMeta.model_validate_json(raw_meta)
-    except ValidationError as exc:
-        reason = exc.errors()[0]["msg"]
-        raise ArtifactError(f"{path}: corrupted checkpoint metadata ({reason})") from None
+    meta, tensors = read_checked(path, CheckpointMeta, what="checkpoint")
     if meta.format != CHECKPOINT_FORMAT or meta.version > CHECKPOINT_VERSION:
         raise ArtifactError(f"{path}: unsupported checkpoint format {meta.format} v{meta.version}")
-    if arrays_sha256(tensors) != meta.sha256:
-        raise ArtifactError(f"{path}: corrupted checkpoint (tensors do not match their sha256)")
     arrays = {k[len(_GLOBAL_PREFIX) :]: v for k, v in tensors.items() if k.startswith("global/")}
     strategy_arrays: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if key.startswith(_STRATEGY_PREFIX):
             attr, _, name = key[len(_STRATEGY_PREFIX) :].partition("/")
             strategy_arrays.setdefault(attr, {})[name] = value
-    return Checkpoint(meta=meta, arrays=arrays, strategy_arrays=strategy_arrays, path=path)
+    return Checkpoint(meta=meta, arrays=arrays, strategy_arrays=strategy_arrays, path=Path(path))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DATABASE_ENV = "BIOFP_SUPERLINK_DATABASE"  # = server.launch.SUPERLINK_DATABASE_ENV
+DATABASE_ENV = "BIOFP_SUPERLINK_DATABASE"  # = biofp_cli.superlink.SUPERLINK_DATABASE_ENV
 _UINT64 = (1 << 64) - 1
 
 

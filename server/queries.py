@@ -1,7 +1,8 @@
 """After the last round: ask every connected site for released fingerprints and local probes.
 
 Both query messages carry the final global arrays, the last round and the run key, and go to
-every connected node at once (one batch per query):
+every connected node at once (one batch per query). Every reply is checked by the one reply
+validator (:func:`strategies.replies.check_reply`), as training and evaluation replies are:
 
 - ``query.fingerprint`` (run config ``collect-fingerprints``): each site releases fingerprints
   under its own policy or refuses. A released file is checked (a BioFP fingerprint file with the
@@ -41,17 +42,16 @@ from biofp_core.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FINGERPRINTS_ARRAY,
-    METRICS_KEY,
-    PROBE_TASK,
     QUERY_FINGERPRINT,
     QUERY_PROBE,
-    RUN_KEY,
-    SERVER_ROUND,
     FingerprintReplyMetrics,
+    ProbeInstruction,
     ProbeReplyMetrics,
+    QueryInstruction,
+    RunConfig,
 )
-from server.config import RunConfig
 from server.rounds import FederationError, wait_for_sites
+from strategies.replies import check_reply, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,6 @@ class FederatedEval(BaseModel):
         return cls.model_validate_json((Path(run_dir) / FEDERATED_EVAL_NAME).read_bytes())
 
 
-def _one_line(text: str | None) -> str:
-    return " ".join(str(text or "").split())[:300]
-
-
 def _because(answer: NodeAnswer) -> str:
     """': <reason>' for a log line, or what a status means when the reply gives no reason."""
     if answer.reason:
@@ -137,32 +133,29 @@ def _because(answer: NodeAnswer) -> str:
 
 
 def _send(
-    grid: Grid, node_ids: Iterable[int], message_type: str, arrays: ArrayRecord, config: dict,
-    *, timeout: float,
+    grid: Grid, node_ids: Iterable[int], message_type: str, arrays: ArrayRecord,
+    instruction: QueryInstruction, *, timeout: float,
 ) -> dict[int, Message]:  # fmt: skip
     """Send one query to every node; the replies by node id (silent nodes are absent)."""
-    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(instruction.to_config())})
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in node_ids]
     replies = grid.send_and_receive(messages, timeout=timeout)
     return {reply.metadata.src_node_id: reply for reply in replies}
 
 
-def _save_release(reply: Message, path: Path, weights_sha256: str) -> ReleasedFile:
-    """Check a fingerprint reply and write its file to `path`.
+def _save_release(
+    reply: Message, metrics: FingerprintReplyMetrics, path: Path, weights_sha256: str
+) -> ReleasedFile:
+    """Check the file of a valid fingerprint release (its `metrics` already checked by the
+    validator) and write it to `path`.
 
     Raises
     ------
     ValueError, DataError
-        The reply is not a release the site says it made of the final model: unknown metric
-        keys, other records, other arrays, a file that is not a BioFP fingerprint file, other
-        rows or other weights. Nothing is written then.
+        The file is not a release the site says it made of the final model: other arrays, a
+        file that is not a BioFP fingerprint file, other rows or other weights. Nothing is
+        written then.
     """
-    metrics = FingerprintReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
-    expected = {METRICS_KEY} if metrics.refused else {METRICS_KEY, ARRAYS_KEY}
-    if set(reply.content.keys()) != expected:
-        raise ValueError(f"records {sorted(reply.content.keys())}, expected {sorted(expected)}")
-    if metrics.refused:
-        return ReleasedFile(status="refused", epsilon=metrics.epsilon)
     arrays = reply.content.array_records[ARRAYS_KEY]
     if list(arrays.keys()) != [FINGERPRINTS_ARRAY]:
         raise ValueError(f"arrays {list(arrays.keys())}, expected [{FINGERPRINTS_ARRAY!r}]")
@@ -194,22 +187,27 @@ def _released_file(
     """One node's answer to the fingerprint query, its file written when it released one."""
     if reply is None:
         return ReleasedFile(status="missing")
-    if reply.has_error():
-        return ReleasedFile(status="failed", reason=_one_line(reply.error.reason))
+    checked = check_reply(reply, FingerprintReplyMetrics)
+    if checked.status == "failed" or checked.metrics is None:
+        return ReleasedFile(status="failed", reason=checked.reason)
+    if checked.status == "refused":
+        return ReleasedFile(status="refused", epsilon=checked.metrics.epsilon)
+    path = folder / f"node-{node_id}.parquet"
     try:
-        return _save_release(reply, folder / f"node-{node_id}.parquet", weights_sha256)
-    except (KeyError, ValueError, DataError) as exc:
-        return ReleasedFile(status="failed", reason=_one_line(f"invalid reply: {exc}"))
+        return _save_release(reply, checked.metrics, path, weights_sha256)
+    except (ValueError, DataError) as exc:
+        return ReleasedFile(status="failed", reason=f"invalid release: {short_reason(exc, 300)}")
 
 
 def collect_fingerprints(
-    grid: Grid, node_ids: list[int], arrays: ArrayRecord, config: dict, *, run: RunConfig,
+    grid: Grid, node_ids: list[int], arrays: ArrayRecord, query: QueryInstruction, *,
+    run: RunConfig,
     weights_sha256: str,
 ) -> dict[int, ReleasedFile]:  # fmt: skip
     """Ask every node for its released fingerprints; write the valid files, log the others."""
     folder = run.run_dir / FINGERPRINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    replies = _send(grid, node_ids, QUERY_FINGERPRINT, arrays, config, timeout=run.round_timeout_s)
+    replies = _send(grid, node_ids, QUERY_FINGERPRINT, arrays, query, timeout=run.round_timeout_s)
     answers = {n: _released_file(n, replies.get(n), folder, weights_sha256) for n in node_ids}
     for node_id, answer in answers.items():
         if answer.status == "ok":
@@ -224,15 +222,11 @@ def probe_answer(task: str, reply: Message | None) -> ProbeAnswer:
     """One node's answer to the probe query of `task`."""
     if reply is None:
         return ProbeAnswer(status="missing")
-    if reply.has_error():
-        return ProbeAnswer(status="failed", reason=_one_line(reply.error.reason))
-    try:
-        if set(reply.content.keys()) != {METRICS_KEY}:
-            raise ValueError(f"records {sorted(reply.content.keys())}, expected metrics only")
-        metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
-    except (KeyError, ValueError) as exc:
-        return ProbeAnswer(status="failed", reason=_one_line(f"invalid reply: {exc}"))
-    if metrics.refused or metrics.kind is None:
+    checked = check_reply(reply, ProbeReplyMetrics)
+    metrics = checked.metrics
+    if checked.status == "failed" or metrics is None:
+        return ProbeAnswer(status="failed", reason=checked.reason)
+    if checked.status == "refused" or metrics.kind is None:
         return ProbeAnswer(status="refused")
     probe = SiteProbe(
         task=task, kind=metrics.kind, metric=PRIVATE_METRIC_OF[metrics.kind], value=metrics.value,
@@ -258,12 +252,12 @@ def combine_probes(task: str, answers: dict[int, ProbeAnswer]) -> TaskEvaluation
 
 
 def probe_sites(
-    grid: Grid, node_ids: list[int], arrays: ArrayRecord, config: dict, task: str, *,
-    timeout: float,
+    grid: Grid, node_ids: list[int], arrays: ArrayRecord, query: QueryInstruction, task: str,
+    *, timeout: float,
 ) -> TaskEvaluation:  # fmt: skip
     """Ask every node to probe `task` on its own fingerprints; combine the scalars."""
-    replies = _send(grid, node_ids, QUERY_PROBE, arrays, {**config, PROBE_TASK: task},
-                    timeout=timeout)  # fmt: skip
+    probe = ProbeInstruction(**query.model_dump(), task=task)
+    replies = _send(grid, node_ids, QUERY_PROBE, arrays, probe, timeout=timeout)
     answers = {n: probe_answer(task, replies.get(n)) for n in node_ids}
     for node_id, answer in answers.items():
         if answer.status != "ok":
@@ -292,7 +286,7 @@ def run_queries(
     except FederationError as exc:  # the model is saved: query the sites that are here
         log.error("%s; querying the connected sites only", exc)
     node_ids = sorted(grid.get_node_ids())
-    config = {SERVER_ROUND: run.num_rounds, **({RUN_KEY: run_key} if run_key else {})}
+    query = QueryInstruction(run_key=run_key, server_round=run.num_rounds)
     result = FederatedEval(
         run_key=run_key,
         server_round=run.num_rounds,
@@ -300,12 +294,12 @@ def run_queries(
     )
     if run.collect_fingerprints:
         result.fingerprints = collect_fingerprints(
-            grid, node_ids, arrays, config, run=run,
+            grid, node_ids, arrays, query, run=run,
             weights_sha256=result.model_weights_sha256,
         )  # fmt: skip
     for task in tasks:
         result.tasks[task] = probe_sites(
-            grid, node_ids, arrays, config, task, timeout=run.round_timeout_s
+            grid, node_ids, arrays, query, task, timeout=run.round_timeout_s
         )
     path = result.write(run.run_dir)
     log.info("federated evaluation of %d node(s) written to %s", len(node_ids), path)

@@ -14,17 +14,14 @@ one per submission: the mapping between what the coordinator and the sites see.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from flwr.app import Message
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.artifacts import DataSummary
 from biofp_core.errors import ArtifactError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.protocol import EVAL_LOSS, NUM_EXAMPLES, TrainReplyMetrics
 from strategies.base import RoundReplies
 
 REPORT_NAME = "metrics.json"
@@ -153,20 +150,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def site_rounds(train_replies: Iterable[Message], report: RoundReplies) -> list[SiteRound]:
-    """Per-site view of one training round: the strategy's verdict plus each reply's metrics.
-
-    `train_replies` must be read before the strategy aggregates them (it decodes contents).
-    """
-    parsed: dict[int, TrainReplyMetrics] = {}
-    for reply in train_replies:
-        if reply.has_error():
-            continue
-        records = list(reply.content.metric_records.values())
-        try:
-            parsed[reply.metadata.src_node_id] = TrainReplyMetrics.from_metrics(dict(records[0]))
-        except (IndexError, ValueError):
-            continue  # the strategy reports it as failed, with the reason
+def site_rounds(report: RoundReplies) -> list[SiteRound]:
+    """Per-site view of one training round: the strategy's verdict and the metrics it parsed."""
     statuses: dict[int, tuple[SiteStatus, str | None]] = {
         **{n: ("ok", None) for n in report.contributed},
         **{n: ("refused", None) for n in report.refused},
@@ -175,7 +160,7 @@ def site_rounds(train_replies: Iterable[Message], report: RoundReplies) -> list[
     }
     sites = []
     for node_id, (status, reason) in sorted(statuses.items()):
-        metrics = parsed.get(node_id)
+        metrics = report.metrics.get(node_id)
         site = SiteRound(node_id=node_id, status=status, reason=reason)
         if metrics is not None:
             site.num_examples = metrics.num_examples
@@ -201,21 +186,16 @@ def name_sites(sites: list[SiteRound], names: dict[int, str]) -> None:
         site.name = names.get(site.node_id, site.name)
 
 
-def add_eval_losses(sites: list[SiteRound], eval_replies: Iterable[Message]) -> float | None:
-    """Put each site's held-out loss into `sites`; return the example-weighted mean."""
+def add_eval_losses(sites: list[SiteRound], report: RoundReplies) -> float | None:
+    """Put each site's held-out loss (as the strategy kept it) into `sites`; return the
+    example-weighted mean."""
     by_node = {s.node_id: s for s in sites}
-    total, weight = 0.0, 0.0
-    for reply in eval_replies:
-        if reply.has_error():
-            continue
-        for record in reply.content.metric_records.values():
-            loss, n = record.get(EVAL_LOSS), record.get(NUM_EXAMPLES)
-            if not isinstance(loss, int | float) or not isinstance(n, int | float) or n <= 0:
-                continue
-            node_id = reply.metadata.src_node_id
-            by_node.setdefault(node_id, SiteRound(node_id=node_id, status="not-sampled"))
-            by_node[node_id].eval_loss = float(loss)
-            total, weight = total + float(loss) * n, weight + n
+    total, weight = 0.0, 0
+    for node_id, answer in report.evaluated.items():
+        loss = float(answer.eval_loss or 0.0)  # an answer always has one
+        by_node.setdefault(node_id, SiteRound(node_id=node_id, status="not-sampled"))
+        by_node[node_id].eval_loss = loss
+        total, weight = total + loss * answer.num_examples, weight + answer.num_examples
     sites[:] = sorted(by_node.values(), key=lambda s: s.node_id)
     return total / weight if weight else None
 

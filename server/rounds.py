@@ -22,8 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from biofp_core.errors import BioFPError
-from biofp_core.protocol import LOCAL_STEPS, LR, RUN_KEY
-from server.config import RunConfig
+from biofp_core.protocol import Instruction, RunConfig, TrainSettings
 from server.nodes import node_label, registered_names
 from server.report import (
     RoundMetrics,
@@ -95,13 +94,13 @@ def run_round(
         The new global arrays (None when no site contributed) and the round's metrics.
     """
     started = time.monotonic()
-    keyed = {RUN_KEY: run_key} if run_key else {}
-    train_config = ConfigRecord({LOCAL_STEPS: run.local_steps, LR: run.lr, **keyed})
+    settings = TrainSettings(run_key=run_key, local_steps=run.local_steps, lr=run.lr)
+    train_config = ConfigRecord(settings.to_config())
     messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
     replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)  # counts: round_replies
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)  # verdicts: round_replies
     report = strategy.round_replies[server_round]
-    sites = site_rounds(replies, report)
+    sites = site_rounds(report)
     names = registered_names()
     for site in sites:
         if site.status == "missing":
@@ -117,11 +116,11 @@ def run_round(
     eval_loss = None
     if new_arrays is not None and run.fraction_evaluate > 0:
         eval_messages = strategy.configure_evaluate(
-            server_round, new_arrays, ConfigRecord(dict(keyed)), grid
+            server_round, new_arrays, ConfigRecord(Instruction(run_key=run_key).to_config()), grid
         )
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=run.round_timeout_s))
-        strategy.aggregate_evaluate(server_round, eval_replies)
-        eval_loss = add_eval_losses(sites, eval_replies)
+        strategy.aggregate_evaluate(server_round, eval_replies)  # answers: round_replies
+        eval_loss = add_eval_losses(sites, report)
     name_sites(sites, names)
     log.info("round %d sites: %s", server_round,
              ", ".join(f"{node_label(s.node_id, names)} {s.status}" for s in sites))  # fmt: skip
@@ -133,7 +132,7 @@ def run_round(
         failed=len(report.failed),
         refused=len(report.refused),
         missing=len(report.missing),
-        excluded=len(getattr(strategy, "excluded_node_ids", ())),
+        excluded=len(report.excluded),
         bytes_received=report.bytes_received,
         train_loss=weighted_train_loss(sites),
         eval_loss=eval_loss,

@@ -19,7 +19,6 @@ recognises the round that was in flight as one it already trained and was charge
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,14 +38,13 @@ from biofp_core.artifacts import (
 )
 from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.fsutil import atomic_write_text
-from biofp_core.protocol import RUN_KEY_PATTERN
+from biofp_core.protocol import RUN_KEY_PATTERN, RunConfig
 from server.checkpoint import (
     describe_state,
     latest_checkpoint,
     restore_strategy_state,
     save_checkpoint,
 )
-from server.config import RunConfig
 from server.nodes import node_label
 from server.report import RoundMetrics, RunReport
 
@@ -112,13 +110,8 @@ def ensure_run_key(run_dir: Path) -> str:
         created = datetime.now(UTC).isoformat(timespec="seconds")
         text = RunKeyFile(run_key=key, created_at=created).model_dump_json(indent=1)
         path = Path(run_dir) / RUN_KEY_NAME
-        atomic_write_text(path, text + "\n")
-        for synced in (path, path.parent):  # durable before any site is charged under it
-            fd = os.open(synced, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_write_text(path, text + "\n")  # durable (file and folder fsync'ed) before any
+        # site is charged under it
         log.info("new run key %s in %s", key, run_dir)
     return key
 

@@ -20,11 +20,9 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from biofp_core.errors import DataError
 from biofp_core.privacy.ledger import initialise_site_state
@@ -34,10 +32,9 @@ from biofp_core.store import record_files
 from biofp_core.synth import write_cohort
 from biofp_core.synth.cohort import MANIFEST_NAME
 from simulations.partition import Partition
+from simulations.site_toml import SITE_TOML, SiteSettings, site_toml
 
 log = logging.getLogger(__name__)
-
-SITE_TOML = "site.toml"
 
 
 @dataclass(frozen=True)
@@ -135,12 +132,6 @@ def _labels_csv(cohort: Cohort, records: list[str]) -> str:
     return buf.getvalue()
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return json.dumps(value)
-
-
 def cohort_tasks(cohort: Cohort) -> dict[str, str]:
     """``[tasks]`` of the cohort's emulated sites, from its whole label columns (the simulation
     owns the cohort): 0/1 columns binary, other numeric columns regression; text columns and
@@ -158,38 +149,15 @@ def cohort_tasks(cohort: Cohort) -> dict[str, str]:
     return tasks
 
 
-def _site_toml(
-    name: str, *, cache_dir: Path, epsilon: float, delta: float, limits: dict[str, Any],
-    tasks: dict[str, str],
-) -> str:  # fmt: skip
-    """site.toml of an emulated hospital (paths relative to the file)."""
-    budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
-    extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
-    declared = "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in tasks.items())
-    return (
-        f'name = "{name}"\ndata_dir = "data"\nstate_dir = "state"\nlabels_csv = "labels.csv"\n'
-        f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
-        f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
-        f"\n[tasks]\n{declared}"
-    )
-
-
 def write_sites(
-    cohort: Cohort,
-    partition: Partition,
-    root: Path,
-    *,
-    cache_dir: Path,
-    epsilon: float,
-    delta: float,
-    limits: dict[str, Any] | None = None,
+    cohort: Cohort, partition: Partition, root: Path, settings: SiteSettings
 ) -> list[Path]:
     """One folder per emulated hospital under `root`; returns their site.toml paths.
 
-    `limits` are extra ``[privacy]`` keys of every site (e.g. ``min_train_subjects`` for tiny
-    cohorts). The ``state/`` folder (ledger, audit log) of a site is initialised once and never
-    reset, so a site's privacy spending carries over to every later run that uses the same
-    `root`.
+    `settings` are what every site's ``site.toml`` shares (budget, ``[privacy]`` limits such as
+    ``min_train_subjects`` for tiny cohorts, release policy). The ``state/`` folder (ledger,
+    audit log) of a site is initialised once and never reset, so a site's privacy spending
+    carries over to every later run that uses the same `root`.
     """
     tomls, tasks = [], cohort_tasks(cohort)
     for index, subjects in enumerate(partition.sites):
@@ -211,9 +179,9 @@ def write_sites(
                 stale.unlink()  # a subject that moved to another site in this partition
         (site_dir / "labels.csv").write_text(_labels_csv(cohort, records))
         toml = site_dir / SITE_TOML
-        text = _site_toml(name, cache_dir=cache_dir, epsilon=epsilon, delta=delta,
-                          limits=limits or {}, tasks=tasks)  # fmt: skip
-        toml.write_text(text)
+        toml.write_text(
+            site_toml(name, "data", settings, labels_csv="labels.csv", tables={"tasks": tasks})
+        )
         initialise_site_state(site_dir / "state", name=name)
         tomls.append(toml)
     return tomls

@@ -4,7 +4,8 @@ what they leak.
 For one model artifact and the simulation's emulated sites (loaded the way their ClientApps load
 them, :mod:`client.site_data`), every site releases record-level fingerprints of its window store,
 embedded from both signals ("paired"), from ECG alone and from PPG alone, through the real release
-path (:mod:`biofp_core.fingerprints.release`: ledger charge, Parquet file, audit line):
+path (:func:`biofp_core.fingerprints.export.release_windows`: ledger charge, Parquet file, audit
+line):
 
 - ``"no noise"``: record means, nothing clipped, nothing charged;
 - ``"noisy"`` (when ``StudyConfig.noisy``): the site's own release policy when it adds noise,
@@ -52,16 +53,14 @@ from biofp_core.evaluation import (
 )
 from biofp_core.evaluation.labels import ID_COLUMNS
 from biofp_core.fingerprints.compute import window_fingerprints
+from biofp_core.fingerprints.export import release_windows
 from biofp_core.fingerprints.parquet import read_fingerprints
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.pseudonyms import SiteKey
-from biofp_core.fingerprints.release import commit_release, prepare_release
 from biofp_core.fingerprints.table import MODALITY_CHOICES, FingerprintTable, concat
 from biofp_core.models.base import BioFPModel, SubjectWindows
 from biofp_core.site import SiteConfig
-from biofp_core.store import WindowStore
-from biofp_core.validate import open_site_store
-from client.site_data import Modality, SimulationSites, load_site_data
+from client.site_data import SimulationSites, SiteData
 
 log = logging.getLogger(__name__)
 
@@ -70,44 +69,18 @@ ATTRIBUTES = ("sex", "age")  # what attribute inference tries to recover
 CLEAN, NOISY = "no noise", "noisy"  # the two release variants
 
 
-@dataclass(frozen=True)
-class StudySite:
-    """One emulated hospital as its ClientApp sees it: config, window store, sensor, subjects."""
-
-    config: SiteConfig
-    store: WindowStore
-    modality: Modality
-    train: list[SubjectWindows]
-    holdout: list[SubjectWindows]
-    seed: int | None  # seeds release noise (reproducible simulations); None: OS entropy
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def state_dir(self) -> Path:
-        return self.config.resolved_state_dir()
-
-
-def load_study_sites(manifest: SimulationSites, *, holdout_fraction: float) -> list[StudySite]:
-    """The simulation's sites, opened as their ClientApps open them (same holdout split).
+def load_study_sites(manifest: SimulationSites, *, holdout_fraction: float) -> list[SiteData]:
+    """The simulation's sites, loaded as their ClientApps load them (same holdout split).
 
     Raises
     ------
     DataError
         A site without a labels file (nothing to probe).
     """
-    sites = []
-    for ref in manifest.sites:
-        data = load_site_data(ref, holdout_fraction=holdout_fraction)
-        if data.config.labels_csv is None:
-            raise DataError(f"{ref.site_config}: site {data.config.name} has no labels_csv")
-        sites.append(
-            StudySite(config=data.config, store=open_site_store(data.config),
-                      modality=ref.modality, train=data.train, holdout=data.holdout,
-                      seed=ref.dp_seed)
-        )  # fmt: skip
+    sites = manifest.load(holdout_fraction=holdout_fraction)
+    for ref, site in zip(manifest.sites, sites, strict=True):
+        if site.config.labels_csv is None:
+            raise DataError(f"{ref.site_config}: site {site.name} has no labels_csv")
     return sites
 
 
@@ -177,7 +150,7 @@ class DownstreamStudy(BaseModel):
 # ---- releases -------------------------------------------------------------------------------
 
 
-def site_modalities(site: StudySite) -> dict[str, str]:
+def site_modalities(site: SiteData) -> dict[str, str]:
     """Requested modality -> what the site embeds for it (a single sensor serves both its slots)."""
     if site.modality == "both":
         return {m: m for m in MODALITY_CHOICES}
@@ -185,7 +158,7 @@ def site_modalities(site: StudySite) -> dict[str, str]:
 
 
 def _run_id(
-    site: StudySite, card: ModelCard, policy: ReleasePolicy, modality: str, seed: int | None
+    site: SiteData, card: ModelCard, policy: ReleasePolicy, modality: str, seed: int | None
 ) -> str | None:
     """Ledger key of a reproducible release: the same model, windows, policy and noise seed give
     the same vectors, released (and charged) once. None (a fresh key) without a seed."""
@@ -197,21 +170,17 @@ def _run_id(
 
 
 def _release(
-    site: StudySite, windows: FingerprintTable, card: ModelCard, *, policy: ReleasePolicy,
+    site: SiteData, windows: FingerprintTable, card: ModelCard, *, policy: ReleasePolicy,
     variant: str, modality: str, out_dir: Path,
 ) -> tuple[SiteRelease, FingerprintTable | None]:  # fmt: skip
     """Release one table under `policy` to a file and read the file back (None if refused)."""
-    seed = None if site.seed is None else site.seed * 8 + MODALITY_CHOICES.index(modality)
+    seed = None if site.dp_seed is None else site.dp_seed * 8 + MODALITY_CHOICES.index(modality)
     path = out_dir / f"{site.name}-{variant.replace(' ', '-')}-{modality}.parquet"
-    prepared = prepare_release(
-        windows, card=card, policy=policy, key=SiteKey.load_or_create(site.state_dir),
-        modality=modality, default_delta=site.config.privacy.delta, seed=seed,
-    )  # fmt: skip
     row = SiteRelease(site=site.name, variant=variant, modality=modality)
     try:
-        report, _ = commit_release(
-            prepared, state_dir=site.state_dir, budget=site.config.privacy, out=path,
-            run_id=_run_id(site, card, policy, modality, seed),
+        report, _ = release_windows(
+            windows, card, site=site.config, out=path, policy=policy, modality=modality,
+            run_id=_run_id(site, card, policy, modality, seed), seed=seed,
         )  # fmt: skip
     except PrivacyBudgetError as exc:
         return row.model_copy(update={"refused": str(exc)}), None
@@ -227,7 +196,7 @@ Released = dict[str, dict[str, list[FingerprintTable]]]  # variant -> modality -
 
 
 def release_all(
-    model: BioFPModel, card: ModelCard, sites: list[StudySite], out_dir: Path, config: StudyConfig
+    model: BioFPModel, card: ModelCard, sites: list[SiteData], out_dir: Path, config: StudyConfig
 ) -> tuple[Released, list[SiteRelease]]:
     """Every site's releases (each variant, each modality it has), read back from the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +299,7 @@ def _attribute_study(
 
 
 def run_study(
-    model_path: Path, sites: list[StudySite], *, label: str, out_dir: Path,
+    model_path: Path, sites: list[SiteData], *, label: str, out_dir: Path,
     config: StudyConfig | None = None,
 ) -> DownstreamStudy:  # fmt: skip
     """Release every site's fingerprints of `model_path` into `out_dir` and probe them.
@@ -403,7 +372,7 @@ def _best_paired_window(subject: SubjectWindows) -> int | None:
 
 
 def cross_modal_reconstruction(
-    model_path: Path, sites: list[StudySite], *, windows: int = 4
+    model_path: Path, sites: list[SiteData], *, windows: int = 4
 ) -> list[ReconstructedWindow]:
     """ECG decoded from PPG alone for up to `windows` held-out subjects' windows, one per subject,
     taken from the sites in turn; [] for a model without a cross-modal decoder."""
@@ -412,7 +381,7 @@ def cross_modal_reconstruction(
     if not callable(reconstruct):
         return []
     queues = [[(site, s) for s in site.holdout] for site in sites if site.modality == "both"]
-    chosen: list[tuple[StudySite, SubjectWindows, int]] = []
+    chosen: list[tuple[SiteData, SubjectWindows, int]] = []
     while len(chosen) < windows and any(queues):
         for queue in queues:
             if queue and len(chosen) < windows:

@@ -17,9 +17,7 @@ once), the first round's one-off work (torch's first optimizer, the first ε) ~1
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -29,35 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from biofp_core.errors import BioFPError
-from server.config import RunConfig, RunConfigValue
+from biofp_core.protocol import RunConfig
+from server.app_folder import write_app_folder
 from server.report import RoundMetrics, RunReport
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "run.log"
 _LOGGERS = ("flwr", "server", "client", "strategies", "simulations", "biofp_core")
-
-
-def _toml_value(value: RunConfigValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
-def write_flower_app(app_dir: Path, run_config: dict[str, RunConfigValue]) -> Path:
-    """A minimal Flower app folder whose ``[tool.flwr.app.config]`` is this run's config."""
-    lines = [
-        "[project]", 'name = "biofp-simulation"', 'version = "0.1.0"', "",
-        "[tool.flwr.app]", 'publisher = "biofp"', "",
-        "[tool.flwr.app.components]", 'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"', "", "[tool.flwr.app.config]",
-        *(f"{key} = {_toml_value(value)}" for key, value in run_config.items()),
-    ]  # fmt: skip
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return app_dir
 
 
 def backend_config(
@@ -190,7 +167,7 @@ def run_federation(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
     run_dir = run.run_dir
     run_config = run.to_run_config()
-    app_dir = write_flower_app(run_dir / "flower-app", run_config)
+    app_dir = write_app_folder(run_dir / "flower-app", run_config, name="biofp-simulation")
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )

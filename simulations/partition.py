@@ -16,14 +16,13 @@ leaves no site empty.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from biofp_core.errors import ConfigError
+from biofp_core.signals.types import SiteModality
 
-Modality = Literal["both", "ecg", "ppg"]
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "quantity-skew", "modality-skew")
 
 
@@ -34,7 +33,7 @@ class Partition(BaseModel):
     ----------
     sites : tuple[tuple[str, ...], ...]
         Site index -> its subject ids (sorted).
-    modalities : tuple[Modality, ...]
+    modalities : tuple[SiteModality, ...]
         Site index -> "both", or "ecg"/"ppg" for a single-modality site.
     scheme : str
         How the partition was made, e.g. "dirichlet(alpha=0.3)".
@@ -45,7 +44,7 @@ class Partition(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sites: tuple[tuple[str, ...], ...] = Field(..., min_length=1)
-    modalities: tuple[Modality, ...]
+    modalities: tuple[SiteModality, ...]
     scheme: str
     seed: int
 
@@ -64,10 +63,6 @@ class Partition(BaseModel):
     def num_sites(self) -> int:
         """Number of sites."""
         return len(self.sites)
-
-    def site_of(self) -> dict[str, int]:
-        """Subject id -> site index."""
-        return {subject: site for site, subjects in enumerate(self.sites) for subject in subjects}
 
 
 def _sorted_unique(subject_ids: Sequence[str], num_sites: int) -> list[str]:
@@ -185,7 +180,7 @@ def with_modality_skew(partition: Partition, *, share: float, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     num_single = round(share * partition.num_sites)
     chosen = rng.permutation(partition.num_sites)[:num_single]
-    modalities: list[Modality] = list(partition.modalities)
+    modalities: list[SiteModality] = list(partition.modalities)
     for rank, site in enumerate(chosen):
         modalities[int(site)] = "ecg" if rank % 2 == 0 else "ppg"
     return partition.model_copy(

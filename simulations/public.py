@@ -12,13 +12,11 @@ a site holds one cohort, so device, modality, rate, population and labels all di
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +27,7 @@ from biofp_core.signals.formats import Item, ReaderConfig, Source, open_source
 from biofp_core.site import load_site_config
 from biofp_core.store import label_rows, write_labels_csv
 from biofp_core.validate import open_site_store
-from simulations.cohort import SITE_TOML, _toml_value
+from simulations.site_toml import SITE_TOML, SiteSettings, site_toml
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +100,6 @@ def _link_subset(source: Source, folder: Path, max_subjects: int, seed: int) -> 
             stale.unlink()
 
 
-def _toml_table(name: str, values: dict) -> str:
-    """A TOML table of scalars and one level of sub-tables (what ReaderConfig holds)."""
-
-    def value(v: object) -> str:
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        return json.dumps(v)
-
-    return f"\n[{name}]\n" + "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in values.items())
-
-
 MAX_CLASSES = 20  # text label columns with more distinct values are not declared as tasks
 
 
@@ -140,37 +123,23 @@ def site_tasks(rows: list[dict[str, str]], columns: list[str]) -> dict[str, dict
 
 
 def _site_toml(
-    site: PublicSite, data_dir: Path, *, cache_dir: Path, epsilon: float, delta: float,
-    labels: bool, limits: dict[str, Any], tasks: dict[str, dict] | None = None,
+    site: PublicSite, data_dir: Path, settings: SiteSettings, *, labels: bool,
+    tasks: dict[str, dict] | None = None,
 ) -> str:  # fmt: skip
-    budget = "inf" if math.isinf(epsilon) else repr(float(epsilon))
-    extra = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(limits.items()))
-    text = (
-        f'name = "{site.name}"\ndata_dir = {json.dumps(str(data_dir))}\nstate_dir = "state"\n'
-        f"cache_dir = {json.dumps(str(Path(cache_dir).resolve()))}\n"
-        + (f'labels_csv = "{LABELS_NAME}"\n' if labels else "")
-        + f"\n[privacy]\nepsilon = {budget}\ndelta = {delta!r}\n{extra}"
-    )
     reader = site.reader.model_dump(mode="json", exclude_defaults=True)
-    text += _toml_table("reader", reader) if reader else ""
-    return text + (_toml_table("tasks", tasks) if tasks else "")
+    return site_toml(
+        site.name, str(data_dir), settings, labels_csv=LABELS_NAME if labels else None,
+        tables={"reader": reader or None, "tasks": tasks or None},
+    )  # fmt: skip
 
 
 def write_public_sites(
-    sites: list[PublicSite],
-    *,
-    data_root: Path,
-    root: Path,
-    cache_dir: Path,
-    epsilon: float,
-    delta: float,
-    seed: int,
-    limits: dict[str, Any] | None = None,
+    sites: list[PublicSite], settings: SiteSettings, *, data_root: Path, root: Path, seed: int
 ) -> list[Path]:
     """One folder per public site under `root`, its window store built and its labels written.
 
     Returns the site.toml paths. A site's ``state/`` (ledger, audit log) is never touched;
-    `limits` are more ``[privacy]`` keys of every site (as ``site_privacy`` in sim.toml).
+    `settings` are what every site's ``site.toml`` shares (budget, limits, release policy).
 
     Raises
     ------
@@ -195,14 +164,13 @@ def write_public_sites(
             _link_subset(source, data_dir, site.max_subjects, seed * 1000 + index)
         initialise_site_state(site_dir / "state", name=site.name)  # once; kept across runs
         toml = site_dir / SITE_TOML
-        kw = {"cache_dir": cache_dir, "epsilon": epsilon, "delta": delta, "limits": limits or {}}
-        toml.write_text(_site_toml(site, data_dir, labels=False, **kw))
+        toml.write_text(_site_toml(site, data_dir, settings, labels=False))
         store = open_site_store(load_site_config(toml))
         rows = write_labels_csv(store, site_dir / LABELS_NAME)
         if rows:
             _, table = label_rows(store)
             tasks = site_tasks(table, sorted(store.manifest.label_levels))
-            toml.write_text(_site_toml(site, data_dir, labels=True, tasks=tasks, **kw))
+            toml.write_text(_site_toml(site, data_dir, settings, labels=True, tasks=tasks))
         log.info(
             "public site %s: %s, %d records, %d windows, %d label rows",
             site.name, store.manifest.format, len(store.manifest.records), len(store), rows,

@@ -1,8 +1,11 @@
 """The research report of ``biofp simulate``: comparison models, downstream studies, report.md.
 
-After a federated run with ``report = true``, :func:`research_report`:
+After a federated run with ``report = true``, :func:`simulations.run.report_run` trains the
+comparison models (:func:`comparison_configs`, each a :func:`simulations.run.simulate` run) and
+:func:`research_report` reports on them all. This module owns no run: it imports the simulation's
+types (:mod:`simulations.config`), never :mod:`simulations.run`.
 
-1. trains the comparison models on the same emulated hospitals: the centralized non-DP baseline
+1. the comparison models on the same emulated hospitals: the centralized non-DP baseline
    (``train_centralized``: the sites' training subjects pooled, the same total local steps, no
    ledger charged) in ``OUT/comparisons/centralized``, and the same federated simulation with DP
    off in ``OUT/comparisons/dp-off`` (its own site folders, so its audit lines stay apart);
@@ -27,12 +30,14 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from biofp_core.errors import one_line
 from biofp_core.evaluation import StudyRow
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.privacy.ledger import PrivacyLedger
-from client.site_data import SimulationSites
+from client.site_data import SimulationSites, SiteData
 from server.report import RunReport
 from simulations import plots
+from simulations.config import SITES_MANIFEST, RunSummary, SimulationConfig
 from simulations.downstream import (
     CLEAN,
     NOISY,
@@ -41,12 +46,10 @@ from simulations.downstream import (
     ReconstructedWindow,
     ReconstructionRow,
     StudyConfig,
-    StudySite,
     cross_modal_reconstruction,
     load_study_sites,
     run_study,
 )
-from simulations.run import SITES_MANIFEST, RunSummary, SimulationConfig, simulate
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,12 @@ class ResearchReport(BaseModel):
     failures: list[str] = Field(default_factory=list, description="one line per failed step")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+def error_line(exc: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    return one_line(f"{type(exc).__name__}: {exc}", limit=None)
 
 
-def _model_run(label: str, kind: RunKind, summary: RunSummary) -> ModelRun:
+def model_run(label: str, kind: RunKind, summary: RunSummary) -> ModelRun:
     return ModelRun(
         label=label, kind=kind, out_dir=str(summary.out_dir), status=summary.status,
         error=summary.error, model_path=str(summary.model_path) if summary.model_path else None,
@@ -120,32 +124,13 @@ def comparison_configs(cfg: SimulationConfig) -> dict[RunKind, SimulationConfig]
     return configs
 
 
-def _labels(cfg: SimulationConfig) -> dict[RunKind, str]:
+def run_labels(cfg: SimulationConfig) -> dict[RunKind, str]:
     main = "federated DP" if cfg.run.dp else "federated non-DP"
     return {"main": main, "centralized": "centralized non-DP", "dp-off": "federated DP-off"}
 
 
-def _comparison_runs(
-    cfg: SimulationConfig, stage: Callable[[str], None], failures: list[str]
-) -> list[ModelRun]:
-    runs = []
-    labels = _labels(cfg)
-    for kind, sub in comparison_configs(cfg).items():
-        label = labels[kind]
-        stage(f"report: training the {label} model")
-        try:
-            summary = simulate(sub, on_stage=lambda text, label=label: stage(f"{label}: {text}"))
-        except Exception as exc:  # a comparison must never cost the main run its report
-            failures.append(f"{label} run failed: {_one_line(exc)}")
-            runs.append(ModelRun(label=label, kind=kind, out_dir=str(sub.out), status="failed",
-                                 error=_one_line(exc)))  # fmt: skip
-            continue
-        runs.append(_model_run(label, kind, summary))
-    return runs
-
-
 def _studies(
-    cfg: SimulationConfig, runs: list[ModelRun], sites: list[StudySite], study: StudyConfig,
+    cfg: SimulationConfig, runs: list[ModelRun], sites: list[SiteData], study: StudyConfig,
     stage: Callable[[str], None], failures: list[str],
 ) -> list[DownstreamStudy]:  # fmt: skip
     """The downstream study of every model; noisy releases only for the main model."""
@@ -158,7 +143,7 @@ def _studies(
             studies.append(run_study(Path(run.model_path), sites, label=run.label,  # type: ignore[arg-type]
                                      out_dir=out_dir, config=config))  # fmt: skip
         except Exception as exc:  # one model's study failing leaves the others
-            failures.append(f"downstream study of the {run.label} model failed: {_one_line(exc)}")
+            failures.append(f"downstream study of the {run.label} model failed: {error_line(exc)}")
     return studies
 
 
@@ -184,23 +169,26 @@ def _figures(
         try:
             path = draw(fig_dir / f"{name}.png")
         except Exception as exc:  # a figure that cannot be drawn is reported, not fatal
-            failures.append(f"figure {name} failed: {_one_line(exc)}")
+            failures.append(f"figure {name} failed: {error_line(exc)}")
             continue
         if path is not None:
             figures[name] = path.relative_to(out).as_posix()
     return figures
 
 
-def _site_epsilon(sites: list[StudySite]) -> dict[str, float]:
+def _site_epsilon(sites: list[SiteData]) -> dict[str, float]:
     return {s.name: PrivacyLedger.at(s.state_dir).epsilon(delta=s.config.privacy.delta)
             for s in sites}  # fmt: skip
 
 
 def research_report(
-    cfg: SimulationConfig, summary: RunSummary, *, study: StudyConfig | None = None,
+    cfg: SimulationConfig, summary: RunSummary, *, comparisons: list[ModelRun],
+    failures: list[str] | None = None, study: StudyConfig | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> Path:  # fmt: skip
-    """Comparison runs, downstream studies, figures and ``OUT/report.md`` (see the module doc).
+    """Downstream studies, figures and ``OUT/report.md`` of the main run `summary` and its
+    `comparisons` (trained by :func:`simulations.run.report_run`; `failures`: one line per
+    comparison that failed), see the module doc.
 
     `study` defaults to the cohort's tasks (synthetic: af, hypertension; wfdb: every numeric
     label column) with the default probes. Never raises for a failed step: each is one line in
@@ -208,34 +196,34 @@ def research_report(
     """
     stage = on_stage or (lambda _: None)
     out = cfg.out
-    failures: list[str] = []
+    failures = list(failures or [])
     if study is None:
         study = StudyConfig(tasks=SYNTHETIC_TASKS if cfg.dataset == "synthetic" else None)
-    runs = [_model_run(_labels(cfg)["main"], "main", summary)]
+    runs = [model_run(run_labels(cfg)["main"], "main", summary)]
     studies: list[DownstreamStudy] = []
     windows: list[ReconstructedWindow] = []
-    sites: list[StudySite] = []
+    sites: list[SiteData] = []
     if summary.model_path is None:
         failures.append(f"main run {summary.status}, no model: nothing to compare or study")
     else:
-        runs += _comparison_runs(cfg, stage, failures)
+        runs += comparisons
         try:
-            manifest = SimulationSites.model_validate_json((out / SITES_MANIFEST).read_bytes())
+            manifest = SimulationSites.read(out / SITES_MANIFEST)
             sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
         except Exception as exc:
-            failures.append(f"sites could not be opened for the study: {_one_line(exc)}")
+            failures.append(f"sites could not be opened for the study: {error_line(exc)}")
         if sites:
             studies = _studies(cfg, runs, sites, study, stage, failures)
             stage("report: cross-modal reconstruction")
             try:
                 windows = cross_modal_reconstruction(summary.model_path, sites)
             except Exception as exc:
-                failures.append(f"cross-modal reconstruction failed: {_one_line(exc)}")
+                failures.append(f"cross-modal reconstruction failed: {error_line(exc)}")
     stage("report: figures")
     try:
         metrics = RunReport.read(out)
     except Exception as exc:
-        failures.append(f"metrics.json unreadable: {_one_line(exc)}")
+        failures.append(f"metrics.json unreadable: {error_line(exc)}")
         metrics = None
     main = next((s for s in studies if s.model == runs[0].label), None)
     figures = _figures(out, metrics, studies, main, windows, failures)

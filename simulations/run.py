@@ -5,7 +5,9 @@ hospitals (:mod:`simulations.partition`), lay each one out as a real site would 
 ``site.toml``, data, privacy budget and ledger; :mod:`simulations.cohort`), build every site's
 window store once (cached), then run ``server.app:app`` and ``client.app:app`` in Flower's
 Simulation Engine with one virtual SuperNode per site. The run directory gets the config, the
-per-round metrics, the final model, a ledger summary per site and ``summary.json``.
+per-round metrics, the final model (its card written by the ServerApp), a ledger summary per site
+and ``summary.json``. The simulation reads its emulated sites back only through the ClientApp's
+own loader (:meth:`client.site_data.SimulationSites.load`), as a deployed site is read.
 
 ``centralized = true`` instead trains the same model with the same ``train_local`` on the pooled
 training subjects of every site, for the same total number of local steps, as a baseline.
@@ -13,25 +15,10 @@ training subjects of every site, for the same total number of local steps, as a 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
-
-from flwr.common.constant import PARTITION_ID_KEY
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from biofp_core.artifacts import (
     DataSummary,
@@ -39,199 +26,41 @@ from biofp_core.artifacts import (
     PrivacySummary,
     SitePrivacy,
     TrainingProvenance,
-    load_model,
     save_model,
 )
-from biofp_core.config import one_of
 from biofp_core.errors import BioFPError, ConfigError
-from biofp_core.fingerprints.policy import ReleasePolicy
-from biofp_core.privacy import DPConfig
-from biofp_core.privacy.ledger import LedgerSummary, PrivacyLedger
-from biofp_core.site import default_cache_dir, load_site_config
+from biofp_core.privacy.ledger import PrivacyLedger
+from biofp_core.protocol import RunConfig
+from biofp_core.site import load_site_config
 from biofp_core.training import evaluate_loss, train_local
 from biofp_core.validate import open_site_store
-from client.site_data import (
-    SimulationSites,
-    SiteData,
-    SiteRef,
-    load_site_data,
-    locate_site,
-)
-from server.config import RunConfig
+from client.site_data import SimulationSites, SiteData, SiteRef
 from server.report import RoundMetrics, RunReport
 from simulations.cohort import Cohort, synthetic_cohort, wfdb_cohort, write_sites
+from simulations.config import (
+    SIMULATION_CONFIG_NAME,
+    SITES_MANIFEST,
+    SUMMARY_NAME,
+    RunSummary,
+    SimulationConfig,
+    SiteReport,
+)
+from simulations.config import load_simulation_config as load_simulation_config  # for callers
+from simulations.downstream import StudyConfig
 from simulations.engine import run_federation
-from simulations.partition import PARTITIONERS, Partition, make_partition
-from simulations.public import PublicSite, default_data_root, write_public_sites
+from simulations.partition import Partition, make_partition
+from simulations.public import default_data_root, write_public_sites
+from simulations.report import (
+    ModelRun,
+    comparison_configs,
+    error_line,
+    model_run,
+    research_report,
+    run_labels,
+)
+from simulations.site_toml import SiteSettings
 
 log = logging.getLogger(__name__)
-
-SITES_MANIFEST = "sites.json"
-SUMMARY_NAME = "summary.json"
-SIMULATION_CONFIG_NAME = "simulation.json"
-
-
-class SimulationConfig(BaseModel):
-    """A simulation: data, emulated hospitals, their budgets, and the federated run (``run``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # --- data -----------------------------------------------------------------------------
-    dataset: Literal["synthetic", "wfdb", "public"] = Field(
-        "synthetic", description="dataset adapter; public: one site per public cohort"
-    )
-    data_dir: Path | None = Field(None, description="wfdb: folder of WFDB records")
-    labels_csv: Path | None = Field(None, description="wfdb: labels (record, subject, ...)")
-    synth_sites: int = Field(4, ge=1, description="synthetic: hospitals in the cohort")
-    synth_subjects_per_site: int = Field(16, ge=1, description="synthetic: subjects each")
-    synth_minutes: float = Field(5.0, gt=0, description="synthetic: minutes per record")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="cohorts + stores")
-    data_root: Path | None = Field(
-        None, description="public: folder of the cohorts (default $BIOFP_SHARED_DATA)"
-    )
-    public_sites: list[PublicSite] = Field(
-        default_factory=list, description="public: one hospital per cohort folder"
-    )
-    # --- emulated hospitals -----------------------------------------------------------------
-    sites: int = Field(4, ge=1, description="emulated hospitals (virtual SuperNodes)")
-    partition: str = Field("iid", description="subject partitioner")
-    partition_label: str = Field("af", description="label column for the dirichlet partitioner")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (skewed partitions)")
-    modality_share: float = Field(0.5, ge=0, le=1, description="single-sensor sites share")
-    epsilon: float | None = Field(
-        None, gt=0, description="each site's privacy budget ε; default 8 with DP, inf without"
-    )
-    delta: float = Field(1e-5, gt=0, lt=1, description="each site's δ")
-    site_privacy: dict[str, Any] = Field(
-        default_factory=dict, description="more [privacy] keys of every site (limits, noise)"
-    )
-    sites_dir: Path | None = Field(None, description="site folders and ledgers; default OUT/sites")
-    release: ReleasePolicy | None = Field(
-        default_factory=ReleasePolicy,
-        description="each site's [release] policy (fingerprint queries); None: sites refuse them",
-    )
-    reproducible_noise: bool = Field(True, description="seed each site's DP noise")
-    # --- run ----------------------------------------------------------------------------------
-    out: Path = Field(Path("biofp-sim"), description="run directory")
-    centralized: bool = Field(False, description="pooled-data baseline instead of federation")
-    report: bool = Field(
-        False, description="federated runs: comparison models, downstream study, report.md"
-    )
-    cpus: int = Field(
-        default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPUs for the engine"
-    )
-    cpus_per_site: float = Field(1.0, gt=0, description="CPUs of one ClientApp run")
-    ray_address: str | None = Field(
-        None, description="an existing Ray cluster (host:port) instead of a local Ray"
-    )
-    run: RunConfig = Field(default_factory=RunConfig, description="the federated run")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _public_sites_are_the_sites(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and raw.get("dataset") == "public":
-            sites = raw.get("public_sites") or []
-            if not sites:
-                raise ValueError("dataset 'public' needs [[public_sites]]")
-            raw = {**raw, "sites": len(sites)}
-        return raw
-
-    @field_validator("partition")
-    @classmethod
-    def _known_partitioner(cls, name: str) -> str:
-        return one_of("partitioner", name, PARTITIONERS)
-
-    @field_validator("run", mode="before")
-    @classmethod
-    def _parse_run(cls, value: Any) -> Any:
-        return RunConfig.from_run_config(value) if isinstance(value, dict) else value
-
-    @property
-    def site_epsilon(self) -> float:
-        """The emulated sites' budget: as given, else 8 (DP runs) or none (runs without DP)."""
-        if self.epsilon is not None:
-            return self.epsilon
-        return 8.0 if self.run.dp else math.inf
-
-    @property
-    def site_root(self) -> Path:
-        return self.sites_dir or self.out / "sites"
-
-
-def load_simulation_config(path: Path | None = None, **overrides: Any) -> SimulationConfig:
-    """A SimulationConfig from ``sim.toml`` (if given) with `overrides` on top.
-
-    ``sim.toml`` holds SimulationConfig fields at the top level (or under ``[simulation]``) and
-    run-config keys (hyphenated, as in pyproject.toml) under ``[run]``. Overrides use field
-    names; ``run`` overrides are merged key by key.
-
-    Raises
-    ------
-    ConfigError
-        One line naming the file and the key at fault.
-    """
-    raw: dict[str, Any] = {}
-    where = "simulation config"
-    if path is not None:
-        where = str(path)
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: simulation config not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        raw = {**raw.pop("simulation", {}), **raw}
-        base = Path(path).parent  # paths in the file are relative to it; flags to the cwd
-        for key in ("data_dir", "labels_csv", "cache_dir", "sites_dir", "out", "data_root"):
-            if raw.get(key) is not None:
-                raw[key] = base / Path(raw[key]).expanduser()
-    run = {**raw.pop("run", {}), **overrides.pop("run", {})}
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return SimulationConfig.model_validate({**raw, "run": run})
-    except ConfigError as exc:  # from the run config: already names the key
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(f"{where}: {key}: {message}") from None
-
-
-class SiteReport(BaseModel):
-    """One emulated hospital after the run: its data and its privacy ledger."""
-
-    name: str
-    modality: str
-    subjects_train: int
-    subjects_holdout: int
-    windows: int
-    hours: float
-    ledger: LedgerSummary
-
-
-class RunSummary(BaseModel):
-    """What a simulation did (``OUT/summary.json``; infinite values as "Infinity")."""
-
-    model_config = ConfigDict(ser_json_inf_nan="strings")
-
-    mode: Literal["federated", "centralized"]
-    out_dir: Path
-    status: str
-    error: str | None = None
-    rounds: int
-    wall_s: float
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    max_epsilon: float | None = None
-    failed_replies: int = 0
-    refused_replies: int = 0
-    model_path: Path | None = None
-    report_path: Path | None = None
-    sites: list[SiteReport] = Field(default_factory=list)
-
 
 # ---- data and sites ---------------------------------------------------------------------------
 
@@ -257,36 +86,31 @@ def partition_cohort(cfg: SimulationConfig, cohort: Cohort) -> Partition:
     )  # fmt: skip
 
 
-def _add_release_policy(toml: Path, policy: ReleasePolicy | None) -> None:
-    """Append an emulated site's ``[release]`` policy to its fresh site.toml (None: none)."""
-    if policy is not None:
-        items = policy.model_dump(exclude_none=True).items()
-        with toml.open("a") as fh:
-            fh.write("\n[release]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in items))
+def site_settings(cfg: SimulationConfig) -> SiteSettings:
+    """What every emulated site's ``site.toml`` says alike: cache, budget, limits, release."""
+    return SiteSettings(
+        cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon, delta=cfg.delta,
+        limits=cfg.site_privacy, release=cfg.release,
+    )  # fmt: skip
 
 
 def prepare_sites(
     cfg: SimulationConfig, *, on_site: Callable[[str], None] | None = None
 ) -> SimulationSites:
     """Cohort, partition, site folders, window stores and the manifest the ClientApp reads."""
+    settings = site_settings(cfg)
     if cfg.dataset == "public":
         tomls = write_public_sites(
-            cfg.public_sites, data_root=cfg.data_root or default_data_root(),
-            root=cfg.site_root, cache_dir=cfg.cache_dir, epsilon=cfg.site_epsilon,
-            delta=cfg.delta, seed=cfg.run.seed, limits=cfg.site_privacy,
+            cfg.public_sites, settings, data_root=cfg.data_root or default_data_root(),
+            root=cfg.site_root, seed=cfg.run.seed,
         )  # fmt: skip
         modalities = tuple(s.modality for s in cfg.public_sites)
         name, scheme = "public cohorts", "one site per cohort"
     else:
         cohort = load_cohort(cfg)
         partition = partition_cohort(cfg, cohort)
-        tomls = write_sites(
-            cohort, partition, cfg.site_root, cache_dir=cfg.cache_dir,
-            epsilon=cfg.site_epsilon, delta=cfg.delta, limits=cfg.site_privacy,
-        )  # fmt: skip
+        tomls = write_sites(cohort, partition, cfg.site_root, settings)
         modalities, name, scheme = partition.modalities, cohort.name, partition.scheme
-    for toml in tomls:
-        _add_release_policy(toml, cfg.release)
     sites = []
     for index, (toml, modality) in enumerate(zip(tomls, modalities, strict=True)):
         open_site_store(load_site_config(toml))  # build once; clients reopen it from the cache
@@ -303,44 +127,26 @@ def prepare_sites(
 # ---- entry points -------------------------------------------------------------------------------
 
 
-def _site_data(cfg: SimulationConfig, index: int) -> SiteData:
-    """Emulated site `index` exactly as its ClientApp loads it (partition id, sim manifest)."""
-    site = locate_site({PARTITION_ID_KEY: index}, sim_sites=str(cfg.out / SITES_MANIFEST))
-    return load_site_data(site, holdout_fraction=cfg.run.holdout_fraction)
-
-
-def site_reports(cfg: SimulationConfig, manifest: SimulationSites) -> list[SiteReport]:
-    """Each emulated hospital's data and ledger summary, read from its own folder."""
+def site_reports(
+    manifest: SimulationSites, sites: list[SiteData] | None = None, *, holdout_fraction: float
+) -> list[SiteReport]:
+    """Each emulated hospital's data and ledger summary, read from its own folder (`sites`: the
+    manifest's sites already loaded)."""
+    if sites is None:
+        sites = manifest.load(holdout_fraction=holdout_fraction)
     reports = []
-    for index, site in enumerate(manifest.sites):
-        data = _site_data(cfg, index)
+    for ref, data in zip(manifest.sites, sites, strict=True):
         subjects = data.train + data.holdout
-        ledger = PrivacyLedger.at(data.state_dir).summary(
-            budget=data.config.privacy, site=data.config.name
-        )
+        ledger = PrivacyLedger.at(data.state_dir).summary(budget=data.config.privacy,
+                                                          site=data.name)  # fmt: skip
         reports.append(
             SiteReport(
-                name=data.config.name, modality=site.modality, subjects_train=len(data.train),
+                name=data.name, modality=ref.modality, subjects_train=len(data.train),
                 subjects_holdout=len(data.holdout), windows=sum(len(s) for s in subjects),
-                hours=open_site_store(data.config).manifest.hours, ledger=ledger,
+                hours=data.store.manifest.hours, ledger=ledger,
             )
         )  # fmt: skip
     return reports
-
-
-def _data_summary(reports: list[SiteReport]) -> DataSummary:
-    return DataSummary(
-        sites=len(reports),
-        subjects=sum(r.subjects_train + r.subjects_holdout for r in reports),
-        windows=sum(r.windows for r in reports),
-        hours=sum(r.hours for r in reports),
-    )
-
-
-def _add_data_summary(model_path: Path, reports: list[SiteReport]) -> None:
-    """Put what the server cannot know (subjects, windows, hours) into the model card."""
-    model, card = load_model(model_path)
-    save_model(model, model_path, card.model_copy(update={"data": _data_summary(reports)}))
 
 
 def train_centralized(
@@ -349,16 +155,13 @@ def train_centralized(
     """The baseline: the same model and ``train_local`` on every site's training subjects pooled,
     for the federated run's total local steps (rounds x sites x local steps); no ledger is
     charged (the pooled data belongs to no site)."""
-    sites = [_site_data(cfg, i) for i in range(cfg.sites)]
+    sites = manifest.load(holdout_fraction=run.holdout_fraction)
     train = [s for site in sites for s in site.train]
     holdout = [s for site in sites for s in site.holdout]
     model = run.build_model()
     steps = run.num_rounds * cfg.sites * run.local_steps
-    dp = None
-    if run.dp:
-        seed = cfg.run.seed * 1000 - 1 if cfg.reproducible_noise else None
-        dp = DPConfig(noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
-                      delta=cfg.delta, seed=seed)  # fmt: skip
+    seed = cfg.run.seed * 1000 - 1 if cfg.reproducible_noise else None
+    dp = run.dp_config(delta=cfg.delta, seed=seed)
     result = train_local(model, train, run.train_config(steps=steps), dp=dp)
     eval_loss = None
     if holdout:
@@ -367,14 +170,18 @@ def train_centralized(
     privacy = None
     if epsilon is not None:
         privacy = PrivacySummary(sites={"pooled": SitePrivacy(epsilon=epsilon, delta=cfg.delta)})
+    reports = site_reports(manifest, sites, holdout_fraction=run.holdout_fraction)
+    data = DataSummary(
+        sites=len(reports), subjects=sum(r.subjects_train + r.subjects_holdout for r in reports),
+        windows=sum(r.windows for r in reports), hours=sum(r.hours for r in reports),
+    )  # fmt: skip
     card = ModelCard(
+        data=data,
         training=TrainingProvenance(rounds=0, strategy="centralized", local_steps=steps,
                                     seed=run.seed),
         privacy=privacy,
     )  # fmt: skip
     path = save_model(model, cfg.out / "model", card)
-    reports = site_reports(cfg, manifest)
-    _add_data_summary(path, reports)
     return RunSummary(
         mode="centralized", out_dir=cfg.out, status="completed", rounds=0,
         wall_s=0.0, train_loss=result.mean_loss, eval_loss=eval_loss,
@@ -385,10 +192,9 @@ def train_centralized(
 def _federated_summary(
     cfg: SimulationConfig, manifest: SimulationSites, wall_s: float
 ) -> RunSummary:
+    """The run's summary from the ServerApp's metrics.json (its model card is the ServerApp's)."""
     report = RunReport.read(cfg.out) or RunReport(num_rounds=cfg.run.num_rounds, status="failed")
-    reports = site_reports(cfg, manifest)
-    if report.model_path is not None:
-        _add_data_summary(Path(report.model_path), reports)
+    reports = site_reports(manifest, holdout_fraction=cfg.run.holdout_fraction)
     last = report.rounds[-1] if report.rounds else None
     epsilons = [r.ledger.epsilon for r in reports if r.ledger.entries]
     return RunSummary(
@@ -400,6 +206,43 @@ def _federated_summary(
         refused_replies=sum(r.refused for r in report.rounds),
         model_path=Path(report.model_path) if report.model_path else None, sites=reports,
     )  # fmt: skip
+
+
+def _comparison_runs(
+    cfg: SimulationConfig, stage: Callable[[str], None]
+) -> tuple[list[ModelRun], list[str]]:
+    """The report's comparison models (:func:`simulations.report.comparison_configs`), each
+    trained by :func:`simulate`; a run that fails is one line, and the others go on."""
+    runs, failures = [], []
+    labels = run_labels(cfg)
+    for kind, sub in comparison_configs(cfg).items():
+        label = labels[kind]
+        stage(f"report: training the {label} model")
+        try:
+            summary = simulate(sub, on_stage=lambda text, label=label: stage(f"{label}: {text}"))
+        except Exception as exc:  # a comparison must never cost the main run its report
+            failures.append(f"{label} run failed: {error_line(exc)}")
+            runs.append(ModelRun(label=label, kind=kind, out_dir=str(sub.out), status="failed",
+                                 error=error_line(exc)))  # fmt: skip
+            continue
+        runs.append(model_run(label, kind, summary))
+    return runs, failures
+
+
+def report_run(
+    cfg: SimulationConfig, summary: RunSummary, *, study: StudyConfig | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> Path:  # fmt: skip
+    """The research report of a federated run: its comparison models trained here (when it has
+    a model), then :func:`simulations.report.research_report`. Returns ``OUT/report.md``."""
+    stage = on_stage or (lambda _: None)
+    runs: list[ModelRun] = []
+    failures: list[str] = []
+    if summary.model_path is not None:
+        runs, failures = _comparison_runs(cfg, stage)
+    return research_report(
+        cfg, summary, comparisons=runs, failures=failures, study=study, on_stage=stage
+    )
 
 
 def simulate(
@@ -458,9 +301,7 @@ def simulate(
         summary = summary.model_copy(update={"status": "failed", "error": str(error)})
     (out / SUMMARY_NAME).write_text(summary.model_dump_json(indent=1) + "\n")
     if cfg.report:
-        from simulations.report import research_report  # it imports this module
-
-        summary.report_path = research_report(cfg, summary, on_stage=stage)
+        summary.report_path = report_run(cfg, summary, on_stage=stage)
         (out / SUMMARY_NAME).write_text(summary.model_dump_json(indent=1) + "\n")
     if error is not None:
         raise error

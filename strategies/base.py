@@ -1,12 +1,18 @@
-"""The strategy base every BioFP strategy extends: Flower's FedAvg plus reply accounting.
+"""The strategy base every BioFP strategy extends: Flower's FedAvg plus reply accounting and state.
 
 Flower's simulation finishes "successfully" with zero results when every ClientApp raised, and a
 site that refuses a round (privacy budget spent) still sends a reply. :class:`CountedFedAvg`
-checks every training reply with one validator before Flower aggregates: error replies and
-malformed replies count as *failed*, refusals as *refused*, sampled sites that never answered as
-*missing*; only the rest reaches Flower's aggregation. The counts of each round are kept in
-:attr:`CountedFedAvg.round_replies` (for the server's run report) and added to the round's
-aggregated train MetricRecord, so they also land in Flower's ``Result``.
+checks every training and evaluation reply with the one validator of :mod:`strategies.replies`
+before Flower aggregates: error replies and malformed replies count as *failed*, refusals as
+*refused*, sampled sites that never answered as *missing*; only the rest reaches Flower's
+aggregation. Each reply is parsed once: the verdicts and the parsed metrics of each round are
+kept in :attr:`CountedFedAvg.round_replies` (what the server's run report needs), and the counts
+are added to the round's aggregated train MetricRecord, so they also land in Flower's ``Result``.
+
+The state a strategy carries across rounds (FedAdam's moments, the budget-aware exclusions) is
+the strategy's own: :meth:`CountedFedAvg.state_dict` and :meth:`CountedFedAvg.load_state_dict`
+(cooperative: each class in the MRO adds and takes back its own entries; an entry no class
+takes is an error).
 
 To count replies with another Flower strategy, put this class first:
 ``class CountedFedProx(CountedFedAvg, FedProx)``.
@@ -19,30 +25,54 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from pydantic import ValidationError
 
 from biofp_core.protocol import (
     BYTES_RECEIVED,
     NODES_SAMPLED,
-    REFUSED,
     REPLIES_FAILED,
     REPLIES_MISSING,
     REPLIES_OK,
     REPLIES_REFUSED,
+    EvaluateReplyMetrics,
     TrainReplyMetrics,
 )
+from strategies.replies import check_reply, short_reason
 
 logger = logging.getLogger(__name__)
 
-_MAX_REASON_CHARS = 200
+JSONValue = Any  # what json.dumps accepts
+
+
+@dataclass
+class StrategyState:
+    """A strategy's state across rounds, as :meth:`CountedFedAvg.state_dict` returns it.
+
+    Attributes
+    ----------
+    arrays : dict[str, dict[str, np.ndarray]]
+        Array state by entry (e.g. ``"m_t"`` -> tensor name -> array).
+    values : dict[str, JSONValue]
+        JSON-able state by entry (e.g. ``"excluded_node_ids"`` -> sorted node ids).
+    """
+
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    values: dict[str, JSONValue] = field(default_factory=dict)
+
+    def without(self, *entries: str) -> StrategyState:
+        """A copy without `entries` (what a class hands on after taking its own)."""
+        return StrategyState(
+            arrays={k: v for k, v in self.arrays.items() if k not in entries},
+            values={k: v for k, v in self.values.items() if k not in entries},
+        )
 
 
 @dataclass
 class RoundReplies:
-    """What came back from the sites in one training round.
+    """What came back from the sites in one round, each reply parsed once.
 
     Attributes
     ----------
@@ -56,12 +86,16 @@ class RoundReplies:
         Nodes whose reply was an error or unusable, with a one-line reason.
     refused : list[int]
         Nodes that refused the round (no update).
-    budget_exhausted : list[int]
-        Nodes that reported their privacy budget spent (contributing or refusing).
-    epsilon : dict[int, float]
-        Total ε each replying site reported (inf for a site without DP).
+    metrics : dict[int, TrainReplyMetrics]
+        The valid training metrics of every node that sent some, in reply order.
     bytes_received : int
         Array bytes of all replies with content, as Flower counts them.
+    excluded : frozenset[int]
+        Nodes no longer sampled for training after this round (budget-aware strategies).
+    evaluated : dict[int, EvaluateReplyMetrics]
+        The evaluation answers (held-out losses) of the round, by node.
+    eval_failed : dict[int, str]
+        Nodes whose evaluation reply was an error or malformed, with a one-line reason.
     """
 
     server_round: int
@@ -69,15 +103,27 @@ class RoundReplies:
     contributed: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     refused: list[int] = field(default_factory=list)
-    budget_exhausted: list[int] = field(default_factory=list)
-    epsilon: dict[int, float] = field(default_factory=dict)
+    metrics: dict[int, TrainReplyMetrics] = field(default_factory=dict)
     bytes_received: int = 0
+    excluded: frozenset[int] = frozenset()
+    evaluated: dict[int, EvaluateReplyMetrics] = field(default_factory=dict)
+    eval_failed: dict[int, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> list[int]:
         """Sampled nodes with no reply before the round's timeout."""
         replied = {*self.contributed, *self.failed, *self.refused}
         return sorted(self.sampled - replied)
+
+    @property
+    def budget_exhausted(self) -> list[int]:
+        """Nodes that reported their privacy budget spent (contributing or refusing)."""
+        return [n for n, m in self.metrics.items() if m.budget_exhausted]
+
+    @property
+    def epsilon(self) -> dict[int, float]:
+        """Total ε each replying site reported (inf for a site without DP)."""
+        return {n: m.epsilon for n, m in self.metrics.items()}
 
     def to_metrics(self) -> dict[str, int]:
         """The round's counts under the protocol's metric keys."""
@@ -91,26 +137,6 @@ class RoundReplies:
         }
 
 
-def _one_line(err: Exception | str | None, limit: int = _MAX_REASON_CHARS) -> str:
-    """A short one-line reason: pydantic errors per field, else the last non-empty line."""
-    if isinstance(err, ValidationError):
-        text = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in err.errors()
-        )
-    else:
-        lines = [line.strip() for line in str(err or "no reason given").splitlines()]
-        text = next((line for line in reversed(lines) if line), "no reason given")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _reply_metrics(content: RecordDict) -> TrainReplyMetrics:
-    """The validated metrics of a reply holding exactly one MetricRecord."""
-    records = list(content.metric_records.values())
-    if len(records) != 1:
-        raise ValueError(f"expected one MetricRecord, got {len(records)}")
-    return TrainReplyMetrics.from_metrics(dict(records[0]))
-
-
 class CountedFedAvg(FedAvg):
     """Flower's FedAvg that validates, counts and reports training replies per round.
 
@@ -119,12 +145,35 @@ class CountedFedAvg(FedAvg):
     Attributes
     ----------
     round_replies : dict[int, RoundReplies]
-        One record per training round, filled by ``configure_train`` and ``aggregate_train``.
+        One record per round, filled by ``configure_train``, ``aggregate_train`` and
+        ``aggregate_evaluate``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.round_replies: dict[int, RoundReplies] = {}
+
+    # --- state across rounds -----------------------------------------------------------------
+
+    def state_dict(self) -> StrategyState:
+        """The state this strategy carries across rounds (none for FedAvg itself)."""
+        return StrategyState()
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Restore what :meth:`state_dict` returned, into a strategy built the same way.
+
+        Raises
+        ------
+        ValueError
+            `state` holds entries this strategy does not have (another kind of strategy).
+        """
+        unknown = sorted({*state.arrays, *state.values})
+        if unknown:
+            raise ValueError(
+                f"strategy state {', '.join(unknown)} does not belong to {type(self).__name__}"
+            )
+
+    # --- training ----------------------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -159,31 +208,26 @@ class CountedFedAvg(FedAvg):
     def _check_reply(self, reply: Message, report: RoundReplies) -> bool:
         """Record one training reply in `report`; True if it goes into the aggregate.
 
-        The one validator of replies: errors, malformed metrics and unusable arrays count as
-        failed; refusals as refused. A contributing reply's content is replaced by its decoded
-        form (full weights).
+        Errors, malformed replies and unusable arrays count as failed; refusals as refused. A
+        contributing reply's content is replaced by its decoded form (full weights).
         """
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            report.failed[node_id] = f"error {reply.error.code}: {_one_line(reply.error.reason)}"
+        if not reply.has_error():
+            arrays = reply.content.array_records.values()
+            report.bytes_received += sum(r.count_bytes() for r in arrays)
+        checked = check_reply(reply, TrainReplyMetrics)
+        node_id = checked.node_id
+        if checked.metrics is not None:
+            report.metrics[node_id] = checked.metrics
+        if checked.status == "failed":
+            report.failed[node_id] = checked.reason or "invalid reply"
             return False
-        content = reply.content
-        report.bytes_received += sum(r.count_bytes() for r in content.array_records.values())
-        try:
-            metrics = _reply_metrics(content)
-        except ValueError as err:
-            report.failed[node_id] = f"invalid metrics: {_one_line(err)}"
-            return False
-        report.epsilon[node_id] = metrics.epsilon
-        if metrics.budget_exhausted:
-            report.budget_exhausted.append(node_id)
-        if metrics.refused:
+        if checked.status == "refused":
             report.refused.append(node_id)
             return False
         try:
-            reply.content = self._decoded_content(content)
+            reply.content = self._decoded_content(reply.content)
         except ValueError as err:
-            report.failed[node_id] = f"invalid arrays: {_one_line(err)}"
+            report.failed[node_id] = f"invalid arrays: {short_reason(err)}"
             return False
         report.contributed.append(node_id)
         return True
@@ -228,14 +272,25 @@ class CountedFedAvg(FedAvg):
             metrics[key] = value
         return arrays, metrics
 
+    # --- evaluation --------------------------------------------------------------------------
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate the answered evaluation replies; refusals (``refused = 1``, no loss) and
-        errors are left out, so one refusing site never spoils the round's evaluation."""
-        answered = [
-            reply for reply in replies
-            if not reply.has_error()
-            and all(not r.get(REFUSED) for r in reply.content.metric_records.values())
-        ]  # fmt: skip
+        """Aggregate the answered evaluation replies; keep each answer in ``round_replies``.
+
+        Refusals (``refused = 1``, no loss), errors and malformed replies are left out, so one
+        refusing site never spoils the round's evaluation; failures are logged and kept.
+        """
+        report = self.round_replies.setdefault(server_round, RoundReplies(server_round))
+        answered = []
+        for reply in replies:
+            checked = check_reply(reply, EvaluateReplyMetrics)
+            if checked.status == "ok" and checked.metrics is not None:
+                report.evaluated[checked.node_id] = checked.metrics
+                answered.append(reply)
+            elif checked.status == "failed":
+                report.eval_failed[checked.node_id] = checked.reason or "invalid reply"
+                logger.warning("round %d: node %d evaluation failed: %s", server_round,
+                               checked.node_id, checked.reason)  # fmt: skip
         return super().aggregate_evaluate(server_round, answered)

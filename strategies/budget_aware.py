@@ -9,8 +9,11 @@ exclusions leave fewer eligible sites than ``max(min_available_nodes, min_train_
 rounds are skipped with a warning (and count zero sampled sites) instead of waiting forever.
 Evaluation rounds still reach every site: evaluating spends no training budget.
 
-Compose it with another counted strategy by listing it first, e.g.
-``class BudgetAwareFedProx(BudgetAwareFedAvg, CountedFedProx)``.
+:class:`BudgetAware` is a mixin over any counted strategy: list it first, e.g.
+``class BudgetAwareFedAdam(BudgetAware, CountedFedAdam)`` (:func:`strategies.registry.
+strategy_class` composes them by name). :class:`BudgetAwareFedAvg` is the one over FedAvg (the
+run config's shorthand ``strategy = "budget-aware"``). The exclusions are the strategy's state
+across rounds (:meth:`BudgetAware.state_dict`), so a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from biofp_core.protocol import NODES_EXCLUDED
-from strategies.base import CountedFedAvg, RoundReplies
+from strategies.base import CountedFedAvg, RoundReplies, StrategyState
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +91,11 @@ class EligibleNodesGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-class BudgetAwareFedAvg(CountedFedAvg):
-    """FedAvg that stops sampling sites which refused a round or spent their privacy budget.
+class BudgetAware(CountedFedAvg):
+    """Mixin over a counted strategy: stop sampling sites which refused a round or spent their
+    privacy budget.
 
-    Takes exactly the parameters of :class:`flwr.serverapp.strategy.FedAvg`.
+    Takes the parameters of the strategy it is mixed into.
 
     Attributes
     ----------
@@ -99,9 +103,27 @@ class BudgetAwareFedAvg(CountedFedAvg):
         Nodes no longer sent training rounds.
     """
 
+    _STATE = "excluded_node_ids"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.excluded_node_ids: set[int] = set()
+
+    def state_dict(self) -> StrategyState:
+        """The parent's state plus the excluded node ids (sorted)."""
+        state = super().state_dict()
+        state.values[self._STATE] = sorted(self.excluded_node_ids)
+        return state
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Take back the excluded node ids; hand the rest to the parent."""
+        node_ids = state.values.get(self._STATE, [])
+        if not isinstance(node_ids, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in node_ids
+        ):
+            raise ValueError(f"strategy state {self._STATE} is not a list of node ids")
+        self.excluded_node_ids = set(node_ids)
+        super().load_state_dict(state.without(self._STATE))
 
     def _enough_eligible(self, grid: Grid, eligible: Grid) -> bool:
         """False when the exclusions alone leave fewer sites than the minimums require.
@@ -127,7 +149,9 @@ class BudgetAwareFedAvg(CountedFedAvg):
                 self.min_train_nodes,
                 self.min_available_nodes,
             )
-            self.round_replies[server_round] = RoundReplies(server_round)
+            self.round_replies[server_round] = RoundReplies(
+                server_round, excluded=frozenset(self.excluded_node_ids)
+            )
             return []
         return super().configure_train(server_round, arrays, config, eligible)
 
@@ -148,6 +172,14 @@ class BudgetAwareFedAvg(CountedFedAvg):
                     node_id,
                 )
                 self.excluded_node_ids.add(node_id)
+        report.excluded = frozenset(self.excluded_node_ids)
         metrics = MetricRecord() if metrics is None else metrics
         metrics[NODES_EXCLUDED] = len(self.excluded_node_ids)
         return arrays, metrics
+
+
+class BudgetAwareFedAvg(BudgetAware):
+    """FedAvg that stops sampling sites which refused a round or spent their privacy budget.
+
+    Takes exactly the parameters of :class:`flwr.serverapp.strategy.FedAvg`.
+    """

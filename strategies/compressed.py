@@ -1,4 +1,11 @@
-"""FedAvg over compressed updates: sites send encoded deltas, the server averages full weights.
+"""Compressed updates: sites send encoded deltas, the server decodes them into full weights.
+
+:class:`Compressed` is a mixin over any counted strategy (list it first, e.g.
+``class CompressedFedAdam(Compressed, CountedFedAdam)``; :func:`strategies.registry.
+strategy_class` composes them by name): replies are decoded before the strategy it is mixed into
+aggregates, so FedAdam, Krum or the trimmed mean see full weights as usual.
+:class:`CompressedFedAvg` is the one over FedAvg (the run config's shorthand
+``strategy = "compressed"``).
 
 Protocol (keys in :mod:`biofp_core.protocol`):
 
@@ -12,10 +19,9 @@ Protocol (keys in :mod:`biofp_core.protocol`):
   (``protocol.SCALES_KEY``), in the same order. The server splits it with the shapes of the
   global model it sent. The site keeps the quantisation residual with
   :class:`biofp_core.compression.ErrorFeedback`.
-  Build it with :func:`encoded_to_arrayrecord`.
 - ``aggregate_train`` decodes each reply back to full weights (global + delta) and then runs
-  Flower's weighted average. Bytes received per round are in the aggregated metrics under
-  ``"bytes-received"`` (as for every counted strategy).
+  the aggregation of the strategy it is mixed into. Bytes received per round are in the
+  aggregated metrics under ``"bytes-received"`` (as for every counted strategy).
 """
 
 from __future__ import annotations
@@ -34,24 +40,19 @@ from biofp_core.protocol import COMPRESSION
 from strategies.base import CountedFedAvg
 
 
-def encoded_to_arrayrecord(encoded: EncodedUpdate) -> ArrayRecord:
-    """The ArrayRecord a site sends for an encoded update (flat layout, numpy arrays)."""
-    return ArrayRecord({name: Array(array) for name, array in encoded.to_arrays().items()})
-
-
 def arrayrecord_to_encoded(
     arrays: ArrayRecord, shapes: dict[str, tuple[int, ...]]
 ) -> EncodedUpdate:
-    """Inverse of :func:`encoded_to_arrayrecord` for a model of `shapes` (name -> shape);
-    raises ValueError on a malformed layout."""
+    """The encoded update a site sent (layout of ``EncodedUpdate.to_arrays``) for a model of
+    `shapes` (name -> shape); raises ValueError on a malformed layout."""
     flat = {name: array.numpy() for name, array in arrays.items()}
     return EncodedUpdate.from_arrays(flat, shapes)
 
 
-class CompressedFedAvg(CountedFedAvg):
-    """FedAvg whose sites send compressed deltas instead of full weights.
+class Compressed(CountedFedAvg):
+    """Mixin over a counted strategy whose sites send compressed deltas instead of full weights.
 
-    Takes the parameters of :class:`flwr.serverapp.strategy.FedAvg`, plus:
+    Takes the parameters of the strategy it is mixed into, plus:
 
     Parameters
     ----------
@@ -97,3 +98,10 @@ class CompressedFedAvg(CountedFedAvg):
                 )
             full[name] = Array((weights + delta[name]).astype(weights.dtype))
         return ArrayRecord(full)
+
+
+class CompressedFedAvg(Compressed):
+    """FedAvg whose sites send compressed deltas instead of full weights.
+
+    Takes the parameters of :class:`flwr.serverapp.strategy.FedAvg`, plus ``scheme``.
+    """

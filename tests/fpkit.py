@@ -1,19 +1,50 @@
-"""Helpers shared by the fingerprint and evaluation tests: a tiny model, a tiny cohort, sites."""
+"""Helpers shared by the tests: the CLI (as a command and in this process), a tiny model, a tiny
+cohort, sites."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from biofp_core.artifacts import save_model
+from biofp_core.models.base import BioFPModel
 from biofp_core.models.m2ae import M2AE, M2AEConfig
+from biofp_core.privacy import DPConfig, PrivateTraining
 from biofp_core.privacy.ledger import initialise_site_state
 from biofp_core.site import SiteConfig, load_site_config
 from biofp_core.synth import write_cohort
 
+BIOFP = [sys.executable, "-m", "biofp_cli"]  # the `biofp` command of this interpreter
 TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1,
         "fingerprint_dim": 16}  # fmt: skip
+
+
+def assert_per_sample_grads_are_per_subject(model: BioFPModel, data: list[dict]) -> PrivateTraining:
+    """Under DP-SGD (one step over the bags `data`, one per subject), Opacus' per-sample gradient
+    of subject b equals the gradient of subject b's loss alone, computed on an untouched copy.
+    Returns the (open) private training after its backward pass."""
+    import copy
+
+    from biofp_core.training import collate_bags
+
+    reference = copy.deepcopy(model)
+    private = PrivateTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
+        sample_rate=1.0, steps=1, collate_fn=collate_bags,
+    )  # fmt: skip
+    batch = collate_bags(data)
+    torch.manual_seed(5)
+    private.backward(model.loss(batch)[0])
+    torch.manual_seed(5)
+    loss, _ = reference.loss(batch)
+    params = dict(reference.named_parameters())
+    for b in range(len(data)):
+        grads = torch.autograd.grad(loss[b], list(params.values()), retain_graph=True)
+        for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad_sample[b], g, atol=1e-5, rtol=1e-4, msg=name)
+    return private
 
 
 def tiny_artifact(path: Path, seed: int = 0) -> Path:
@@ -59,13 +90,13 @@ def site_config(
     return site
 
 
-def _run(*args: str) -> tuple[int, str, str]:
+def run_biofp(*args: str) -> tuple[int, str, str]:
     """Run `biofp ARGS` in this process like the console script; (exit code, stdout, stderr)."""
     import contextlib
     import io
     import sys
 
-    from biofp_core.cli import main
+    from biofp_cli.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["biofp", *args]
@@ -82,11 +113,11 @@ def _run(*args: str) -> tuple[int, str, str]:
 
 def run_cli(*args: str) -> tuple[int, str]:
     """Run `biofp ARGS` in this process like the console script; (exit code, stderr text)."""
-    code, _, err = _run(*args)
+    code, _, err = run_biofp(*args)
     return code, err
 
 
 def run_cli_out(*args: str) -> tuple[int, str]:
     """Run `biofp ARGS` in this process; (exit code, stdout text)."""
-    code, out, _ = _run(*args)
+    code, out, _ = run_biofp(*args)
     return code, out

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fpkit import BIOFP
+
 BIN = Path(sys.executable).parent
-BIOFP = [sys.executable, "-m", "biofp_core"]
 TINY_MODEL = {"width": 16, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1}
 
 

@@ -239,14 +239,14 @@ def test_failed_staging_keeps_previous_artifact(
     saved: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = _snapshot(saved.parent)
-    real_stage = artifacts._stage
+    real_stage = artifacts.write_temp
 
     def stage_then_fail(target: Path, data: bytes) -> Path:
         if target.name.endswith(".card.json"):  # the weights are staged, then the disk fills
             raise OSError("No space left on device")
         return real_stage(target, data)
 
-    monkeypatch.setattr(artifacts, "_stage", stage_then_fail)
+    monkeypatch.setattr(artifacts, "write_temp", stage_then_fail)
     with pytest.raises(ArtifactError, match="No space left"):
         save_model(tiny(), saved, {"training": {"rounds": 9}})
     assert _snapshot(saved.parent) == before

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flowerkit import NODE_ID, RUN_ID, instruction, site_context
+from flwr.app import Context, Message, RecordDict
 from fpkit import TINY, site_config, tiny_cohort
 
 from biofp_core.audit import AuditLog
@@ -37,7 +37,6 @@ from biofp_core.privacy.ledger import (
 )
 from biofp_core.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     EVAL_LOSS,
     FINGERPRINTS_ARRAY,
     METRICS_KEY,
@@ -49,13 +48,12 @@ from biofp_core.protocol import (
     TRAIN_LOSS,
     FingerprintReplyMetrics,
     ProbeReplyMetrics,
+    RunConfig,
     TrainReplyMetrics,
 )
 from biofp_core.training import subject_losses
 from client.app import app as client_app
 from client.site_data import SiteRef, load_site_data
-from server.config import RunConfig
-from server.rundir import to_arrayrecord
 
 PATCH = 625  # samples per patch: two patches per 10 s window at 125 Hz
 ATTACK_OPTIONS = {
@@ -68,22 +66,6 @@ ATTACK_RUN = {
     "noise-multiplier": 1.0,
 }  # fmt: skip
 SAMPLES = 60  # samples the attacker tries to read (one message each, plus one for L(0))
-
-
-def message(run: RunConfig, message_type: str, arrays: dict, **config: object) -> Message:
-    """An instruction as Flower delivers it to the ClientApp."""
-    metadata = Metadata(
-        run_id=9, message_id=f"m-{time.monotonic_ns()}", src_node_id=1, dst_node_id=7,
-        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
-        message_type=message_type,
-    )  # fmt: skip
-    content = RecordDict({ARRAYS_KEY: to_arrayrecord(arrays), CONFIG_KEY: ConfigRecord(config)})
-    return Message(content, metadata=metadata)
-
-
-def context(run: RunConfig, toml: Path) -> Context:
-    return Context(run_id=9, node_id=7, node_config={"site-config": str(toml)},
-                   state=RecordDict(), run_config=run.to_run_config())  # fmt: skip
 
 
 def crafted(run: RunConfig, t: float = 0.0, p: int = 0) -> dict[str, np.ndarray]:
@@ -119,7 +101,9 @@ def evaluate_attack(run: RunConfig, toml: Path) -> tuple[list[float], list[str]]
         p = max(len(losses) - 1, 0) % SAMPLES
         arrays = crafted(run, t=1.0 if losses else 0.0, p=p)
         config = {SERVER_ROUND: len(losses) + 1, RUN_KEY: f"curious-{key}"}
-        reply = client_app(message(run, "evaluate", arrays, **config), context(run, toml))
+        reply = client_app(
+            instruction(run, "evaluate", arrays=arrays, **config), site_context(run, toml)
+        )
         assert not reply.has_error(), reply.error
         metrics = dict(reply.content[METRICS_KEY])
         if EVAL_LOSS in metrics:
@@ -174,19 +158,23 @@ def test_the_same_evaluation_asked_again_gets_the_same_answer_not_new_noise(
     toml, run = tmp_path / "site.toml", RunConfig.from_run_config(ATTACK_RUN)
     ask = {SERVER_ROUND: 1, RUN_KEY: "again"}
     first, second = (
-        client_app(message(run, "evaluate", crafted(run), **ask), context(run, toml))
+        client_app(
+            instruction(run, "evaluate", arrays=crafted(run), **ask), site_context(run, toml)
+        )
         for _ in range(2)
     )
     assert first.content[METRICS_KEY][EVAL_LOSS] == second.content[METRICS_KEY][EVAL_LOSS]
     assert len(PrivacyLedger.at(tmp_path / "state").entries) == 1  # charged once
-    other = client_app(message(run, "evaluate", crafted(run, 1.0), **ask), context(run, toml))
+    other = client_app(
+        instruction(run, "evaluate", arrays=crafted(run, 1.0), **ask), site_context(run, toml)
+    )
     assert other.content[METRICS_KEY]["refused"] == 1  # other weights under a charged key
     assert len(PrivacyLedger.at(tmp_path / "state").entries) == 1
 
 
 def train(run: RunConfig, toml: Path, arrays: dict, server_round: int) -> Message:
     config = {SERVER_ROUND: server_round, RUN_KEY: "curious-train"}
-    return client_app(message(run, "train", arrays, **config), context(run, toml))
+    return client_app(instruction(run, "train", arrays=arrays, **config), site_context(run, toml))
 
 
 def test_exact_training_loss_needs_one_training_patient_and_gets_neither(
@@ -246,8 +234,10 @@ def test_a_tampered_ledger_refuses_every_charged_action(
     site = site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache")
     state, toml = site.resolved_state_dir(), tmp_path / "site.toml"
     run = RunConfig.from_run_config(ATTACK_RUN)
-    reply = client_app(message(run, "evaluate", crafted(run), **{SERVER_ROUND: 1, RUN_KEY: "k"}),
-                       context(run, toml))  # fmt: skip
+    reply = client_app(
+        instruction(run, "evaluate", arrays=crafted(run), **{SERVER_ROUND: 1, RUN_KEY: "k"}),
+        site_context(run, toml),
+    )
     assert EVAL_LOSS in reply.content[METRICS_KEY]  # one charged, audited answer
     charge_one(state)
     ledger_path = state / LEDGER_FILENAME
@@ -292,8 +282,10 @@ def test_uninitialised_site_state_refuses_and_init_refuses_to_hide_sent_messages
 ) -> None:
     site = site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", init=False)
     toml, run = tmp_path / "site.toml", RunConfig.from_run_config(ATTACK_RUN)
-    reply = client_app(message(run, "evaluate", crafted(run), **{SERVER_ROUND: 1}),
-                       context(run, toml))  # fmt: skip
+    reply = client_app(
+        instruction(run, "evaluate", arrays=crafted(run), **{SERVER_ROUND: 1}),
+        site_context(run, toml),
+    )
     assert reply.has_error() and "ledger" in reply.error.reason
     state = site.resolved_state_dir()
     assert AuditLog.at(state).entries()  # the error was audited ...
@@ -306,8 +298,10 @@ def test_a_noisy_release_covers_every_column(cohort: Path, tmp_path: Path) -> No
                 release="clip_norm = 1.0\nepsilon = 2.0")  # fmt: skip
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert not FingerprintReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).refused
     blob = reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes()
     path = tmp_path / "released.parquet"
@@ -322,8 +316,10 @@ def test_a_noise_free_policy_releases_nothing_through_flower(cohort: Path, tmp_p
     site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache", release='level = "record"')
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert set(reply.content.keys()) == {METRICS_KEY}
     assert FingerprintReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).refused
 
@@ -331,7 +327,9 @@ def test_a_noise_free_policy_releases_nothing_through_flower(cohort: Path, tmp_p
 def probe(run: RunConfig, toml: Path, task: str, server_round: int) -> Message:
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
     config = {SERVER_ROUND: server_round, PROBE_TASK: task, RUN_KEY: "probe-run"}
-    return client_app(message(run, QUERY_PROBE, arrays, **config), context(run, toml))
+    return client_app(
+        instruction(run, QUERY_PROBE, arrays=arrays, **config), site_context(run, toml)
+    )
 
 
 def test_probes_need_a_release_policy_are_charged_and_give_no_label_statistics(
@@ -394,8 +392,10 @@ def test_a_corrupt_ledger_during_evaluate_is_an_audited_fixed_reason_error(
     site_config(tmp_path, cohort / "site_00", cache=tmp_path / "cache")
     run = RunConfig.from_run_config(ATTACK_RUN)
     (tmp_path / "state" / LEDGER_FILENAME).write_text("{corrupt")
-    reply = client_app(message(run, "evaluate", crafted(run), **{SERVER_ROUND: 1}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, "evaluate", arrays=crafted(run), **{SERVER_ROUND: 1}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert reply.has_error()
     assert "/" not in reply.error.reason and str(tmp_path) not in reply.error.reason
     assert "corrupt" in (AuditLog.at(tmp_path / "state").entries()[-1].note or "")
@@ -451,11 +451,16 @@ def test_seeded_simulation_noise_differs_between_run_keys(cohort: Path, tmp_path
     toml = tmp_path / "site.toml"
     SimulationSites(sites=[SiteRef(site_config=toml, dp_seed=1000)]).write(tmp_path / "sites.json")
     run = RunConfig.from_run_config({**ATTACK_RUN, "sim-sites": str(tmp_path / "sites.json")})
-    sim = Context(run_id=9, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                  run_config=run.to_run_config())  # fmt: skip
+    sim = Context(
+        run_id=RUN_ID,
+        node_id=NODE_ID,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config=run.to_run_config(),
+    )
     answers = []
     for key in ("a", "b"):  # the same weights and round under two run keys
         ask = {SERVER_ROUND: 1, RUN_KEY: key}
-        reply = client_app(message(run, "evaluate", crafted(run), **ask), sim)
+        reply = client_app(instruction(run, "evaluate", arrays=crafted(run), **ask), sim)
         answers.append(float(reply.content[METRICS_KEY][EVAL_LOSS]))
     assert answers[0] != answers[1]  # two charges, two independent draws: nothing cancels

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fpkit import BIOFP
 
 from biofp_core.audit import (
     AUDIT_FILENAME,
@@ -19,8 +19,6 @@ from biofp_core.audit import (
     arrays_nbytes,
     arrays_sha256,
 )
-
-BIOFP = [sys.executable, "-m", "biofp_core"]
 
 
 def arrays() -> dict[str, np.ndarray]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import stat
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fpkit import BIOFP
 
-from biofp_core.certs import (
+from biofp_cli.certs import (
     CertificateError,
     certificate_names,
     check_certificate,
@@ -27,8 +27,6 @@ from biofp_core.certs import (
     load_private_key,
     node_keypair,
 )
-
-BIOFP = [sys.executable, "-m", "biofp_core"]
 
 
 def mode(path: Path) -> int:

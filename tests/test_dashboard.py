@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fpkit import BIOFP
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
@@ -32,7 +32,6 @@ from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CHROMIUM = "/usr/bin/chromium"
-BIOFP = [sys.executable, "-m", "biofp_core"]
 TINY_MODEL = json.dumps(
     {"stem_channels": 8, "stage_channels": [8, 8], "groups": 4, "proj_dim": 16,
      "pred_hidden": 8, "fingerprint_dim": 8}

@@ -3,12 +3,14 @@
 Everything is started through ``biofp server start`` / ``biofp client start`` (subprocesses, the
 containers' entry points); keys are registered with Flower's ``flwr supernode register`` and runs
 submitted with ``flwr run``. No mocks. The module shares one federation (one SuperLink, two
-SuperNodes); the last test kills the SuperLink in the middle of a round and restarts it.
+SuperNodes); a site is killed hard and restarted at once (it must reconnect, charging nothing
+twice); the last test kills the SuperLink in the middle of a round and restarts it.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from localfed import (
     LocalFederation,
     Site,
     add_site,
+    free_port,
     kill_tree,
     make_federation,
     read_json,
@@ -26,12 +29,21 @@ from localfed import (
     write_app,
 )
 
+from biofp_cli.certs import init_certificates
+from biofp_cli.superlink import flower_env
+from biofp_cli.supernode import (
+    SESSION_EXPIRY_S,
+    SESSION_FILE,
+    AcceptedSession,
+    SuperNodeLaunch,
+    run_supernode,
+    supernode_command,
+)
 from biofp_core.artifacts import load_model
 from biofp_core.audit import AuditLog, AuditLogError
-from biofp_core.certs import init_certificates
+from biofp_core.deployment import DeploymentError
 from biofp_core.privacy.ledger import PrivacyLedger
 from biofp_core.site import load_site_config
-from client.launch import supernode_command
 from server.rundir import read_run_key
 
 RUN = {  # a tiny model and 2 short rounds, no federated evaluation: seconds of training
@@ -134,7 +146,84 @@ def test_unregistered_node_key_is_refused(federation: LocalFederation) -> None:
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert "refused this SuperNode" in last and "not registered" in last, done.stderr[-2000:]
+    assert "never accepted" in last and "retrying" not in done.stderr  # at once: no wait
+    assert not (rogue.state_dir / SESSION_FILE).exists()
     assert fed.online() == 2
+
+
+def test_the_session_expiry_is_flowers() -> None:
+    """The retry window after a refusal covers Flower's: online until 2 x 30 s after the last
+    heartbeat (constants of Flower, options of neither flower-supernode nor flower-superlink)."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    assert SESSION_EXPIRY_S == HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+
+
+def _session(site: Site) -> AcceptedSession:
+    return AcceptedSession.model_validate_json((site.state_dir / SESSION_FILE).read_text())
+
+
+def _node(fed: LocalFederation, node_id: int) -> dict:
+    return {n["node-id"]: n for n in fed.nodes()}[str(node_id)]
+
+
+def test_a_second_supernode_with_a_connected_key_is_told_the_session_is_held(
+    federation: LocalFederation,
+) -> None:
+    """A SuperNode started with north's key while north is connected (an old container never
+    stopped): refused, retried, then one line: the SuperLink still holds a session for this key.
+    Run in-process with a 3 s retry window instead of 65 s."""
+    fed = federation
+    north = fed.sites["north"]
+    session = _session(north)  # written when the SuperLink accepted north
+    assert _node(fed, session.node_id)["status"] == "online"
+    site = load_site_config(north.toml)
+    assert site.federation is not None
+    port = free_port()  # north's own runtime port is taken by north
+    launch = SuperNodeLaunch(
+        site=site, site_toml=north.toml, env=flower_env(fed.root / "duplicate-flower"),
+        argv=supernode_command(site.federation, north.toml, insecure=False, runtime_port=port),
+        insecure=False, runtime_port=port, runtime_port_source="test",
+    )  # fmt: skip
+    said: list[str] = []
+    with pytest.raises(DeploymentError) as exc:
+        run_supernode(launch, retry_s=3.0, say=said.append)
+    message = str(exc.value)
+    assert "still holds a session for this key" in message and "\n" not in message
+    assert f"node {session.node_id}" in message and "not registered" not in message
+    assert said and all("previous session; retrying in" in line for line in said), said
+    assert _session(north) == session and fed.online() == 2
+
+
+def test_a_site_killed_hard_and_restarted_at_once_reconnects(federation: LocalFederation) -> None:
+    """A container stop without grace (SIGKILL to the whole `biofp client start` tree), then
+    the same site.toml, key and state folder at once: the SuperLink still counts the old session
+    as online for up to a minute; the new SuperNode retries until it is accepted again under the
+    same node id, and its ledger lost and gained nothing. (The module's last test then runs two
+    rounds in which this restarted SuperNode must take part.)"""
+    fed = federation
+    north = fed.sites["north"]
+    proc = next(p for p in fed.procs if str(north.toml) in p.args)  # type: ignore[operator]
+    session = _session(north)
+    online_at = _node(fed, session.node_id)["online-at"]
+    before = PrivacyLedger.at(north.state_dir).entries
+    kill_tree(proc, sig=signal.SIGKILL)
+    fed.procs.remove(proc)
+    killed = time.monotonic()
+    log_name = "client-north-restarted.log"
+    restarted = fed.start([*BIOFP, "client", "start", "--config", str(north.toml)], log_name)
+    wait_until(lambda: restarted.poll() is not None or "reconnected" in fed.log(log_name),
+               timeout_s=150, what="north to reconnect", poll_s=0.5)  # fmt: skip
+    reconnect_s = time.monotonic() - killed
+    log = fed.log(log_name)
+    assert restarted.poll() is None, log[-3000:]
+    assert "the SuperLink still sees this site's previous session; retrying in" in log, log
+    node = _node(fed, session.node_id)  # the same node id, a new session
+    assert node["status"] == "online" and node["online-at"] != online_at, node
+    assert _session(north).node_id == session.node_id
+    assert PrivacyLedger.at(north.state_dir).entries == before
+    assert fed.online() == 2
+    print(f"reconnected {reconnect_s:.1f} s after the kill")
 
 
 def test_supernode_with_wrong_ca_cannot_connect(federation: LocalFederation) -> None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flowerkit import initial_arrays, instruction, site_context
+from flwr.app import Message, MessageType
+from fpkit import BIOFP
 from safetensors.numpy import load_file
 
 from biofp_core.artifacts import load_model
@@ -25,7 +27,6 @@ from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.protocol import (
     ARRAYS_KEY,
     COMPRESSION,
-    CONFIG_KEY,
     LOCAL_STEPS,
     LR,
     METRICS_KEY,
@@ -34,22 +35,24 @@ from biofp_core.protocol import (
     RUN_KEY,
     SCALES_KEY,
     SERVER_ROUND,
+    EvaluateReplyMetrics,
+    RunConfig,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
 )
 from client.app import app as client_app
-from client.task import reply_cache_path
+from client.charged import cache_path
 from server.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from server.config import RunConfig
 from server.report import RunReport
 from server.rounds import FederationError
-from server.rundir import RunDirectory, read_run_key, to_arrayrecord
-from simulations.run import RunSummary, SimulationConfig, load_simulation_config, simulate
+from server.rundir import RunDirectory, read_run_key
+from simulations.config import RunSummary, SimulationConfig, load_simulation_config
+from simulations.run import simulate
 from strategies.registry import build_strategy
 
 TINY_MODEL = json.dumps(
@@ -118,7 +121,8 @@ def test_three_sites_two_rounds_change_the_global_weights(base_run: SimulationCo
     assert any(not np.allclose(initial[k], round_1[k]) for k in initial)
     assert any(not np.allclose(round_1[k], final[k]) for k in initial)
     _, card = load_model(base_run.out / "model")
-    assert card.training.rounds == 2 and card.data.sites == 3 and card.data.subjects == 9
+    assert card.training.rounds == 2 and card.data.sites == 3  # the ServerApp's own card:
+    assert card.data.subjects == 3 * 2  # the training subjects the sites reported (1 held out)
     assert card.privacy is not None and len(card.privacy.sites) == 3
 
 
@@ -221,6 +225,35 @@ def test_a_site_over_budget_refuses_while_the_others_finish(
     assert card.privacy is not None and len(card.privacy.sites) == 2  # contributors only
 
 
+def test_budget_aware_fedadam_over_int8_updates_in_the_simulation_engine(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    """The composition asked for by run config (fedadam + int8 + budget-aware) in the real apps:
+    the site over budget refuses round 1 and is not sampled in round 2; the moments and the
+    exclusion are in the checkpoint."""
+    sites_dir = tmp_path / "sites"
+    initialise_site_state(sites_dir / "site_01" / "state", name="site_01")
+    PrivacyLedger.at(sites_dir / "site_01" / "state").charge(
+        run_id="earlier-study", server_round=1, noise_multiplier=0.8, sample_rate=1.0, steps=40,
+        delta=1e-5,
+    )  # fmt: skip
+    run = {"num-rounds": 2, "strategy": "fedadam", "compression": "int8", "budget-aware": True,
+           "fraction-evaluate": 0.0}  # fmt: skip
+    summary = timed_simulate(sim_config(cache_dir, tmp_path / "run", sites_dir, **run))
+    assert summary.status == "completed", summary.error
+    report = RunReport.read(tmp_path / "run")
+    assert report is not None
+    first, second = report.rounds
+    assert (first.sampled, first.contributed, first.refused, first.excluded) == (3, 2, 1, 1)
+    assert (second.sampled, second.contributed, second.refused, second.excluded) == (2, 2, 0, 1)
+    full = sum(v.nbytes for v in final_arrays(tmp_path / "run").values())
+    assert all(0 < s.payload_bytes < 0.3 * full for s in second.sites)  # int8 deltas
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and set(checkpoint.strategy_arrays) == {"m_t", "v_t"}
+    refused = next(s.node_id for s in first.sites if s.status == "refused")
+    assert checkpoint.meta.strategy_state == {"excluded_node_ids": [refused]}
+
+
 def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path) -> None:
     cfg = sim_config(
         cache_dir, tmp_path / "run", tmp_path / "sites",
@@ -233,37 +266,6 @@ def test_too_few_sites_fail_with_a_clear_timeout(cache_dir: Path, tmp_path: Path
 
 
 # ---- the ClientApp called directly on real Messages -----------------------------------------
-
-
-def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-
-
-def instruction(
-    run: RunConfig,
-    message_type: str,
-    *,
-    run_id: int = 7,
-    arrays: dict[str, np.ndarray] | None = None,
-    **config: object,
-) -> Message:
-    """A server instruction carrying `arrays` (default: the run's initial arrays), as Flower
-    delivers it."""
-    record = to_arrayrecord(initial_arrays(run) if arrays is None else arrays)
-    metadata = Metadata(
-        run_id=run_id, message_id=f"instruction-{time.monotonic_ns()}", src_node_id=1,
-        dst_node_id=11, reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
-        message_type=message_type,
-    )  # fmt: skip
-    content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: ConfigRecord(dict(config))})
-    return Message(content, metadata=metadata)
-
-
-def site_context(run: RunConfig, site_toml: Path, *, run_id: int = 7) -> Context:
-    return Context(
-        run_id=run_id, node_id=11, node_config={"site-config": str(site_toml)},
-        state=RecordDict(), run_config=run.to_run_config(),
-    )  # fmt: skip
 
 
 def sent_arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -314,7 +316,7 @@ def test_a_replayed_round_is_sent_again_unchanged_and_charged_once(
     charged = PrivacyLedger.at(state)
     assert [e.key for e in charged.entries if e.kind == "train"] == [("run-a1", 1, "train")]
     epsilon = charged.epsilon(delta=1e-5)
-    assert reply_cache_path(state, "run-a1", 1).exists()
+    assert cache_path(state, "run-a1", "train", 1).exists()
 
     # the server crashed and the run was resubmitted: a new Flower run id, the same run key,
     # the same global arrays (its last checkpoint)
@@ -418,6 +420,8 @@ def test_an_evaluation_reply_holds_the_held_out_loss_only(site_toml: Path) -> No
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {METRICS_KEY}
     assert set(reply.content[METRICS_KEY].keys()) == EVAL_REPLY_KEYS
+    answer = EvaluateReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))  # the server's
+    assert not answer.refused and answer.num_examples > 0  # model of it
 
 
 def test_a_site_without_usable_data_replies_with_a_one_line_error(tmp_path: Path) -> None:
@@ -496,7 +500,7 @@ def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None
         ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; valid: fedavg, fedprox"),
         ({"model": "resnet"}, "unknown model 'resnet'; valid: m2ae, siamquality"),
         ({"compression": "int4"}, "unknown compression 'int4'; valid: none, fp16, int8"),
-        ({"compression": "int8"}, "needs strategy 'compressed'"),
+        ({"budget-aware": "maybe"}, "budget-aware: Input should be a valid boolean"),
         ({"num-rounds": 0}, "num-rounds"),
         ({"rounds": 3}, "rounds: unknown key"),
     ],
@@ -517,9 +521,6 @@ def test_a_bad_simulation_config_names_the_file_and_key(tmp_path: Path) -> None:
         load_simulation_config(path)
 
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
-
-
 def test_simulate_help_and_a_bad_flag() -> None:
     help_run = subprocess.run([*BIOFP, "simulate", "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0
@@ -528,7 +529,7 @@ def test_simulate_help_and_a_bad_flag() -> None:
     bad = subprocess.run([*BIOFP, "simulate", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "No such option" in bad.stderr
-    code = "import sys, biofp_core.cli; print('flwr' in sys.modules)"
+    code = "import sys, biofp_cli.cli; print('flwr' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
 
 
@@ -562,6 +563,7 @@ def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path:
 
     from simulations.cohort import wfdb_cohort, write_sites
     from simulations.partition import partition_iid
+    from simulations.site_toml import SiteSettings
 
     data = copy_records(bidmc_dir, tmp_path / "bidmc", ["bidmc01", "bidmc02", "bidmc03"])
     labels = tmp_path / "labels.csv"
@@ -569,10 +571,8 @@ def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path:
     cohort = wfdb_cohort(data, labels)
     assert cohort.subjects == ["p1", "p2"] and cohort.label("sex") == {"p1": "F", "p2": "M"}
     partition = partition_iid(cohort.subjects, num_sites=2, seed=0)
-    tomls = write_sites(
-        cohort, partition, tmp_path / "sites", cache_dir=tmp_path / "cache", epsilon=5.0,
-        delta=1e-6,
-    )  # fmt: skip
+    settings = SiteSettings(cache_dir=tmp_path / "cache", epsilon=5.0, delta=1e-6)
+    tomls = write_sites(cohort, partition, tmp_path / "sites", settings)
     from biofp_core.site import load_site_config
 
     records = {}

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import wfdb
-from fpkit import run_cli, site_config, tiny_artifact, tiny_cohort
+from fpkit import BIOFP, run_cli, site_config, tiny_artifact, tiny_cohort
 
 from biofp_core.artifacts import ModelCard, load_model
 from biofp_core.audit import AuditLog
@@ -31,7 +30,6 @@ from biofp_core.fingerprints.policy import (
     _gaussian_delta,
     analytic_gaussian_sigma,
     calibrate_noise,
-    classic_gaussian_sigma,
 )
 from biofp_core.fingerprints.pseudonyms import KEY_FILENAME, SiteKey
 from biofp_core.fingerprints.release import clip_rows, commit_release, prepare_release
@@ -39,8 +37,6 @@ from biofp_core.fingerprints.table import FingerprintTable, record_means
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.site import PrivacyBudget
 from biofp_core.validate import open_site_store
-
-BIOFP = [sys.executable, "-m", "biofp_core"]
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +286,8 @@ def test_analytic_gaussian_is_exact_and_beats_the_classic_bound(epsilon: float) 
     sigma = analytic_gaussian_sigma(epsilon=epsilon, delta=1e-5, sensitivity=2.0)
     assert _gaussian_delta(sigma, epsilon=epsilon, sensitivity=2.0) <= 1e-5
     assert _gaussian_delta(sigma * 0.99, epsilon=epsilon, sensitivity=2.0) > 1e-5
-    if epsilon <= 1.0:
-        assert sigma < classic_gaussian_sigma(epsilon=epsilon, delta=1e-5, sensitivity=2.0)
+    if epsilon <= 1.0:  # the classic bound Δ·√(2 ln(1.25/δ))/ε (Dwork & Roth, Theorem A.1)
+        assert sigma < 2.0 * math.sqrt(2.0 * math.log(1.25 / 1e-5)) / epsilon
 
 
 def test_policy_validation_and_calibration(tmp_path: Path) -> None:

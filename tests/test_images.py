@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from localfed import free_port, kill_tree, wait_until
 
-from biofp_core.certs import init_certificates
+from biofp_cli.certs import init_certificates
 
 ROOT = Path(__file__).resolve().parents[1]
 UID = "10001"
@@ -80,13 +80,20 @@ def test_image_runs_biofp_unprivileged_from_the_wheelhouse_only(dockerfile: str)
         "type=bind,source=build/wheelhouse,target=/wheels",
     ]
     assert "${DEPS_DIGEST" in runs and "${BIOFP_DIGEST" in runs  # cache keys of those steps
-    assert runs.count("--no-index") == 2 and "TORCH_INDEX_URL" in runs
+    # both steps run the shared script, from the wheelhouse where deploy/wheelhouse.sh copies it
+    assert re.findall(r"sh /wheels/deps/install-venv.sh (\w+)", runs) == ["deps", "biofp"]
+    script = "\n".join(
+        line for line in (ROOT / "deploy/install-venv.sh").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    )  # fmt: skip
+    assert script.count("--no-index") == 2 and "TORCH_INDEX_URL" in script
+    assert not re.search(r"https?://", script)
     text = " ".join(rest for _, rest in instructions(ROOT / dockerfile))
     assert not re.search(r"https?://", text)
     # the image: the venv from the build stage and nothing else of the build, as its last step
     assert values(final, "COPY") == ["--from=build /opt/venv /opt/venv"]
     assert final[-1] == ("COPY", "--from=build /opt/venv /opt/venv")
-    assert "pip uninstall" in runs and "-name tests" in runs
+    assert "pip uninstall" in script and "-name tests" in script
     assert values(final, "USER") == [UID]
     assert f"--uid {UID}" in " ".join(values(final, "RUN"))
     assert json.loads(values(final, "VOLUME")[0]) == [volume]
@@ -115,7 +122,13 @@ def test_build_context_is_the_wheelhouse_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["deploy/build-images.sh", "deploy/base-image.sh", "deploy/wheelhouse.sh"]
+    "script",
+    [
+        "deploy/build-images.sh",
+        "deploy/base-image.sh",
+        "deploy/wheelhouse.sh",
+        "deploy/install-venv.sh",
+    ],
 )
 def test_build_scripts_parse_and_are_executable(script: str) -> None:
     path = ROOT / script
@@ -135,7 +148,7 @@ def test_build_script_refuses_an_unknown_option_in_one_line() -> None:
 def server_health_argv() -> list[str]:
     (check,) = values(stages(ROOT / "server/Dockerfile")[-1], "HEALTHCHECK")
     argv = shlex.split(check.split(" CMD ", 1)[1])
-    assert argv[:3] == ["python", "-m", "server.health"]
+    assert argv[:3] == ["python", "-m", "biofp_cli.health"]
     return [sys.executable, *argv[1:]]  # `python` of the image's venv: this interpreter
 
 
@@ -164,7 +177,7 @@ def superlink(tmp_path: Path) -> Iterator[Path]:
     toml = server_toml(tmp_path / "server", port=port)
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biofp_core", "server", "start", "--config", str(toml)],
+        [sys.executable, "-m", "biofp_cli", "server", "start", "--config", str(toml)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
+from fpkit import BIOFP, run_biofp
 from opacus.accountants import RDPAccountant
 
 from biofp_core.errors import PrivacyBudgetError
@@ -26,7 +27,6 @@ from biofp_core.privacy.ledger import (
 )
 from biofp_core.site import PrivacyBudget
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 40, 1e-5
 
 
@@ -119,7 +119,7 @@ def test_a_site_round_evaluates_the_rdp_of_its_mechanism_once(tmp_path: Path) ->
         entry = ledger.charge(
             run_id="new-run", server_round=rnd, delta=DELTA, budget=budget, **mech
         )
-        ledger.epsilon_if(delta=DELTA, **mech)  # exhausted flag
+        ledger_module.rdp_epsilon([*ledger.history, (sigma, q, 17)], delta=DELTA)  # exhausted
         assert ledger.epsilon(delta=DELTA) == entry.epsilon_after == planned  # audit, report
     assert one_step.cache_info().misses == misses + 1  # one new (σ, q): one evaluation
     accountant = RDPAccountant()
@@ -154,7 +154,7 @@ def test_check_budget_refuses_the_round_that_would_exceed(tmp_path: Path) -> Non
     ledger = PrivacyLedger.at(init(tmp_path))
     spent = charge_rounds(ledger, "run-a", range(1, 3))[-1]
     nxt = {"noise_multiplier": SIGMA, "sample_rate": Q, "steps": STEPS}
-    would = ledger.epsilon_if(**nxt, delta=DELTA)
+    would = ledger_module.rdp_epsilon([*ledger.history, (SIGMA, Q, STEPS)], delta=DELTA)
     assert would > spent
     roomy = PrivacyBudget(epsilon=would + 0.01, delta=DELTA)
     assert ledger.check_budget(budget=roomy, mechanisms=[(SIGMA, Q, STEPS)]) == pytest.approx(
@@ -289,33 +289,11 @@ def test_cli_ledger_prints_table_and_json(tmp_path: Path) -> None:
     assert doc["entries"][2]["epsilon_after"] == ledger.entries[2].epsilon_after
 
 
-def run_main(
-    *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """`biofp ARGS` in this process (already past the slow imports): exit code, stdout, stderr."""
-    from biofp_core.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["biofp", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_ledger_without_ledger_and_with_a_corrupt_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, _, err = run_main(
-        "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys
-    )
+def test_cli_ledger_without_ledger_and_with_a_corrupt_one(tmp_path: Path) -> None:
+    code, _, err = run_biofp("site", "ledger", "--site-dir", str(tmp_path))
     assert code == 1 and "no privacy ledger here" in err and len(err.strip().splitlines()) == 1
     (tmp_path / LEDGER_FILENAME).write_text("{oops")
-    code, _, err = run_main(
-        "site", "ledger", "--site-dir", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys
-    )
+    code, _, err = run_biofp("site", "ledger", "--site-dir", str(tmp_path))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "corrupt privacy ledger" in lines[0]
     assert (tmp_path / LEDGER_FILENAME).read_text() == "{oops"

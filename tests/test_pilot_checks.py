@@ -11,27 +11,26 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fpkit import BIOFP
 
+from biofp_cli.certs import init_certificates
+from biofp_cli.preflight import check_insecure_address, check_server, choose_runtime_port
 from biofp_core.audit import AuditEntry, AuditLog
 from biofp_core.audit_check import CHECKS, check_audit
-from biofp_core.certs import init_certificates
 from biofp_core.deployment import (
     DeploymentError,
     derived_runtime_port,
     is_loopback,
     load_server_config,
 )
-from biofp_core.preflight import check_insecure_address, check_server, choose_runtime_port
 from biofp_core.privacy.ledger import LedgerEntry
 from biofp_core.site import load_site_config
 from server.report import RoundMetrics, RunReport, SiteData, SiteRound
 from server.status import render_status
 
-BIOFP = [sys.executable, "-m", "biofp_core"]
 TINY_MODEL = json.dumps({"stem_channels": 8, "stage_channels": [8, 8], "groups": 4,
                          "proj_dim": 16, "pred_hidden": 8, "fingerprint_dim": 8})  # fmt: skip
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from fpkit import run_biofp
 
 from biofp_core.privacy.ledger import Charge, PrivacyLedger, initialise_site_state
 from biofp_core.privacy.planner import PlanError, PrivacyPlan, effective_noise, plan_privacy
@@ -99,28 +99,12 @@ def test_impossible_or_bad_requests_are_refused(args: tuple, message: str) -> No
         plan_privacy(*args, rounds=12)
 
 
-def _biofp(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str):
-    """Run `biofp *args` in this process: (exit code, stdout, stderr)."""
-    from biofp_core.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["biofp", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_prints_the_plan_and_json(
-    plans: dict[int, PrivacyPlan], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_cli_prints_the_plan_and_json(plans: dict[int, PrivacyPlan]) -> None:
     args = ("plan", "--subjects", "28", "--epsilon", "8", "--rounds", "12")
-    code, out, err = _biofp(monkeypatch, capsys, *args, "--json")
+    code, out, err = run_biofp(*args, "--json")
     assert code == 0, err
     assert PrivacyPlan.model_validate(json.loads(out)) == plans[28]
-    code, out, err = _biofp(monkeypatch, capsys, *args)
+    code, out, err = run_biofp(*args)
     assert code == 0, err
     assert "ε after" in out and "4 steps per round" in out and "σ=1.49" in out
     assert f"{plans[28].per_round[-1].epsilon_after:.3f}" in out
@@ -135,10 +119,8 @@ def test_cli_prints_the_plan_and_json(
         (["--subjects", "28", "--epsilon", "0.05", "--rounds", "12"], "even one step per round"),
     ],
 )
-def test_cli_errors_are_one_line(
-    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    code, out, err = _biofp(monkeypatch, capsys, "plan", *args)
+def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
+    code, out, err = run_biofp("plan", *args)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: plan: ") and message in lines[0]

@@ -10,31 +10,29 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import copy_records
+from fpkit import BIOFP
 from test_certs import write_expired_certificate
 
-from biofp_core.certs import CertificateError, init_certificates, node_keypair
-from biofp_core.deployment import DeploymentError, ServerConfig, load_server_config
-from biofp_core.errors import BioFPError, ConfigError, DataError
-from biofp_core.preflight import (
+from biofp_cli.certs import CertificateError, init_certificates, node_keypair
+from biofp_cli.preflight import (
     check_port_free,
     check_reachable,
     check_server,
     check_site,
     check_tls_handshake,
 )
+from biofp_cli.superlink import last_error, superlink_command
+from biofp_cli.supernode import SITE_CONFIG_KEY, supernode_command
+from biofp_core.deployment import DeploymentError, ServerConfig, load_server_config
+from biofp_core.errors import BioFPError, ConfigError, DataError
 from biofp_core.privacy.ledger import PrivacyLedgerError, initialise_site_state
 from biofp_core.site import load_site_config
-from client.launch import SITE_CONFIG_KEY, supernode_command
-from server.launch import last_error, superlink_command
-
-BIOFP = [sys.executable, "-m", "biofp_core"]
 
 
 def closed_port() -> int:

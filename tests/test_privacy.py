@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from fpkit import assert_per_sample_grads_are_per_subject
 from opacus.accountants import RDPAccountant
 from pydantic import ValidationError
 from torch import nn
 
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ConfigError, DataError
 from biofp_core.models import build_model
 from biofp_core.models.base import SubjectWindows
 from biofp_core.models.layers import Dense
@@ -19,10 +18,9 @@ from biofp_core.models.m2ae import M2AE, M2AEConfig
 from biofp_core.privacy import (
     DPConfig,
     PrivateTraining,
-    epsilon_for,
-    epsilon_if,
-    extend_history,
+    poisson_rate,
 )
+from biofp_core.privacy.accounting import rdp_epsilon
 from biofp_core.training import TrainConfig, collate_bags, train_local
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
@@ -62,22 +60,8 @@ def bags(model: M2AE, n: int, K: int) -> list[dict[str, torch.Tensor]]:
 def test_per_sample_grad_is_per_subject_grad() -> None:
     """Opacus' per-sample gradient of subject b == gradient of subject b's loss alone."""
     model = tiny_m2ae()
-    reference = copy.deepcopy(model)
     data = bags(model, 3, K=3)
-    private = PrivateTraining(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), data, dp=DPConfig(seed=0),
-        batch_subjects=3, steps=1, collate_fn=collate_bags,
-    )  # fmt: skip
-    batch = collate_bags(data)
-    torch.manual_seed(5)
-    private.backward(model.loss(batch)[0])
-    torch.manual_seed(5)
-    loss, _ = reference.loss(batch)
-    params = dict(reference.named_parameters())
-    for b in range(3):
-        grads = torch.autograd.grad(loss[b], list(params.values()), retain_graph=True)
-        for (name, p), g in zip(model.named_parameters(), grads, strict=True):
-            torch.testing.assert_close(p.grad_sample[b], g, atol=1e-5, rtol=1e-4, msg=name)
+    private = assert_per_sample_grads_are_per_subject(model, data)
     dense = next(m for m in model.modules() if isinstance(m, Dense))
     assert dense.weight.grad is None  # the batch weight gradient was skipped
     private.close()
@@ -108,27 +92,29 @@ def test_epsilon_grows_and_ledger_composes() -> None:
     assert first is not None and second is not None
     assert 0 < first.epsilon < second.epsilon
     assert second.history == [(1.0, 0.5, 4)] and first.sample_rate == 0.5
-    assert second.epsilon == pytest.approx(epsilon_for(second.history, delta=1e-5))
-    more = {"extra_steps": 2, "noise_multiplier": 1.0, "sample_rate": 0.5, "delta": 1e-5}
-    assert second.epsilon == pytest.approx(epsilon_if(first.history, **more))
+    assert second.epsilon == pytest.approx(rdp_epsilon(second.history, delta=1e-5))
+    assert second.epsilon == pytest.approx(rdp_epsilon([*first.history, (1.0, 0.5, 2)], delta=1e-5))
 
 
-def test_ledger_helpers_match_opacus() -> None:
-    history = extend_history([], steps=10, noise_multiplier=1.1, sample_rate=0.1)
-    history = extend_history(history, steps=5, noise_multiplier=1.1, sample_rate=0.1)
-    history = extend_history(history, steps=3, noise_multiplier=2.0, sample_rate=0.2)
-    assert history == [(1.1, 0.1, 15), (2.0, 0.2, 3)]
+def test_ledger_epsilon_matches_opacus() -> None:
+    history = [(1.1, 0.1, 15), (2.0, 0.2, 3)]
     accountant = RDPAccountant()
     for _ in range(15):
         accountant.step(noise_multiplier=1.1, sample_rate=0.1)
     for _ in range(3):
         accountant.step(noise_multiplier=2.0, sample_rate=0.2)
-    spent = epsilon_for(history, delta=1e-5)
+    spent = rdp_epsilon(history, delta=1e-5)
     assert spent == pytest.approx(accountant.get_epsilon(1e-5))
-    assert epsilon_for([], delta=1e-5) == 0.0
-    step = {"noise_multiplier": 1.0, "sample_rate": 0.1, "delta": 1e-5}
-    assert epsilon_if(history, extra_steps=0, **step) == spent
-    assert epsilon_if(history, extra_steps=10, **step) > spent
+    split = [(1.1, 0.1, 10), (1.1, 0.1, 5), (2.0, 0.2, 3)]  # rounds compose under RDP
+    assert rdp_epsilon(split, delta=1e-5) == pytest.approx(spent, rel=1e-12)
+    assert rdp_epsilon([], delta=1e-5) == 0.0
+    assert rdp_epsilon([*history, (1.0, 0.1, 10)], delta=1e-5) > spent
+
+
+def test_poisson_rate_is_capped_at_one() -> None:
+    assert poisson_rate(2, 8) == 0.25 and poisson_rate(16, 5) == 1.0
+    with pytest.raises(DataError, match="no subject"):
+        poisson_rate(2, 0)
 
 
 def test_empty_poisson_batches_take_noise_steps() -> None:
@@ -174,5 +160,5 @@ def test_invalid_settings() -> None:
     with pytest.raises(ConfigError, match="not DP-compatible"):
         PrivateTraining(
             model, torch.optim.SGD(model.parameters(), lr=0.1), [1, 2], dp=DPConfig(),
-            batch_subjects=1, steps=1, collate_fn=collate_bags,
+            sample_rate=0.5, steps=1, collate_fn=collate_bags,
         )  # fmt: skip

@@ -26,8 +26,8 @@ from fpkit import run_cli
 
 from biofp_core.signals.formats import open_source
 from biofp_core.site import load_site_config
+from simulations.config import load_simulation_config
 from simulations.public import cohort_config
-from simulations.run import load_simulation_config
 
 FOLDERS = ("bidmc", "public/cinc2017", "public/liu2022-ppg-arrhythmia", "public/ppg-bp")
 HEAD_CPUS = 3  # not this machine's count: the run must report the head's

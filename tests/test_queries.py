@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flowerkit import instruction, site_context
+from flwr.app import Message, MetricRecord, RecordDict
 from fpkit import TINY, site_config, tiny_cohort
 
 from biofp_core.artifacts import load_model
@@ -32,7 +33,6 @@ from biofp_core.fingerprints.table import FingerprintTable
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 from biofp_core.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     FINGERPRINTS_ARRAY,
     METRICS_KEY,
     PROBE_KINDS,
@@ -43,12 +43,12 @@ from biofp_core.protocol import (
     SERVER_ROUND,
     FingerprintReplyMetrics,
     ProbeReplyMetrics,
+    RunConfig,
     is_allowed_reply_key,
 )
 from client.app import app as client_app
-from server.config import RunConfig
 from server.queries import FederatedEval, combine_probes, probe_answer
-from server.rundir import read_run_key, to_arrayrecord
+from server.rundir import read_run_key
 from simulations.run import SimulationConfig, load_simulation_config, simulate
 
 TINY_RUN = {
@@ -199,24 +199,6 @@ def test_every_query_reply_is_audited_once_with_allowed_keys_only(sim: Simulatio
 # ---- the ClientApp called directly on real query Messages -----------------------------------
 
 
-def query(run: RunConfig, message_type: str, *, arrays: dict | None = None, **config) -> Message:
-    """A query as Flower delivers it: the global arrays (default: the run's initial ones)."""
-    if arrays is None:
-        arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    metadata = Metadata(
-        run_id=5, message_id=f"query-{time.monotonic_ns()}", src_node_id=1, dst_node_id=21,
-        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
-        message_type=message_type,
-    )  # fmt: skip
-    content = RecordDict({ARRAYS_KEY: to_arrayrecord(arrays), CONFIG_KEY: ConfigRecord(config)})
-    return Message(content, metadata=metadata)
-
-
-def context(run: RunConfig, toml: Path) -> Context:
-    return Context(run_id=5, node_id=21, node_config={"site-config": str(toml)},
-                   state=RecordDict(), run_config=run.to_run_config())  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_cohort(tmp_path_factory.mktemp("cohort"), sites=1, subjects=4)
@@ -230,8 +212,8 @@ def test_a_repeated_fingerprint_query_resends_the_charged_release(
     toml, state = tmp_path / "site.toml", site.resolved_state_dir()
     run = RunConfig.from_run_config(TINY_RUN)
     config = {SERVER_ROUND: 3, RUN_KEY: "run-q1"}
-    first = client_app(query(run, QUERY_FINGERPRINT, **config), context(run, toml))
-    again = client_app(query(run, QUERY_FINGERPRINT, **config), context(run, toml))
+    first = client_app(instruction(run, QUERY_FINGERPRINT, **config), site_context(run, toml))
+    again = client_app(instruction(run, QUERY_FINGERPRINT, **config), site_context(run, toml))
     for reply in (first, again):
         assert not reply.has_error(), reply.error
         assert set(reply.content.keys()) == {ARRAYS_KEY, METRICS_KEY}
@@ -247,7 +229,9 @@ def test_a_repeated_fingerprint_query_resends_the_charged_release(
 
     other = {k: v.numpy() + 1.0 if v.is_floating_point() else v.numpy()
              for k, v in run.build_model().state_dict().items()}  # fmt: skip
-    refused = client_app(query(run, QUERY_FINGERPRINT, arrays=other, **config), context(run, toml))
+    refused = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=other, **config), site_context(run, toml)
+    )
     assert not refused.has_error(), refused.error
     assert set(refused.content.keys()) == {METRICS_KEY}  # nothing released
     assert FingerprintReplyMetrics.from_metrics(dict(refused.content[METRICS_KEY])).refused
@@ -266,17 +250,21 @@ def test_a_site_without_a_release_policy_refuses_to_release_and_to_probe(
         f'state_dir = "{tmp_path / "state"}"\nlabels_csv = "{data / "labels.csv"}"\n'
     )  # no [release] section: this site never agreed to release fingerprints
     run = RunConfig.from_run_config(TINY_RUN)
-    refused = client_app(query(run, QUERY_FINGERPRINT, **{SERVER_ROUND: 1}), context(run, toml))
+    refused = client_app(
+        instruction(run, QUERY_FINGERPRINT, **{SERVER_ROUND: 1}), site_context(run, toml)
+    )
     assert not refused.has_error(), refused.error
     assert set(refused.content.keys()) == {METRICS_KEY}
     parsed = FingerprintReplyMetrics.from_metrics(dict(refused.content[METRICS_KEY]))
     assert parsed.refused and parsed.rows == 0 and parsed.epsilon == 0
     note = AuditLog.at(tmp_path / "state").entries()[-1].note or ""
     assert "no [release] policy" in note
-    assert not list((tmp_path / "state").glob("releases/*.parquet"))
+    assert not list((tmp_path / "state").glob("replies/*@release@*"))
 
-    probed = client_app(query(run, QUERY_PROBE, **{SERVER_ROUND: 1, "probe-task": "sbp_mmhg"}),
-                        context(run, toml))  # fmt: skip
+    probed = client_app(
+        instruction(run, QUERY_PROBE, **{SERVER_ROUND: 1, "probe-task": "sbp_mmhg"}),
+        site_context(run, toml),
+    )
     assert not probed.has_error(), probed.error
     assert set(probed.content.keys()) == {METRICS_KEY}  # no array, no probe scalar
     assert ProbeReplyMetrics.from_metrics(dict(probed.content[METRICS_KEY])).refused
@@ -306,7 +294,7 @@ def reply_to(probe: SiteProbe) -> Message:
     """The probe reply a site sends, as the server receives it."""
     metrics = ProbeReplyMetrics(kind=probe.kind, value=probe.value, baseline=probe.baseline,
                                 rows=probe.rows, subjects=probe.subjects).to_metrics()  # fmt: skip
-    sent = query(RunConfig.from_run_config(TINY_RUN), QUERY_PROBE, arrays={})
+    sent = instruction(RunConfig.from_run_config(TINY_RUN), QUERY_PROBE, arrays={})
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=sent)
 
 
@@ -352,7 +340,7 @@ def test_an_invalid_probe_reply_is_a_failure_not_a_score() -> None:
 
 
 def test_probe_tasks_are_checked_when_the_run_config_is_parsed(tmp_path: Path) -> None:
-    from simulations.cli import main as simulate_cli
+    from biofp_cli.commands.simulate import main as simulate_cli
 
     assert RunConfig.from_run_config({"probe-tasks": " af, age ,af"}).probe_task_list == [
         "af", "age",

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowerkit import instruction, site_context
 from fpkit import run_cli, site_config, tiny_cohort
-from test_attacks import ATTACK_RUN, METRICS_KEY, TINY, context, message, train
+from test_attacks import ATTACK_RUN, METRICS_KEY, TINY, train
 
 from biofp_core.audit import AUDIT_FILENAME, AuditLog
 from biofp_core.privacy.ledger import (
@@ -22,10 +23,9 @@ from biofp_core.privacy.ledger import (
     PrivacyLedger,
     PrivacyLedgerError,
 )
-from biofp_core.protocol import RUN_KEY, SERVER_ROUND, TrainReplyMetrics
+from biofp_core.protocol import RUN_KEY, SERVER_ROUND, RunConfig, TrainReplyMetrics
 from biofp_core.site import load_site_config
 from client.app import app as client_app
-from server.config import RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,10 @@ def test_a_noisy_window_level_release_does_not_give_back_the_withheld_window_cou
                        release='level = "window"\nclip_norm = 1.0\nepsilon = 2.0')  # fmt: skip
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1, RUN_KEY: "w"}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1, RUN_KEY: "w"}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert not reply.has_error(), reply.error
     path = tmp_path / "released.parquet"
     path.write_bytes(reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes())
@@ -232,7 +234,9 @@ def test_whether_a_probe_is_answered_and_its_kind_do_not_depend_on_one_patients_
     for af in ("1", "0", "2"):
         toml = _site_with_af(cohort, tmp_path / f"af{af}", af)
         config = {SERVER_ROUND: 1, PROBE_TASK: "af", RUN_KEY: "probe-af"}
-        reply = client_app(message(run, QUERY_PROBE, arrays, **config), context(run, toml))
+        reply = client_app(
+            instruction(run, QUERY_PROBE, arrays=arrays, **config), site_context(run, toml)
+        )
         assert not reply.has_error(), reply.error
         metrics = ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY]))
         charged = len(PrivacyLedger.at(toml.parent / "state").entries)
@@ -255,8 +259,10 @@ def test_a_task_the_site_did_not_declare_is_refused_uncharged(cohort: Path, tmp_
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
     config = {SERVER_ROUND: 1, PROBE_TASK: "age", RUN_KEY: "undeclared"}
-    reply = client_app(message(run, QUERY_PROBE, arrays, **config),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_PROBE, arrays=arrays, **config),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert ProbeReplyMetrics.from_metrics(dict(reply.content[METRICS_KEY])).refused
     assert PrivacyLedger.at(tmp_path / "state").entries == []
     note = AuditLog.at(tmp_path / "state").entries()[-1].note or ""
@@ -278,8 +284,10 @@ def test_a_noisy_release_is_calibrated_to_a_public_cap_not_to_its_own_data(
                        release='level = "window"\nclip_norm = 1.0\nepsilon = 2.0')  # fmt: skip
     run = RunConfig.from_run_config({**ATTACK_RUN, "model-options": json.dumps(TINY)})
     arrays = {k: v.numpy() for k, v in run.build_model().state_dict().items()}
-    reply = client_app(message(run, QUERY_FINGERPRINT, arrays, **{SERVER_ROUND: 1, RUN_KEY: "k"}),
-                       context(run, tmp_path / "site.toml"))  # fmt: skip
+    reply = client_app(
+        instruction(run, QUERY_FINGERPRINT, arrays=arrays, **{SERVER_ROUND: 1, RUN_KEY: "k"}),
+        site_context(run, tmp_path / "site.toml"),
+    )
     assert not reply.has_error(), reply.error
     path = tmp_path / "released.parquet"
     path.write_bytes(reply.content[ARRAYS_KEY][FINGERPRINTS_ARRAY].numpy().tobytes())
@@ -299,19 +307,25 @@ def test_two_charged_keys_never_share_a_cache_file(tmp_path: Path) -> None:
     """``<run key>-<kind>-round-N`` with ``:`` written ``-``: run "r" probing task "evaluate"
     and run "r-probe" evaluating were one file, so one answer could be sent for the other."""
     from biofp_core.privacy.ledger import initialise_site_state
-    from client.charged import CachedAnswer, cache_answer, cached_answer
+    from biofp_core.protocol import RunConfig
+    from biofp_core.site import SiteConfig
+    from client.charged import Answer, answered_before, charging, keep_answer
+    from client.session import SiteSession
+    from client.site_data import SiteRef
 
     initialise_site_state(tmp_path, name="north")
-    ledger = PrivacyLedger.at(tmp_path)
+    site = SiteConfig(name="north", data_dir=tmp_path, state_dir=tmp_path)
+    ref, run = SiteRef(site_config=tmp_path / "site.toml"), RunConfig.from_run_config({})
     keys = [("r", "probe:evaluate"), ("r-probe", "evaluate")]
-    for n, (run_key, kind) in enumerate(keys):
-        entry = ledger.charge(run_id=run_key, server_round=1, kind=kind, noise_multiplier=5.0,
-                              sample_rate=1.0, steps=1, delta=1e-5)  # fmt: skip
-        answer = CachedAnswer(global_sha256="0" * 64, instruction="{}", metrics={"n": n},
-                              ledger_entry=entry.hash)  # fmt: skip
-        cache_answer(tmp_path, run_key=run_key, kind=kind, server_round=1, answer=answer)
-    for n, (run_key, kind) in enumerate(keys):
-        got = cached_answer(tmp_path, run_key=run_key, kind=kind, server_round=1,
-                            global_sha256="0" * 64, instruction="{}")  # fmt: skip
+    sessions = [SiteSession(site, ref, run, run_key, 1) for run_key, _ in keys]
+    for n, (session, (run_key, kind)) in enumerate(zip(sessions, keys, strict=True)):
+        entry = session.ledger.charge(run_id=run_key, server_round=1, kind=kind,
+                                      noise_multiplier=5.0, sample_rate=1.0, steps=1,
+                                      delta=1e-5)  # fmt: skip
+        keep_answer(session, kind, global_arrays={}, instruction="{}",
+                    answer=Answer({"n": n}, {}, entry))  # fmt: skip
+    for n, (session, (_, kind)) in enumerate(zip(sessions, keys, strict=True)):
+        with charging(session):
+            got = answered_before(session, kind, global_arrays={}, instruction="{}")
         assert got is not None and got.metrics == {"n": n}
-    assert len(list((tmp_path / "replies").iterdir())) == 2
+    assert len([p for p in (tmp_path / "replies").iterdir() if p.name != ".lock"]) == 2

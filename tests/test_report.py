@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fpkit import TINY, tiny_artifact
 
+from biofp_cli.commands.simulate import main as simulate_cli
 from biofp_core.artifacts import load_model, save_model
 from biofp_core.evaluation import evaluate_table, merge_labels, read_labels, task_labels
 from biofp_core.fingerprints.parquet import read_fingerprints
@@ -27,17 +28,21 @@ from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.table import concat
 from biofp_core.models import build_model
 from biofp_core.privacy.ledger import PrivacyLedger, rdp_epsilon
+from biofp_core.protocol import RunConfig
 from biofp_core.site import PrivacyBudget
-from client.site_data import SimulationSites
-from server.config import RunConfig
+from client.site_data import SimulationSites, SiteData
 from server.report import RunReport
-from simulations.cli import main as simulate_cli
+from simulations.config import (
+    SITES_MANIFEST,
+    RunSummary,
+    SimulationConfig,
+    load_simulation_config,
+)
 from simulations.downstream import (
     CLEAN,
     NOISY,
     SYNTHETIC_TASKS,
     StudyConfig,
-    StudySite,
     cross_modal_reconstruction,
     load_study_sites,
     release_all,
@@ -50,15 +55,8 @@ from simulations.report import (
     STUDY_NAME,
     ResearchReport,
     comparison_configs,
-    research_report,
 )
-from simulations.run import (
-    SITES_MANIFEST,
-    RunSummary,
-    SimulationConfig,
-    load_simulation_config,
-    prepare_sites,
-)
+from simulations.run import prepare_sites, report_run
 
 FAST_PROBES = {"repeats": 2, "n_boot": 50}
 TINY_RUN = {
@@ -83,7 +81,7 @@ def tiny_sim(cache_dir: Path, out: Path, **fields: object) -> SimulationConfig:
     )  # fmt: skip
 
 
-def key_of(site: StudySite) -> SiteKey:
+def key_of(site: SiteData) -> SiteKey:
     return SiteKey.load(site.state_dir)
 
 
@@ -91,7 +89,7 @@ def key_of(site: StudySite) -> SiteKey:
 
 
 @pytest.fixture(scope="module")
-def skewed_sites(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[StudySite]:
+def skewed_sites(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[SiteData]:
     """4 sites, one of them ECG-only (modality skew); site_01's budget too small for a release."""
     root = tmp_path_factory.mktemp("skewed")
     cfg = tiny_sim(cache_dir, root / "run", partition="modality-skew", modality_share=0.25)
@@ -103,7 +101,7 @@ def skewed_sites(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> l
 
 
 def test_downstream_study_releases_charges_and_probes(
-    skewed_sites: list[StudySite], tmp_path: Path
+    skewed_sites: list[SiteData], tmp_path: Path
 ) -> None:
     artifact = tiny_artifact(tmp_path / "model")
     config = StudyConfig(tasks=SYNTHETIC_TASKS, **FAST_PROBES)
@@ -159,7 +157,7 @@ def test_downstream_study_releases_charges_and_probes(
 
 
 def test_reconstruction_uses_held_out_subjects(
-    skewed_sites: list[StudySite], tmp_path: Path
+    skewed_sites: list[SiteData], tmp_path: Path
 ) -> None:
     windows = cross_modal_reconstruction(tiny_artifact(tmp_path / "m2ae"), skewed_sites)
     assert [w.row.site for w in windows] == ["site_00", "site_01", "site_03"]  # paired sites
@@ -335,7 +333,7 @@ def test_report_models_and_held_out_reconstruction(reported: Path) -> None:
     for d in (off / "sites").glob("site_*"):  # unlimited budgets: unprotected, but on record
         entries = PrivacyLedger.at(d / "state").entries
         assert entries and all(e.noise_multiplier == 0 for e in entries)
-    manifest = SimulationSites.model_validate_json((reported / SITES_MANIFEST).read_bytes())
+    manifest = SimulationSites.read(reported / SITES_MANIFEST)
     sites = {s.name: s for s in load_study_sites(manifest, holdout_fraction=0.25)}
     for row in report.reconstruction:
         site = sites[row.site]
@@ -356,7 +354,7 @@ def test_a_failed_comparison_is_one_line_and_keeps_the_rest(reported: Path, tmp_
     summary = summary.model_copy(update={"out_dir": out, "model_path": out / "model.safetensors"})
     before = (out / "metrics.json").read_bytes()
     study = StudyConfig(tasks=("af",), attributes=("sex",), repeats=1, n_boot=20)
-    text = research_report(cfg, summary, study=study).read_text()
+    text = report_run(cfg, summary, study=study).read_text()
     failed = text.split("## What failed\n\n")[1].split("\n\n")[0].splitlines()
     assert len(failed) == 2 and all(" run failed: " in line for line in failed)
     report = study_of(out)

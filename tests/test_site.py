@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import copy_records
+from fpkit import BIOFP
 
 from biofp_core.errors import ConfigError, DataError
-from biofp_core.site import load_site_config, read_labels
+from biofp_core.site import check_label_ids, load_site_config
 from biofp_core.validate import validate_site
-
-BIOFP = [sys.executable, "-m", "biofp_core"]
 
 
 def write(path: Path, text: str) -> Path:
@@ -57,12 +55,12 @@ def test_bad_site_config_is_one_line(tmp_path: Path, text: str, needle: str) -> 
 
 def test_labels_need_a_key_column_and_known_subjects(tmp_path: Path) -> None:
     good = write(tmp_path / "labels.csv", "subject,af\na,1\nb,0\n")
-    key, rows = read_labels(good, subjects={"a", "b"})
+    key, rows = check_label_ids(good, subjects={"a", "b"})
     assert key == "subject" and len(rows) == 2
     with pytest.raises(DataError, match=r"labels.csv: 1 unknown subject\(s\).*'zz'"):
-        read_labels(write(tmp_path / "labels.csv", "subject,af\na,1\nzz,0\n"), subjects={"a"})
+        check_label_ids(write(tmp_path / "labels.csv", "subject,af\na,1\nzz,0\n"), subjects={"a"})
     with pytest.raises(DataError, match="missing key column"):
-        read_labels(write(tmp_path / "labels.csv", "patient,af\na,1\n"), subjects={"a"})
+        check_label_ids(write(tmp_path / "labels.csv", "patient,af\na,1\n"), subjects={"a"})
 
 
 def test_validate_reports_each_record(tmp_path: Path, bidmc_dir: Path) -> None:

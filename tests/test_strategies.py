@@ -6,6 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,13 +47,14 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from biofp_core.compression import ErrorFeedback, decode_delta, encode_delta
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     BYTES_RECEIVED,
     COMPRESSION,
     CONFIG_KEY,
+    EVAL_LOSS,
     METRICS_KEY,
     NODES_EXCLUDED,
     NODES_SAMPLED,
@@ -64,18 +66,26 @@ from biofp_core.protocol import (
     REPLIES_REFUSED,
     SERVER_ROUND,
     TRAIN_LOSS,
+    EvaluateReplyMetrics,
+    RunConfig,
     TrainReplyMetrics,
     is_allowed_reply_metric_key,
     loss_term_key,
 )
+from server.checkpoint import latest_checkpoint, restore_strategy_state, save_checkpoint
+from server.report import add_eval_losses, site_rounds
 from strategies import (
     STRATEGIES,
+    BudgetAware,
     BudgetAwareFedAvg,
+    Compressed,
     CompressedFedAvg,
     CountedFedAvg,
     EligibleNodesGrid,
     build_strategy,
-    encoded_to_arrayrecord,
+    run_strategy,
+    strategy_class,
+    strategy_options,
 )
 
 GridFactory = Callable[[int], tuple[InMemoryGrid, list[int]]]
@@ -311,7 +321,7 @@ def test_compressed_strategy_decodes_deltas_to_the_weighted_average(
         delta = {k: local[k] - global_w[k] for k in global_w}
         encoded = ErrorFeedback().encode(delta, scheme=scheme)  # type: ignore[arg-type]
         metrics = ok(n, payload_bytes=encoded.nbytes)
-        replies.append(reply(sent[node], encoded_to_arrayrecord(encoded), metrics))
+        replies.append(reply(sent[node], as_record(encoded.to_arrays()), metrics))
         for k, d in decode_delta(encoded).items():
             expected[k] += n / 100 * (global_w[k] + d)
             truth[k] += n / 100 * local[k]
@@ -335,10 +345,10 @@ def test_an_int8_update_of_a_small_m2ae_is_at_most_027_of_fp32_as_flower_counts_
     fp32_bytes = sum(4 * v.size for v in state.values())
     rng = np.random.default_rng(0)
     delta = {k: rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in state.items()}
-    record = encoded_to_arrayrecord(encode_delta(delta, scheme="int8"))
+    record = as_record(encode_delta(delta, scheme="int8").to_arrays())
     assert len(record) == 2
     assert record.count_bytes() / fp32_bytes <= 0.27
-    fp16 = encoded_to_arrayrecord(encode_delta(delta, scheme="fp16"))
+    fp16 = as_record(encode_delta(delta, scheme="fp16").to_arrays())
     assert len(fp16) == 1 and fp16.count_bytes() / fp32_bytes <= 0.51
 
 
@@ -347,7 +357,7 @@ def test_compressed_strategy_counts_undecodable_updates_as_failed(make_grid: Gri
     strategy = CompressedFedAvg(scheme="int8")
     sent = configure(strategy, grid)
     delta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    wrong_scheme = encoded_to_arrayrecord(encode_delta(delta, scheme="fp16"))
+    wrong_scheme = as_record(encode_delta(delta, scheme="fp16").to_arrays())
     full_weights = as_record(weights(3))  # float32: read as scheme "none"
     replies = [
         reply(sent[nodes[0]], wrong_scheme, ok(5)),
@@ -450,3 +460,174 @@ def test_simulation_reports_a_raising_site_and_stops_sampling_a_spent_one(
     assert (len(second.contributed), len(second.failed)) == (1, 1)
     assert result.train_metrics_clientapp[2][REPLIES_FAILED] == 1
     assert result.train_metrics_clientapp[2][NODES_EXCLUDED] == 1
+
+
+def test_the_registry_builds_exactly_the_strategies_the_wire_contract_names() -> None:
+    from biofp_core.protocol import STRATEGY_NAMES
+    from strategies.registry import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+# --- composition: any base strategy x compression x budget-aware -----------------------------
+
+
+def test_shorthands_are_fedavg_composed_and_any_base_composes() -> None:
+    assert strategy_class("compressed") is strategy_class("fedavg", compressed=True)
+    assert strategy_class("budget-aware") is strategy_class("fedavg", budget_aware=True)
+    both = strategy_class("compressed", budget_aware=True)
+    assert both is strategy_class("fedavg", compressed=True, budget_aware=True)
+    assert issubclass(both, Compressed) and issubclass(both, BudgetAware)
+    for name in ("fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum"):
+        cls = strategy_class(name, compressed=True, budget_aware=True)
+        assert issubclass(cls, STRATEGIES[name]) and issubclass(cls, BudgetAware)
+        assert "scheme" in strategy_options(cls)
+    strategy = build_strategy("fedadam", compressed=True, budget_aware=True, scheme="fp16", eta=0.3)
+    assert isinstance(strategy, FedAdam) and strategy.scheme == "fp16" and strategy.eta == 0.3  # type: ignore[attr-defined]
+
+
+INT8_FEDADAM = {"strategy": "fedadam", "compression": "int8", "budget-aware": True,
+                "min-sites": 1, "fraction-evaluate": 0.0}  # fmt: skip
+
+
+def int8_replies(
+    sent: dict[int, Message], global_w: dict[str, np.ndarray], server_round: int,
+    spent: int | None, *, decoded: bool = False,
+) -> list[Message]:  # fmt: skip
+    """Each node's int8-encoded update (or, `decoded`, the full weights the server decodes it
+    into); `spent` reports its budget exhausted."""
+    replies = []
+    for i, node in enumerate(sorted(sent)):
+        delta = weights(100 * server_round + i, 0.01)
+        encoded = ErrorFeedback().encode(delta, scheme="int8")
+        full = {k: (global_w[k] + d).astype(np.float32) for k, d in decode_delta(encoded).items()}
+        metrics = ok(10 * (i + 1), epsilon=1.0 + i, delta=1e-5, payload_bytes=encoded.nbytes,
+                     budget_exhausted=node == spent)  # fmt: skip
+        arrays = as_record(full if decoded else encoded.to_arrays())
+        replies.append(reply(sent[node], arrays, metrics))
+    return replies
+
+
+def train_round(
+    strategy: CountedFedAvg, grid: InMemoryGrid, server_round: int,
+    global_w: dict[str, np.ndarray], spent: int | None, *, decoded: bool = False,
+) -> tuple[dict[str, np.ndarray], set[int]]:  # fmt: skip
+    """One training round on real Messages: (new global weights, the nodes sampled)."""
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(server_round, as_record(global_w), ConfigRecord(), grid)
+    }
+    replies = int8_replies(sent, global_w, server_round, spent, decoded=decoded)
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert arrays is not None
+    return {k: v.numpy() for k, v in arrays.items()}, set(sent)
+
+
+def test_budget_aware_fedadam_over_int8_updates(make_grid: GridFactory) -> None:
+    """The run config asks for it by name; FedAdam's update over the decoded int8 average is
+    exactly plain FedAdam's over the same full weights; the spent site is excluded after."""
+    run = RunConfig.from_run_config(INT8_FEDADAM)
+    strategy = run_strategy(run)
+    assert isinstance(strategy, FedAdam)
+    assert isinstance(strategy, Compressed) and isinstance(strategy, BudgetAware)
+    options = {k: v for k, v in run.strategy_kwargs().items() if k != "scheme"}
+    plain = build_strategy("fedadam", **options)
+    grid, nodes = make_grid(3)
+    spent = nodes[0]
+    sent = configure(strategy, grid)
+    assert all(m.content[CONFIG_KEY][COMPRESSION] == "int8" for m in sent.values())
+
+    global_w = weights(0)
+    new_w, sampled = train_round(strategy, grid, 1, global_w, spent)
+    expected, _ = train_round(plain, grid, 1, global_w, spent, decoded=True)
+    assert sampled == set(nodes)
+    for k in SHAPES:
+        np.testing.assert_allclose(new_w[k], expected[k], rtol=1e-6, atol=1e-7)
+    assert strategy.m_t is not None and strategy.v_t is not None  # type: ignore[attr-defined]
+    report = strategy.round_replies[1]
+    assert report.excluded == {spent} and strategy.excluded_node_ids == {spent}  # type: ignore[attr-defined]
+    sites = {s.node_id: s for s in site_rounds(report)}  # the metrics the strategy parsed
+    assert sites[spent].budget_exhausted and sites[spent].epsilon == 1 + sorted(nodes).index(spent)
+    assert all(s.status == "ok" and s.payload_bytes > 0 for s in sites.values())
+
+    second, sampled = train_round(strategy, grid, 2, new_w, None)
+    assert sampled == set(nodes) - {spent}
+    sent_plain = {  # plain FedAdam samples every site: answer from the same two
+        m.metadata.dst_node_id: m
+        for m in plain.configure_train(2, as_record(new_w), ConfigRecord(), grid)
+        if m.metadata.dst_node_id != spent
+    }
+    plain_arrays, _ = plain.aggregate_train(
+        2, int8_replies(sent_plain, new_w, 2, None, decoded=True)
+    )
+    assert plain_arrays is not None
+    for k in SHAPES:
+        np.testing.assert_allclose(second[k], plain_arrays[k].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_strategy_continues_exactly_from_its_checkpointed_state(
+    tmp_path: Path, make_grid: GridFactory
+) -> None:
+    """FedAdam's moments and the exclusions go through state_dict, a checkpoint file and
+    load_state_dict; the resumed strategy's next round is the uninterrupted one's."""
+    run = RunConfig.from_run_config({**INT8_FEDADAM, "out-dir": str(tmp_path)})
+    grid, nodes = make_grid(3)
+    spent = nodes[1]
+    first = run_strategy(run)
+    after_1, _ = train_round(first, grid, 1, weights(0), spent)
+    save_checkpoint(tmp_path, server_round=1, arrays=after_1, strategy=first,
+                    strategy_name=run.strategy, model_name=run.model)  # fmt: skip
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint is not None and set(checkpoint.strategy_arrays) == {"m_t", "v_t"}
+
+    resumed = run_strategy(run)
+    restore_strategy_state(resumed, checkpoint)
+    saved, restored = first.state_dict(), resumed.state_dict()
+    assert restored.values == saved.values == {"excluded_node_ids": [spent]}
+    for entry in ("m_t", "v_t"):
+        for k, v in saved.arrays[entry].items():
+            np.testing.assert_array_equal(restored.arrays[entry][k], v)
+
+    uninterrupted, sampled = train_round(first, grid, 2, after_1, None)
+    continued, resampled = train_round(resumed, grid, 2, checkpoint.arrays, None)
+    assert sampled == resampled == set(nodes) - {spent}
+    for k in SHAPES:
+        np.testing.assert_array_equal(continued[k], uninterrupted[k])
+
+    plain = build_strategy("fedadam")  # no budget-aware sampling: the exclusions are not its own
+    with pytest.raises(ArtifactError, match="excluded_node_ids does not belong") as exc:
+        restore_strategy_state(plain, checkpoint)
+    assert "\n" not in str(exc.value)
+
+
+# --- evaluation replies: the same validator ---------------------------------------------------
+
+
+def test_evaluation_replies_are_checked_once_and_kept_for_the_report(
+    make_grid: GridFactory,
+) -> None:
+    grid, nodes = make_grid(5)
+    strategy = CountedFedAvg(min_evaluate_nodes=5, min_available_nodes=5)
+    messages = strategy.configure_evaluate(1, as_record(weights(0)), ConfigRecord(), grid)
+    sent = {m.metadata.dst_node_id: m for m in messages}
+    small, large, refusing, malformed, broken = nodes
+    answers = {small: EvaluateReplyMetrics(num_examples=2, eval_loss=1.0),
+               large: EvaluateReplyMetrics(num_examples=6, eval_loss=3.0),
+               refusing: EvaluateReplyMetrics(num_examples=0, refused=True)}  # fmt: skip
+    replies = [
+        Message(RecordDict({METRICS_KEY: MetricRecord(m.to_metrics())}), reply_to=sent[n])
+        for n, m in answers.items()
+    ]
+    leaky = MetricRecord({"num-examples": 3, EVAL_LOSS: 9.0, "subject-ids": 1.0})
+    replies.append(Message(RecordDict({METRICS_KEY: leaky}), reply_to=sent[malformed]))
+    replies.append(error_reply(sent[broken], "no held-out subjects"))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and metrics[EVAL_LOSS] == pytest.approx(2.5)  # (2*1 + 6*3) / 8
+    report = strategy.round_replies[1]
+    assert set(report.evaluated) == {small, large}
+    assert set(report.eval_failed) == {malformed, broken}
+    assert "subject-ids" in report.eval_failed[malformed]
+    sites: list = []
+    assert add_eval_losses(sites, report) == pytest.approx(2.5)
+    assert {s.node_id: s.eval_loss for s in sites} == {small: 1.0, large: 3.0}
+    assert [s.node_id for s in sites] == sorted([small, large])  # in node order

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from biofp_core.supervise import run_supervised
+from biofp_cli.supervise import pause, run_supervised
 
 # prints two lines, leaves a grandchild holding the output pipe, exits 3
 LEAVES_A_HELPER = """
@@ -42,3 +42,21 @@ def test_sigterm_is_forwarded_and_reported_as_a_stop() -> None:
     assert time.monotonic() - started < 20
     assert ended.stopped and ended.returncode == -signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # our handler is gone again
+
+
+def test_a_pause_between_runs_ends_at_a_stop_signal() -> None:
+    """`biofp client start` waits between two tries of the SuperNode; as PID 1 of a container a
+    SIGTERM without a handler would be ignored, so the pause returns on it."""
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert pause(0.05) is False  # no signal: the whole pause
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    timer.start()
+    try:
+        assert pause(60) is True
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 30  # not the whole minute
+    assert signal.getsignal(signal.SIGTERM) is before

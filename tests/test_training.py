@@ -94,12 +94,10 @@ def test_fedprox_pulls_toward_reference(bidmc: list[SubjectWindows]) -> None:
     assert distance(50.0) < 0.5 * distance(None)
 
 
-def test_epochs_sgd_and_clipping(bidmc: list[SubjectWindows]) -> None:
-    cfg = TrainConfig(
-        epochs=2, batch_subjects=4, bag_size=2, optimizer="sgd", momentum=0.9, max_grad_norm=0.5
-    )
+def test_one_epoch_by_default_with_sgd(bidmc: list[SubjectWindows]) -> None:
+    cfg = TrainConfig(batch_subjects=4, bag_size=2, optimizer="sgd")
     result = train_local(small_model(), bidmc[:5], cfg, progress=True)
-    assert result.steps == 4 and result.examples == 10  # ceil(5 / 4) = 2 steps per epoch
+    assert result.steps == 2 and result.examples == 5  # ceil(5 / 4) = 2 steps per epoch
 
 
 def test_subjects_without_bags_are_skipped(bidmc: list[SubjectWindows]) -> None:
@@ -114,8 +112,8 @@ def test_subjects_without_bags_are_skipped(bidmc: list[SubjectWindows]) -> None:
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ValidationError, match="steps or epochs"):
-        TrainConfig(steps=2, epochs=1)
+    with pytest.raises(ValidationError, match="extra"):
+        TrainConfig(epochs=1)  # no longer a setting
     with pytest.raises(ValidationError):
         TrainConfig(optimizer="lamb")
     assert TrainConfig().total_steps(33) == 3  # one epoch of 16-subject batches

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from biofp_core.artifacts import ModelCard, load_model
 from biofp_core.fingerprints.compute import window_fingerprints
+from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.pseudonyms import SiteKey
 from biofp_core.fingerprints.release import (
     RELEASE_MESSAGE,
@@ -14,6 +15,7 @@ from biofp_core.fingerprints.release import (
     commit_release,
     prepare_release,
 )
+from biofp_core.fingerprints.table import FingerprintTable
 from biofp_core.fsutil import check_output_file
 from biofp_core.models.base import BioFPModel
 from biofp_core.site import SiteConfig
@@ -48,12 +50,34 @@ def release_store(
     PrivacyBudgetError
         When the release's noise would exceed the site's budget (nothing is written).
     """
+    windows = window_fingerprints(store, model, modality=modality, on_batch=on_batch)
+    return release_windows(
+        windows, card, site=site, out=out, modality=modality, run_id=run_id,
+        server_round=server_round, message_type=message_type, seed=seed, new_key=new_key,
+    )  # fmt: skip
+
+
+def release_windows(
+    windows: FingerprintTable,
+    card: ModelCard,
+    *,
+    site: SiteConfig,
+    out: Path | None,
+    policy: ReleasePolicy | None = None,
+    modality: str = "paired",
+    run_id: str | None = None,
+    server_round: int = 0,
+    message_type: str = RELEASE_MESSAGE,
+    seed: int | None = None,
+    new_key: bool = False,
+) -> tuple[ReleaseReport, bytes]:
+    """Release a site's window fingerprints (embedded from `modality`) under `policy` (default:
+    the site's own ``[release]`` policy); the rest as in :func:`release_store`."""
     state_dir = site.resolved_state_dir()
     key = SiteKey.load_or_create(state_dir, allow_new=new_key)
-    windows = window_fingerprints(store, model, modality=modality, on_batch=on_batch)
     prepared = prepare_release(
-        windows, card=card, policy=site.release, key=key, modality=modality,
-        default_delta=site.privacy.delta, seed=seed,
+        windows, card=card, policy=site.release if policy is None else policy, key=key,
+        modality=modality, default_delta=site.privacy.delta, seed=seed,
     )  # fmt: skip
     return commit_release(
         prepared, state_dir=state_dir, budget=site.privacy, out=out, run_id=run_id,

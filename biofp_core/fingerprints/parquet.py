@@ -18,9 +18,10 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core import __version__
+from biofp_core.config import parse_versioned
 from biofp_core.errors import DataError
 from biofp_core.fingerprints.policy import ReleasePolicy
 from biofp_core.fingerprints.table import FingerprintTable
@@ -108,18 +109,10 @@ def _read_meta(path: Path, arrow: pa.Table) -> FingerprintMeta:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DataError(f"{path}: fingerprint metadata is not valid JSON") from None
-    version = doc.get("format_version") if isinstance(doc, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise DataError(
-            f"{path}: fingerprint format {version} is newer than this BioFP reads "
-            f"({FORMAT_VERSION}); upgrade biofp"
-        )
-    try:
-        return FingerprintMeta.model_validate(doc)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "metadata"
-        raise DataError(f"{path}: invalid fingerprint metadata ({where}: {err['msg']})") from None
+    return parse_versioned(
+        FingerprintMeta, doc, newest=FORMAT_VERSION, path=path, what="fingerprint metadata",
+        error=DataError,
+    )  # fmt: skip
 
 
 def _column(path: Path, arrow: pa.Table, name: str, kind: pa.DataType) -> np.ndarray:

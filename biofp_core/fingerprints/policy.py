@@ -107,11 +107,6 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float 
     return hi  # the upper end always satisfies δ(σ) <= δ
 
 
-def classic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
-    """σ = Δ·√(2 ln(1.25/δ))/ε (Dwork & Roth, Theorem A.1), valid for ε <= 1; for comparison."""
-    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
-
-
 def calibrate_noise(
     policy: ReleasePolicy, *, vectors_per_subject: int, default_delta: float
 ) -> NoiseCalibration | None:

@@ -14,12 +14,12 @@ import hashlib
 import hmac
 import os
 import secrets
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal
 
 from biofp_core.errors import ConfigError
+from biofp_core.fsutil import write_all_synced, write_temp
 
 KEY_FILENAME = "pseudonym.key"
 KEY_BYTES = 32
@@ -119,12 +119,9 @@ def _released_before(state_dir: Path) -> bool:
 def _create_key_file(path: Path) -> None:
     """Write a fresh key with mode 0600; if another process won the race, keep its key."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mode 0600
+    tmp: Path | None = None
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secrets.token_hex(KEY_BYTES) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = write_temp(path, (secrets.token_hex(KEY_BYTES) + "\n").encode("ascii"))  # 0600
         try:
             os.link(tmp, path)  # atomic and never overwrites: a key, once used, is kept
         except FileExistsError:
@@ -135,13 +132,14 @@ def _create_key_file(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot create the pseudonym key: {exc.strerror}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _write_exclusive(path: Path, data: bytes) -> None:
     """Create `path` (mode 0600) with `data`; FileExistsError if it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        write_all_synced(fd, data)
+    finally:
+        os.close(fd)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ConfigError, first_error
 from biofp_core.models.base import BioFPModel, ModelConfig, SubjectWindows
 
 # name -> (module, model class, config class); modules are imported on first use
@@ -36,9 +36,7 @@ def build_model(name: str, config: dict[str, Any] | ModelConfig | None = None) -
         try:
             config = config_cls.model_validate(config)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or "config"
-            raise ConfigError(f"{name} config: {where}: {first['msg']}") from None
+            raise ConfigError(f"{name} config: {first_error(e)}") from None
     elif not isinstance(config, config_cls):
         raise ConfigError(f"{name} needs a {config_cls.__name__}, got {type(config).__name__}")
     return model_cls(config)

@@ -1,4 +1,5 @@
-"""Opacus-friendly building blocks shared by the BioFP models.
+"""Opacus-friendly building blocks of M2AE's transformer (SiamQuality, a ConvNet, does not use
+them: it is built from torch's Conv1d, GroupNorm and Linear, which Opacus supports as they are).
 
 Every trainable parameter lives in an ``nn.Linear`` (as ``Dense``) or an ``nn.Embedding``: layers
 Opacus has exact per-sample gradient rules for. LayerNorms have no affine parameters (the Linear

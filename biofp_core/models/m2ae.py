@@ -54,10 +54,10 @@ MODALITIES = ("ecg", "ppg")
 class M2AEConfig(ModelConfig):
     """Architecture and objective of M2AE. Defaults: 1.37 M parameters, 10 tokens per modality.
 
-    Patching is chosen for speed: with 1 s patches a paired window is 2 x 10 tokens and
-    the fingerprint path (2 + 2 modality blocks, 2 fusion blocks) runs at ~3,000 paired and ~6,000
-    single-modality windows/s on 2 cores; 0.4 s patches (25 tokens) ran at ~1,500 paired/s even
-    with a single fusion block.
+    Patching is chosen for speed: attention cost grows with tokens, and with 1 s patches a paired
+    window is 2 x 10 tokens. The fingerprint path (2 + 2 modality blocks, 2 fusion blocks, rhythm
+    token included) runs at about 2,400 paired and 4,800 PPG-only windows/s on 2 cores
+    (README, "Figures": ``bench/encoders.py``).
     """
 
     patch_samples: int = Field(125, ge=1)  # samples per patch (1 s at 125 Hz) -> T = 10 tokens

@@ -13,9 +13,7 @@ __all__ = [
     "HistoryEntry",
     "PrivacyReport",
     "PrivateTraining",
-    "epsilon_for",
-    "epsilon_if",
-    "extend_history",
+    "poisson_rate",
 ]
 
 

@@ -20,7 +20,18 @@ import warnings
 
 import numpy as np
 
+from biofp_core.errors import DataError
+
 History = list[tuple[float, float, int]]  # Opacus' accountant history: (σ, q, steps)
+
+
+def poisson_rate(batch_subjects: float, subjects: int) -> float:
+    """q: the Poisson rate at which each of `subjects` is sampled per step, for `batch_subjects`
+    expected subjects per step (capped at 1). The one place q is computed: a site's round plan
+    charges it and passes it to the DP-SGD engine, the planner plans with it."""
+    if subjects <= 0:
+        raise DataError("no subject has data this model can train on")
+    return min(1.0, batch_subjects / subjects)
 
 
 def compact_history(history: History) -> History:

@@ -7,25 +7,29 @@ with rate q = batch_subjects / n_subjects; the RDP accountant's history
 ``[(noise_multiplier, sample_rate, steps), ...]`` is the privacy ledger and can be continued across
 rounds and runs.
 
-How the DP overhead was brought to <= 1.5x (bench/encoders.py, default M2AE, 16 subjects x 16
-windows, 2 cores; naive Opacus on a transformer costs 2.6-8x):
+How the DP step stays within 1.5x of the plain step (README; bench/encoders.py, default M2AE,
+2 cores; naive Opacus on a transformer costs 2.6-8x):
 - ``grad_sample_mode="hooks"`` (default). Opacus' Linear rule gets each subject's weight gradient
   with one batched matmul over all of that subject's tokens; LayerNorms carry no affine parameters
   (the following Linear absorbs them), so nothing else needs per-sample work.
 - ``Dense`` layers (``biofp_core.models.layers``) skip the batch weight gradient autograd would also
   compute: DPOptimizer overwrites ``.grad`` with the clipped, noised sum of per-sample gradients, so
-  that matmul is pure waste. The per-sample matmul then replaces the batch one instead of being
-  added to it; what is left is clipping, noise, hook bookkeeping and small batched matmuls.
-- ``"ghost"`` (Opacus fast gradient clipping) is supported but slower here: it needs a second
-  backward pass, and its Linear norm rule costs O(tokens^2) per subject, large for a bag of K
-  windows of T tokens (M2AE: up to K * 2T = 320 tokens per layer). ``"functorch"`` is kept for
-  models with layers Opacus has no rule for.
+  that matmul is pure waste. :class:`PrivateTraining` gives ``Dense`` Opacus' Linear rules
+  (:func:`register_dense_rules`) and switches the batch weight gradient off while it is attached
+  (``close()`` switches it back on). The per-sample matmul then replaces the batch one instead of
+  being added to it; what is left is clipping, noise, hook bookkeeping and small batched matmuls.
+- ``"ghost"`` (Opacus fast gradient clipping) is supported but slower here (1.8-2.9x): it needs a
+  second backward pass, and its Linear norm rule costs O(tokens^2) per subject, large for a bag of
+  K windows of T tokens. ``"functorch"`` is kept for models with layers Opacus has no rule for.
 - Many windows per subject amortise the per-subject costs (they scale with subjects x parameters,
-  compute with subjects x windows x tokens): bags of 16 windows, the TrainConfig default.
+  compute with subjects x windows x tokens): a federated run's bags hold 8 windows by default
+  (run config ``bag-size``); ``TrainConfig`` and the benchmark default to 16.
 Measured (DP step / plain step, medians of interleaved steps in one run, quiet machine,
-``bench/encoders.py --compare batch-wgrad,ghost``): hooks + Dense 1.18-1.21, hooks keeping the
-batch weight gradient 1.29, ghost 2.93. With affine LayerNorms and 8-window bags, stock hooks
-measured 1.4-1.7.
+``bench/encoders.py --compare batch-wgrad,ghost``, 16 subjects x 16 windows): hooks + Dense
+1.18-1.21, hooks keeping the batch weight gradient 1.29, ghost 2.93. With affine LayerNorms and
+8-window bags, stock hooks measured 1.4-1.7.
+The sample rate q is the caller's (:func:`poisson_rate`; a site passes the very q its ledger was
+charged for): the engine never derives its own.
 Poisson batches use Opacus' ``UniformWithReplacementSampler`` with the exact rate (``DPDataLoader``
 derives the rate from ``len(loader)`` and cannot rebuild a dict batch if the first one is empty);
 an empty batch still takes a noise-only step, as the accountant assumes.
@@ -33,6 +37,7 @@ an empty batch still takes a noise-only step, as the accountant assumes.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,13 +58,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from biofp_core.errors import ConfigError, DataError
 from biofp_core.models.layers import Dense
-from biofp_core.privacy.ledger import rdp_epsilon
-
-# Dense is an nn.Linear: Opacus' Linear rules apply as they are (it looks rules up by exact type).
-register_grad_sampler(Dense)(compute_linear_grad_sample)
-register_norm_sampler(Dense)(compute_linear_norm_sample)
+from biofp_core.privacy.accounting import poisson_rate, rdp_epsilon
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+__all__ = ["DPConfig", "HistoryEntry", "PrivacyReport", "PrivateTraining", "poisson_rate"]
 
 
 class DPConfig(BaseModel):
@@ -78,49 +81,16 @@ class DPConfig(BaseModel):
     )
 
 
-# ---- ledger helpers: pure functions of an accountant history -----------------------------------
-
-
 def _as_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
     return [(float(s), float(q), int(n)) for s, q, n in history]
 
 
-def extend_history(
-    history: Sequence[Sequence[float]], *, steps: int, noise_multiplier: float, sample_rate: float
-) -> list[HistoryEntry]:
-    """History with `steps` more steps appended (merged into the last entry when it matches)."""
-    out = _as_history(history)
-    if steps <= 0:
-        return out
-    if out and out[-1][:2] == (float(noise_multiplier), float(sample_rate)):
-        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(steps))
-    else:
-        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
-    return out
-
-
-def epsilon_for(history: Sequence[Sequence[float]], *, delta: float) -> float:
-    """ε at δ of an RDP accountant history; 0 for an empty history, inf without noise.
-
-    One computation of ε for the whole project: the ledger's (`rdp_epsilon`, which evaluates
-    the RDP of each distinct (σ, q) once per process).
-    """
-    return rdp_epsilon(_as_history(history), delta=delta)
-
-
-def epsilon_if(
-    history: Sequence[Sequence[float]],
-    *,
-    extra_steps: int,
-    noise_multiplier: float,
-    sample_rate: float,
-    delta: float,
-) -> float:
-    """ε at δ that `history` would reach after `extra_steps` more steps at (noise, rate)."""
-    more = extend_history(
-        history, steps=extra_steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate
-    )
-    return epsilon_for(more, delta=delta)
+@functools.cache
+def register_dense_rules() -> None:
+    """Give ``Dense`` (an ``nn.Linear``) Opacus' Linear grad-sample and norm rules: Opacus looks
+    rules up by exact type. Idempotent; called whenever a :class:`PrivateTraining` is built."""
+    register_grad_sampler(Dense)(compute_linear_grad_sample)
+    register_norm_sampler(Dense)(compute_linear_norm_sample)
 
 
 @dataclass(frozen=True)
@@ -132,7 +102,7 @@ class PrivacyReport:
     history: list[HistoryEntry]  # accountant history after this run
     steps: int  # DP steps in this run (empty Poisson batches included)
     empty_steps: int  # steps whose Poisson batch held no subject (noise only)
-    sample_rate: float  # q = batch_subjects / n_subjects
+    sample_rate: float  # q: Poisson rate of subjects per step
     noise_multiplier: float
     max_grad_norm: float
 
@@ -179,8 +149,9 @@ class PrivateTraining:
         One item per subject (a bag); ``len(dataset)`` is the number of subjects n.
     dp
         Noise, clip, δ and grad-sample mode.
-    batch_subjects
-        Expected subjects per step; sample rate q = min(1, batch_subjects / n).
+    sample_rate
+        q, the Poisson rate of each subject per step (:func:`poisson_rate`): what the caller
+        charged or will account for; ``q * n`` subjects are expected per step.
     steps
         Number of Poisson batches the loader yields.
     collate_fn
@@ -196,7 +167,7 @@ class PrivateTraining:
         dataset: Dataset,
         *,
         dp: DPConfig,
-        batch_subjects: int,
+        sample_rate: float,
         steps: int,
         collate_fn: Callable[[list], dict[str, Tensor]],
         history: Sequence[Sequence[float]] | None = None,
@@ -204,11 +175,14 @@ class PrivateTraining:
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise DataError("no subject has data this model can train on")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate q={sample_rate!r} is not in (0, 1]")
+        register_dense_rules()
         _check_model(model)
         if dp.noise_multiplier == 0:
             warnings.warn("DP-SGD without noise: clipping only, ε is infinite", stacklevel=2)
         self.dp, self.model = dp, model
-        self.sample_rate = min(1.0, batch_subjects / n)
+        self.sample_rate = float(sample_rate)
         self.steps, self.empty_steps = 0, 0
         rng = _generator(dp.seed)
         self.hooks = prepare_module(
@@ -274,7 +248,7 @@ class PrivateTraining:
     def report(self) -> PrivacyReport:
         history = _as_history(self.accountant.history)
         return PrivacyReport(
-            epsilon=epsilon_for(history, delta=self.dp.delta),
+            epsilon=rdp_epsilon(history, delta=self.dp.delta),
             delta=self.dp.delta,
             history=history,
             steps=self.steps,

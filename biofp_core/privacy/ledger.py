@@ -49,7 +49,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from biofp_core.errors import BioFPError, PrivacyBudgetError
+from biofp_core.errors import BioFPError, PrivacyBudgetError, first_error
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.privacy.accounting import History, compact_history, rdp_epsilon
 from biofp_core.site import PrivacyBudget
@@ -207,11 +207,6 @@ def _as_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Me
     return (float(noise_multiplier), float(sample_rate), int(steps))
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
-
-
 def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | None:
     """`path` parsed as `model`; None when there is no file."""
     try:
@@ -224,7 +219,7 @@ def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | No
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise PrivacyLedgerError(
-            f"{path}: corrupt {what} ({_first_error(exc)}); {RECOVER}"
+            f"{path}: corrupt {what} ({first_error(exc, 'file')}); {RECOVER}"
         ) from None
 
 
@@ -315,14 +310,6 @@ class PrivacyLedger:
         """ε spent by the whole history at `delta` (0.0 for an empty ledger)."""
         _check_delta(delta)
         return rdp_epsilon(self.history, delta=delta)
-
-    def epsilon_if(
-        self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float
-    ) -> float:
-        """ε the whole history would reach at `delta` after one more charge like this one."""
-        mechanism = _as_mechanism(noise_multiplier, sample_rate, steps)
-        _check_delta(delta)
-        return rdp_epsilon([*self.history, mechanism], delta=delta)
 
     def check_budget(self, *, budget: PrivacyBudget, mechanisms: list[Mechanism]) -> float:
         """ε after charging `mechanisms` (σ, q, steps), at the budget's δ; refuse if over budget.

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from biofp_core.errors import BioFPError
-from biofp_core.privacy.accounting import History, rdp_epsilon
+from biofp_core.privacy.accounting import History, poisson_rate, rdp_epsilon
 from biofp_core.site import PrivacyBudget
 
 __all__ = ["PlanError", "PlannedCharge", "PrivacyPlan", "RoundEpsilon", "plan_privacy"]
@@ -192,7 +192,7 @@ def plan_privacy(
         limits.min_noise_multiplier, limits.train_metric_noise, limits.eval_noise
     )  # fmt: skip
     sigma_hi = max(SIGMA_MAX, floor)
-    q = min(1.0, batch / subjects)
+    q = poisson_rate(batch, subjects)
 
     def n_evals(r: int) -> int:
         return r if evaluations is None else min(evaluations, r)

@@ -43,28 +43,13 @@ class _BeatParams:
 
 # ECG: QRS slope (T and P waves are far less steep, either polarity); PPG: the systolic upstroke
 # (steeper than the dicrotic wave). Floors sit above band-limited noise: ~0.3 ECG, ~0.5 PPG.
-_BEATS: dict[Modality, _BeatParams] = {
-    Modality.ECG: _BeatParams(
-        rising_only=False,
-        smooth_s=0.08,
-        refractory_s=0.25,
-        rel_height=0.25,
-        pre_s=0.25,
-        post_s=0.45,
-        align_s=0.025,  # the QRS is sharp: 1-2 samples of fiducial jitter cost correlation
-        corr_floor=0.4,
-    ),
-    Modality.PPG: _BeatParams(
-        rising_only=True,
-        smooth_s=0.08,
-        refractory_s=0.3,
-        rel_height=0.15,
-        pre_s=0.2,
-        post_s=0.5,
-        align_s=0.0,  # the pulse is smooth: alignment gains little
-        corr_floor=0.6,
-    ),
-}
+# align_s: the QRS is sharp (1-2 samples of fiducial jitter cost correlation); the pulse is smooth
+# (alignment gains little).
+_BEATS: dict[Modality, _BeatParams] = {  # columns in field order (seconds, ratios)
+    #                         rising_only smooth refractory rel_height pre   post  align  corr_floor
+    Modality.ECG: _BeatParams(False,      0.08,  0.25,      0.25,      0.25, 0.45, 0.025, 0.4),
+    Modality.PPG: _BeatParams(True,       0.08,  0.3,       0.15,      0.2,  0.5,  0.0,   0.6),
+}  # fmt: skip
 
 
 def _as_windows(x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 import numpy as np
 
@@ -18,6 +19,9 @@ class Modality(StrEnum):
 
 
 MODALITIES: tuple[Modality, ...] = (Modality.ECG, Modality.PPG)
+
+SiteModality = Literal["both", "ecg", "ppg"]
+"""The sensors a site records: both signals, or only ECG or only PPG (a config value)."""
 
 
 @dataclass(frozen=True)

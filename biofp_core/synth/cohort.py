@@ -43,7 +43,7 @@ import numpy as np
 import wfdb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from biofp_core.errors import ConfigError, DataError
+from biofp_core.errors import ConfigError, DataError, first_error
 from biofp_core.synth.physiology import (
     ArtefactProfile,
     Breathing,
@@ -82,26 +82,15 @@ class SiteProfile:
         return f"site_{self.site:02d}"
 
 
-_ICU = ArtefactProfile(
-    ecg_noise_mv=0.015, ppg_noise_nu=0.004, resp_noise_nu=0.02, ecg_wander_mv=0.08,
-    ppg_wander_nu=0.05, motion_per_h=8.0, motion_s=(2.0, 8.0), dropout_per_h=4.0,
-    dropout_s=(1.0, 6.0), dropout_kind="flat", mains_hz=60.0, mains_mv=0.02,
-)  # fmt: skip
-_WARD = ArtefactProfile(
-    ecg_noise_mv=0.035, ppg_noise_nu=0.012, resp_noise_nu=0.05, ecg_wander_mv=0.2,
-    ppg_wander_nu=0.12, motion_per_h=30.0, motion_s=(1.0, 6.0), dropout_per_h=10.0,
-    dropout_s=(0.5, 4.0), dropout_kind="nan", mains_hz=50.0, mains_mv=0.05,
-)  # fmt: skip
-_LAB = ArtefactProfile(
-    ecg_noise_mv=0.008, ppg_noise_nu=0.002, resp_noise_nu=0.01, ecg_wander_mv=0.04,
-    ppg_wander_nu=0.02, motion_per_h=2.0, motion_s=(2.0, 5.0), dropout_per_h=1.0,
-    dropout_s=(1.0, 3.0), dropout_kind="nan", mains_hz=0.0, mains_mv=0.0,
-)  # fmt: skip
-_AMBULATORY = ArtefactProfile(
-    ecg_noise_mv=0.025, ppg_noise_nu=0.008, resp_noise_nu=0.03, ecg_wander_mv=0.3,
-    ppg_wander_nu=0.2, motion_per_h=60.0, motion_s=(0.5, 4.0), dropout_per_h=6.0,
-    dropout_s=(0.5, 3.0), dropout_kind="flat", mains_hz=50.0, mains_mv=0.01,
-)  # fmt: skip
+# One row per recording setting, columns in ArtefactProfile's field order: white noise (ECG mV,
+# PPG NU, resp NU), baseline wander (ECG mV, PPG NU), motion bursts per hour and their duration
+# range (s), dropouts per hour, their duration range (s) and kind, mains interference (Hz, mV).
+_ICU, _WARD, _LAB, _AMBULATORY = (ArtefactProfile(*row) for row in (
+    (0.015, 0.004, 0.02, 0.08, 0.05, 8.0, (2.0, 8.0), 4.0, (1.0, 6.0), "flat", 60.0, 0.02),
+    (0.035, 0.012, 0.05, 0.2, 0.12, 30.0, (1.0, 6.0), 10.0, (0.5, 4.0), "nan", 50.0, 0.05),
+    (0.008, 0.002, 0.01, 0.04, 0.02, 2.0, (2.0, 5.0), 1.0, (1.0, 3.0), "nan", 0.0, 0.0),
+    (0.025, 0.008, 0.03, 0.3, 0.2, 60.0, (0.5, 4.0), 6.0, (0.5, 3.0), "flat", 50.0, 0.01),
+))  # fmt: skip
 _SITE_TEMPLATES: tuple[dict, ...] = (
     dict(channels=(("RESP", "resp"), ("PLETH", "ppg"), ("II", "ecg")), artefacts=_ICU,
          adc_gain={"ecg": 1000.0, "ppg": 8000.0, "resp": 4000.0}, adc_baseline=0,
@@ -408,8 +397,7 @@ def _validate(**kwargs: float) -> CohortSpec:
     try:
         return CohortSpec(**kwargs)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"synthetic cohort: {err['loc'][0]}: {err['msg']}") from None
+        raise ConfigError(f"synthetic cohort: {first_error(exc)}") from None
 
 
 def _write_site(

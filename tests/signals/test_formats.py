@@ -16,7 +16,7 @@ from conftest import shared_data_dir
 from fpkit import run_cli
 from typer.testing import CliRunner
 
-from biofp_core.cli import app
+from biofp_cli.cli import app
 from biofp_core.errors import DataError
 from biofp_core.signals.formats import ReaderConfig, TextSegConfig, open_source
 from biofp_core.site import load_site_config

@@ -1,105 +1,46 @@
-"""The one naming convention for what travels between server and sites.
+"""What may leave a site: the table of every reply key and the typed reply metrics.
 
-Every key put into or read from a Flower ``RecordDict``, ``ConfigRecord`` or ``MetricRecord`` is
-defined here and nowhere else. Keys are lower-case and hyphenated, like the keys Flower itself
-injects (``"num-examples"``, ``"server-round"``, ``"proximal-mu"``), so one convention holds for
-every key, ours and Flower's. This module does not import ``flwr``: it is plain data, and the
-client builds its reply metrics with :class:`TrainReplyMetrics` (training),
-:class:`FingerprintReplyMetrics` and :class:`ProbeReplyMetrics` (query messages);
-:func:`is_allowed_reply_key` is the allow-list of every reply type.
+The client builds its reply metrics with :class:`TrainReplyMetrics` (training),
+:class:`EvaluateReplyMetrics` (evaluation), :class:`FingerprintReplyMetrics` and
+:class:`ProbeReplyMetrics` (query messages);
+:func:`is_allowed_reply_key` is the allow-list of every reply type. The server parses the same
+models. No ``flwr`` import.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# --- Records inside a Message's RecordDict (Flower's strategy defaults) ---------------------
-ARRAYS_KEY = "arrays"  # ArrayRecord: global weights (server -> site) or update (site -> server)
-CONFIG_KEY = "config"  # ConfigRecord: instructions for this round (server -> site)
-METRICS_KEY = "metrics"  # MetricRecord: scalar results (site -> server)
-
-# --- Config keys sent by the server (ConfigRecord under CONFIG_KEY) -------------------------
-SERVER_ROUND = "server-round"  # int, from 1; injected by Flower's FedAvg.configure_train
-PROXIMAL_MU = "proximal-mu"  # float; injected by Flower's FedProx.configure_train
-LOCAL_STEPS = "local-steps"  # int, optimiser steps per round at the site
-LR = "lr"  # float, local learning rate
-COMPRESSION = "compression"  # str, one of compression.SCHEMES: how to encode the update
-RUN_KEY = "biofp-run"  # str: the run directory's id (run.json), the same after a restart;
-#   sites key ledger charges, cached replies and audit entries by it, not by Flower's run id
-RUN_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a run key is also a file-name part
-
-# --- Array-record layout of a compressed update (see biofp_core.compression) ----------------
-PACKED_KEY = "::packed"  # every encoded tensor, flattened in sorted name order, one array
-SCALES_KEY = "::scales"  # int8: float32 (n_tensors,), the scales in sorted tensor-name order
-
-# --- Metric keys of a training reply (MetricRecord under METRICS_KEY) ------------------------
-NUM_EXAMPLES = "num-examples"  # int: subject bags trained on; Flower's default weighting key
-TRAIN_LOSS = "train-loss"  # float: mean local training loss of the round
-LOSS_TERM_PREFIX = "loss-"  # f"{LOSS_TERM_PREFIX}{term}": mean of one named loss term
-EPSILON = "epsilon"  # float: total ε spent by the site (inf when it trains without DP)
-DELTA = "delta"  # float: the site's δ (0 when it trains without DP)
-PAYLOAD_BYTES = "payload-bytes"  # int: bytes of the numeric payload of the update
-BUDGET_EXHAUSTED = "budget-exhausted"  # 0/1: the site cannot afford another round
-REFUSED = "refused"  # 0/1: the site refused this round (no arrays, weight 0)
-# the site's training set in counts (for the model card's data summary); contributing replies only
-DATA_SUBJECTS = "data-subjects"  # int: training subjects of the site (held-out ones excluded)
-DATA_WINDOWS = "data-windows"  # int: windows of those subjects
-DATA_HOURS = "data-hours"  # float: hours of signal in those windows (windows x window length)
-DATA_KEYS = (DATA_SUBJECTS, DATA_WINDOWS, DATA_HOURS)
-
-
-# --- Metric keys of an evaluation reply (MetricRecord under METRICS_KEY) ---------------------
-EVAL_LOSS = "eval-loss"  # float: mean loss on the site's held-out subjects
-
-
-# --- Query messages: Flower message type "query.<action>", sent after the last round ----------
-QUERY_FINGERPRINT_ACTION = "fingerprint"  # @app.query action: release the site's fingerprints
-QUERY_PROBE_ACTION = "probe"  # @app.query action: probe one task on the site's own fingerprints
-QUERY_FINGERPRINT = f"query.{QUERY_FINGERPRINT_ACTION}"  # message type
-QUERY_PROBE = f"query.{QUERY_PROBE_ACTION}"  # message type
-PROBE_TASK = "probe-task"  # str (ConfigRecord of a probe query): the label column to probe
-FINGERPRINTS_ARRAY = "fingerprints-parquet"  # the reply's one Array: the Parquet file, uint8 (N,)
-
-# --- Metric keys of a fingerprint reply (MetricRecord under METRICS_KEY) ---------------------
-RELEASED_ROWS = "released-rows"  # int: rows of the released file (0 when refused)
-#   with PAYLOAD_BYTES (bytes of the file), EPSILON and DELTA (the site's ε after the release,
-#   at its δ) and REFUSED
-
-
-# --- Metric keys of a probe reply: the scalars of one evaluation.SiteProbe --------------------
-PROBE_KIND = "probe-kind"  # int: index of the task's kind in PROBE_KINDS
-PROBE_VALUE = "probe-value"  # float: noisy AUROC (macro for classes), or MAE / mean predictor's
-PROBE_BASELINE = "probe-baseline"  # float: the public constant 0.5 (AUROC) or 1 (relative MAE)
-PROBE_ROWS = "probe-rows"  # int: the site's record rows, labelled or not (aggregation weight)
-PROBE_SUBJECTS = "probe-subjects"  # int: subjects behind those rows
-PROBE_KINDS = ("binary", "multiclass", "regression")  # evaluation.labels.TASK_KINDS, in order
-
-
-# --- Metric keys the server adds to each round's aggregated train MetricRecord ---------------
-NODES_SAMPLED = "nodes-sampled"  # sites sent a training instruction
-REPLIES_OK = "replies-ok"  # sites whose update went into the aggregate
-REPLIES_FAILED = "replies-failed"  # error replies (ClientApp raised) and invalid replies
-REPLIES_REFUSED = "replies-refused"  # sites that refused the round
-REPLIES_MISSING = "replies-missing"  # sampled sites that did not answer before the timeout
-NODES_EXCLUDED = "nodes-excluded"  # sites no longer sampled (budget-aware strategies)
-BYTES_RECEIVED = "bytes-received"  # array bytes of all training replies of the round
-
-MetricValue = int | float | list[int] | list[float]  # what a MetricRecord holds
-
-_TERM_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-
-
-def loss_term_key(term: str) -> str:
-    """Metric key of one named loss term, e.g. ``"loss-recon_ecg"``."""
-    if not _TERM_PATTERN.match(term):
-        raise ValueError(f"loss term name {term!r} must match {_TERM_PATTERN.pattern}")
-    return f"{LOSS_TERM_PREFIX}{term}"
-
+from biofp_core.protocol.keys import (
+    BUDGET_EXHAUSTED,
+    DATA_HOURS,
+    DATA_SUBJECTS,
+    DATA_WINDOWS,
+    DELTA,
+    EPSILON,
+    EVAL_LOSS,
+    LOSS_TERM_PREFIX,
+    NUM_EXAMPLES,
+    PAYLOAD_BYTES,
+    PROBE_BASELINE,
+    PROBE_KIND,
+    PROBE_KINDS,
+    PROBE_ROWS,
+    PROBE_SUBJECTS,
+    PROBE_VALUE,
+    QUERY_FINGERPRINT,
+    QUERY_PROBE,
+    REFUSED,
+    RELEASED_ROWS,
+    TERM_PATTERN,
+    TRAIN_LOSS,
+    MetricValue,
+    loss_term_key,
+)
 
 # --- What may leave a site: every reply key, where its value comes from, what pays for it ------
 # The one table of docs/privacy.md (a test holds the two equal). A key whose `charged` kind is set
@@ -175,7 +116,7 @@ def reply_key(message_type: str, key: str) -> ReplyKey | None:
     if key in table and key != ARRAYS_ENTRY:
         return table[key]
     term = key.removeprefix(LOSS_TERM_PREFIX)
-    if LOSS_TERMS_ENTRY in table and term != key and _TERM_PATTERN.match(term):
+    if LOSS_TERMS_ENTRY in table and term != key and TERM_PATTERN.match(term):
         return table[LOSS_TERMS_ENTRY]
     return None
 
@@ -311,6 +252,42 @@ _FIELD_OF_KEY: dict[str, str] = {
     DATA_WINDOWS: "data_windows",
     DATA_HOURS: "data_hours",
 }
+
+
+class EvaluateReplyMetrics(BaseModel):
+    """The scalars of one site's evaluation reply: its noisy held-out loss, or a refusal."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_examples: int = Field(..., ge=0, description="held-out subjects; the averaging weight")
+    eval_loss: float | None = Field(None, description="noisy held-out loss; None if refused")
+    refused: bool = Field(False, description="the site refused to evaluate")
+
+    @model_validator(mode="after")
+    def _answer_or_refusal(self) -> EvaluateReplyMetrics:
+        if self.refused:
+            if self.num_examples != 0 or self.eval_loss is not None:
+                raise ValueError("a refused evaluation reply carries no examples and no loss")
+        elif self.num_examples == 0 or self.eval_loss is None:
+            raise ValueError("an evaluation reply needs num_examples > 0 and an eval_loss")
+        elif not math.isfinite(self.eval_loss):
+            raise ValueError(f"eval_loss must be finite, got {self.eval_loss}")
+        return self
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """Flat metric dict with protocol keys, ready for ``MetricRecord(...)``."""
+        if self.refused:
+            return {NUM_EXAMPLES: 0, REFUSED: 1}
+        return {NUM_EXAMPLES: self.num_examples, EVAL_LOSS: float(self.eval_loss or 0.0)}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, MetricValue]) -> EvaluateReplyMetrics:
+        """Parse and validate a reply's metrics; raises ValueError on any unknown key."""
+        unknown = sorted(k for k in metrics if not is_allowed_reply_key("evaluate", k))
+        if unknown:
+            raise ValueError(f"unknown metric key(s) in reply: {', '.join(unknown)}")
+        keys = {NUM_EXAMPLES: "num_examples", EVAL_LOSS: "eval_loss", REFUSED: "refused"}
+        return cls.model_validate({f: metrics[k] for k, f in keys.items() if k in metrics})
 
 
 class _QueryReplyMetrics(BaseModel):

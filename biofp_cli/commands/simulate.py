@@ -1,6 +1,6 @@
 """``biofp simulate``: the README's main job, from the command line.
 
-``biofp_core.cli`` forwards ``biofp simulate ...`` here without importing this package's
+``biofp_cli.cli`` forwards ``biofp simulate ...`` here without importing this package's
 dependencies (Flower, Ray) until the command runs, so ``biofp --help`` stays fast. Flags override
 the values of ``--config sim.toml``; unset flags leave them alone.
 """

@@ -16,19 +16,27 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from biofp_core.compression import SCHEMES
 from biofp_core.config import one_of
-from biofp_core.errors import ConfigError
+from biofp_core.errors import ConfigError, first_error
 from biofp_core.models import MODEL_NAMES, build_model, model_classes
 from biofp_core.models.base import BioFPModel
+from biofp_core.protocol.keys import SCHEMES
 from biofp_core.training import TrainConfig
-from strategies.registry import STRATEGIES
+
+if TYPE_CHECKING:
+    from biofp_core.privacy.dp import DPConfig
 
 RunConfigValue = bool | int | float | str  # what a Flower UserConfig value can be
+
+# The strategies a run may name (strategies.registry builds them; a test holds the two equal).
+# "compressed" and "budget-aware" are shorthands for fedavg with compression / budget-aware on.
+STRATEGY_NAMES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "compressed", "budget-aware",
+)  # fmt: skip
 
 
 def _hyphenate(name: str) -> str:
@@ -43,14 +51,19 @@ class RunConfig(BaseModel):
     )
 
     # --- aggregation -------------------------------------------------------------------
-    strategy: str = Field("fedavg", description="a name in strategies.registry.STRATEGIES")
+    strategy: str = Field("fedavg", description="a name in STRATEGY_NAMES")
     strategy_options: str = Field("{}", description="JSON object of extra strategy options")
     num_rounds: int = Field(3, ge=1, description="federated rounds in total (resume included)")
     min_sites: int = Field(2, ge=1, description="sites that must be connected to train a round")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of sites sampled to train")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="0 skips federated evaluation")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term (fedprox only)")
-    compression: str = Field("none", description="update encoding (strategy 'compressed' only)")
+    compression: str = Field(
+        "none", description="sites send deltas encoded so (any strategy; none: full weights)"
+    )
+    budget_aware: bool = Field(
+        False, description="stop sampling sites whose privacy budget is spent (any strategy)"
+    )
     # --- model ---------------------------------------------------------------------------
     model: str = Field("m2ae", description="a name in biofp_core.models.MODEL_NAMES")
     model_options: str = Field("{}", description="JSON object of architecture overrides")
@@ -86,7 +99,7 @@ class RunConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        return one_of("strategy", name, STRATEGIES)
+        return one_of("strategy", name, STRATEGY_NAMES)
 
     @field_validator("model")
     @classmethod
@@ -119,11 +132,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.compression != "none" and self.strategy != "compressed":
-            raise ValueError(
-                f"compression {self.compression!r} needs strategy 'compressed', "
-                f"not {self.strategy!r}"
-            )
         if self.proximal_mu > 0 and self.strategy != "fedprox":
             raise ValueError(f"proximal-mu needs strategy 'fedprox', not {self.strategy!r}")
         self.model_architecture()  # unknown or invalid architecture fields fail at parse time
@@ -141,7 +149,7 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as exc:
-            raise ConfigError(f"run config: {_first_error(exc)}") from None
+            raise ConfigError(f"run config: {first_error(exc, None, _hyphenate)}") from None
 
     def to_run_config(self) -> dict[str, RunConfigValue]:
         """The hyphenated key -> value mapping Flower carries (inverse of from_run_config)."""
@@ -154,7 +162,7 @@ class RunConfig(BaseModel):
         try:
             config_cls.model_validate(options)
         except ValidationError as exc:
-            raise ValueError(f"model-options: {_first_error(exc)}") from None
+            raise ValueError(f"model-options: {first_error(exc, None, _hyphenate)}") from None
         return options
 
     def build_model(self) -> BioFPModel:
@@ -165,8 +173,14 @@ class RunConfig(BaseModel):
             torch.manual_seed(self.seed)
             return build_model(self.model, self.model_architecture())
 
+    @property
+    def compressed(self) -> bool:
+        """Sites send compressed deltas: a ``compression`` other than none, or the shorthand
+        strategy ``compressed`` (with the scheme ``compression`` names)."""
+        return self.compression != "none" or self.strategy == "compressed"
+
     def strategy_kwargs(self) -> dict[str, Any]:
-        """Options for ``strategies.registry.build_strategy(self.strategy, ...)``."""
+        """Constructor options of the run's strategy (``strategies.registry.run_strategy``)."""
         options: dict[str, Any] = {
             "fraction_train": self.fraction_train,
             "fraction_evaluate": self.fraction_evaluate,
@@ -176,7 +190,7 @@ class RunConfig(BaseModel):
         }
         if self.strategy == "fedprox":
             options["proximal_mu"] = self.proximal_mu
-        if self.strategy == "compressed":
+        if self.compressed:
             options["scheme"] = self.compression
         return {**options, **json.loads(self.strategy_options)}
 
@@ -191,6 +205,18 @@ class RunConfig(BaseModel):
             seed=self.seed,
         )
 
+    def dp_config(self, *, delta: float, seed: int | None) -> DPConfig | None:
+        """DP-SGD settings of local training: the run's σ and clip with a site's δ and noise
+        seed (None: OS entropy); None for a run without DP."""
+        if not self.dp:
+            return None
+        from biofp_core.privacy.dp import DPConfig  # Opacus: only where DP-SGD runs
+
+        return DPConfig(
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            delta=delta, seed=seed,
+        )  # fmt: skip
+
     @property
     def probe_task_list(self) -> list[str]:
         """The label columns to probe after the last round, in order (none: no probe query)."""
@@ -200,13 +226,3 @@ class RunConfig(BaseModel):
     def run_dir(self) -> Path:
         """The run directory (relative: to the ServerApp process's working directory)."""
         return Path(self.out_dir).expanduser()
-
-
-def _first_error(exc: ValidationError) -> str:
-    """'key: message' of the first pydantic error, without pydantic's 'Value error, ' prefix."""
-    err = exc.errors()[0]
-    where = ".".join(_hyphenate(str(p)) for p in err["loc"])
-    message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{where}: {message}" if where else message

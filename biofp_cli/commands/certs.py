@@ -25,7 +25,7 @@ def init(
     from biofp_core.fsutil import check_output_dir
 
     check_output_dir(out, what="certificate folder")
-    from biofp_core.certs import init_certificates
+    from biofp_cli.certs import init_certificates
 
     files = init_certificates(
         out, server_name=server_name, ca_days=ca_days, server_days=days, force=force
@@ -45,7 +45,7 @@ def server(
     from biofp_core.fsutil import check_output_dir
 
     check_output_dir(out, what="certificate folder")
-    from biofp_core.certs import issue_server_certificate
+    from biofp_cli.certs import issue_server_certificate
 
     cert, key = issue_server_certificate(out, server_name=server_name, days=days)
     console.print(f"new server certificate and key: {cert}, {key}")
@@ -62,7 +62,7 @@ def node(
     from biofp_core.fsutil import check_output_dir
 
     check_output_dir(out, what="certificate folder")
-    from biofp_core.certs import node_keypair
+    from biofp_cli.certs import node_keypair
 
     pair = node_keypair(out, name=name, force=force)
     console.print(f"private key (stays at the site, mode 0600): {pair.private_key}")
@@ -73,7 +73,7 @@ def node(
 @certs_app.command("show")
 def show(path: Path = typer.Argument(..., help="a .crt, or a SuperNode .pub/.key file")) -> None:
     """Names and validity of a certificate, or the fingerprint of a SuperNode key."""
-    from biofp_core.certs import (
+    from biofp_cli.certs import (
         certificate_names,
         load_certificate,
         load_node_key,

@@ -6,7 +6,7 @@ certificate valid, the key private and theirs, the certificate naming ``public_n
 folders writable — and then a TLS handshake with the running SuperLink on this machine, verified
 with the federation's CA under the name the sites dial: what a site's pre-start check sees.
 
-    python -m server.health --config /etc/biofp/server.toml    # exit 0 healthy, 1 with one line
+    python -m biofp_cli.health --config /etc/biofp/server.toml    # exit 0 healthy, 1 with one line
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import ssl
 import sys
 from pathlib import Path
 
+from biofp_cli.preflight import check_server_tls, check_writable_dir
 from biofp_core.deployment import DeploymentError, ServerConfig, load_server_config
 from biofp_core.errors import BioFPError
-from biofp_core.preflight import check_server_tls, check_writable_dir
 
 
 def local_host(cfg: ServerConfig) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from biofp_cli.commands import insecure_mode
 
 client_app = typer.Typer(no_args_is_help=True, help="Hospital: run this site's SuperNode.")
 console = Console(stderr=True, markup=False)  # paths and [sections] as is
@@ -28,12 +29,11 @@ def start(
     """Check site.toml, keys, data, the state folder (initialised once by `biofp site init`) and
     the SuperLink, build the window store, then run the Flower SuperNode (until stopped). Only
     what docs/privacy.md lists leaves the site, each value charged to the ledger."""
-    from client.launch import prepare_supernode, run_supernode, warm_store
+    from biofp_cli.supernode import prepare_supernode, run_supernode, warm_store
 
-    if insecure:
-        warnings.warn("--insecure: traffic to the SuperLink is not encrypted",
-                      UserWarning, stacklevel=1)  # fmt: skip
-    insecure = insecure or insecure_non_loopback
+    insecure = insecure_mode(
+        insecure, insecure_non_loopback, "traffic to the SuperLink is not encrypted"
+    )
     launch = prepare_supernode(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     fed = launch.federation
     console.print(f"checks passed; site {launch.site.name} -> {fed.superlink}")

@@ -15,9 +15,7 @@ A ServerApp killed with its SuperLink resumes from its last checkpoint when the 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -26,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from biofp_cli.preflight import check_server
+from biofp_cli.supervise import run_supervised
 from biofp_core.deployment import DeploymentError, ServerConfig, load_server_config
-from biofp_core.preflight import check_server
-from biofp_core.supervise import run_supervised
 
 log = logging.getLogger(__name__)
 
@@ -170,41 +168,3 @@ def write_flwr_connection(
     if default:
         set_default_superlink_connection(name)
     return get_flwr_home() / "config.toml"
-
-
-def _toml_value(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
-def write_app_folder(out_dir: Path, *, name: str = "biofp-federation") -> Path:
-    """A Flower app folder without code: a pyproject.toml naming BioFP's installed apps and the
-    default run config (every key ``flwr run --run-config`` may override).
-
-    Submitting runs from it (``flwr run DIR biofp``) ships no Python to the sites: their
-    SuperNodes run the BioFP installed in their own image.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    from server.config import RunConfig  # imports torch: only here
-
-    try:
-        app_version = version("biofp")
-    except PackageNotFoundError:
-        app_version = "0.0.0"
-    lines = [
-        "[project]", f'name = "{name}"', f'version = "{app_version}"',
-        'description = "BioFP federated pretraining (apps from the installed biofp package)"',
-        'license = "Apache-2.0"', "",
-        "[tool.flwr.app]", 'publisher = "biofp"', "",
-        "[tool.flwr.app.components]", 'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"', "", "[tool.flwr.app.config]",
-        *(f"{key} = {_toml_value(value)}" for key, value in RunConfig().to_run_config().items()),
-    ]  # fmt: skip
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    return out

@@ -12,16 +12,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from biofp_core.commands.certs import certs_app
-from biofp_core.commands.client import client_app
-from biofp_core.commands.dashboard import dashboard
-from biofp_core.commands.data import data_app
-from biofp_core.commands.demo import demo
-from biofp_core.commands.evaluate import evaluate
-from biofp_core.commands.fingerprint import fingerprint
-from biofp_core.commands.plan import plan
-from biofp_core.commands.server import server_app
-from biofp_core.commands.site import site_app
+from biofp_cli.commands.certs import certs_app
+from biofp_cli.commands.client import client_app
+from biofp_cli.commands.dashboard import dashboard
+from biofp_cli.commands.data import data_app
+from biofp_cli.commands.demo import demo
+from biofp_cli.commands.evaluate import evaluate
+from biofp_cli.commands.fingerprint import fingerprint
+from biofp_cli.commands.plan import plan
+from biofp_cli.commands.server import server_app
+from biofp_cli.commands.site import site_app
 from biofp_core.errors import BioFPError
 
 app = typer.Typer(
@@ -48,7 +48,9 @@ err_console = Console(stderr=True)
 )
 def simulate(ctx: typer.Context) -> None:
     """Federated pretraining on emulated hospitals in Flower's simulation engine (--help)."""
-    from simulations.cli import main as simulate_main  # imports Flower only when it runs
+    from biofp_cli.commands.simulate import (
+        main as simulate_main,  # imports Flower only when it runs
+    )
 
     simulate_main(list(ctx.args))
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from biofp_cli.commands import insecure_mode
 
 server_app = typer.Typer(no_args_is_help=True, help="Coordinator: run the federation's SuperLink.")
 console = Console(stderr=True, markup=False)  # paths and [sections] as is
@@ -30,12 +31,11 @@ def start(
     dashboard_port: int = typer.Option(8050, "--dashboard-port", help="the dashboard's port"),
 ) -> None:
     """Check server.toml, certificates and port, then run the Flower SuperLink (until stopped)."""
-    from server.launch import prepare_superlink, run_superlink
+    from biofp_cli.superlink import prepare_superlink, run_superlink
 
-    if insecure:
-        warnings.warn("--insecure: traffic is not encrypted and any SuperNode may join",
-                      UserWarning, stacklevel=1)  # fmt: skip
-    insecure = insecure or insecure_non_loopback
+    insecure = insecure_mode(
+        insecure, insecure_non_loopback, "traffic is not encrypted and any SuperNode may join"
+    )
     launch = prepare_superlink(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
     cfg = launch.config
     console.print(f"checks passed; SuperLink for {cfg.address}")
@@ -62,8 +62,8 @@ def connect(
     insecure: bool = typer.Option(False, "--insecure", help="connect without TLS (local test)"),
 ) -> None:
     """Add this SuperLink to the flwr CLI's config, for `flwr run` and `flwr supernode ...`."""
+    from biofp_cli.superlink import write_flwr_connection
     from biofp_core.deployment import load_server_config
-    from server.launch import write_flwr_connection
 
     cfg = load_server_config(config)
     path = write_flwr_connection(cfg, name=name, insecure=insecure, default=default)
@@ -75,7 +75,7 @@ def connect(
 def app(out: Path = typer.Option(..., "--out", help="folder for the app's pyproject.toml")) -> None:
     """Write a code-free Flower app folder for `flwr run DIR biofp --run-config run.toml`."""
     from biofp_core.fsutil import check_output_dir
-    from server.launch import write_app_folder
+    from server.app_folder import write_app_folder
 
     folder = write_app_folder(check_output_dir(out, what="app folder"))
     console.print(f"Flower app (no code, the sites run their installed BioFP): {folder}")

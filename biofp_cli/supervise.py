@@ -41,6 +41,7 @@ def run_supervised(
     env: Mapping[str, str],
     cwd: Path | None = None,
     on_start: Callable[[int], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
     out: TextIO | None = None,
     tail_lines: int = 40,
 ) -> Exited:
@@ -50,6 +51,8 @@ def run_supervised(
     ----------
     on_start
         Called with the child's pid once it runs.
+    on_line
+        Called with each line of the child's output (without its newline), as it comes.
     out
         Where the child's output is echoed (default: stderr).
     """
@@ -67,7 +70,7 @@ def run_supervised(
             child.send_signal(signum)
 
     tail: deque[str] = deque(maxlen=tail_lines)
-    reader = threading.Thread(target=_echo, args=(child, out, tail), daemon=True)
+    reader = threading.Thread(target=_echo, args=(child, out, tail, on_line), daemon=True)
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         reader.start()
@@ -88,13 +91,32 @@ def run_supervised(
     return Exited(returncode=returncode, tail=list(tail), stopped=stopped)
 
 
-def _echo(child: subprocess.Popen[str], out: TextIO, tail: deque[str]) -> None:
+def _echo(
+    child: subprocess.Popen[str],
+    out: TextIO,
+    tail: deque[str],
+    on_line: Callable[[str], None] | None,
+) -> None:
     """Copy the child's output to `out`, keeping the last lines."""
     assert child.stdout is not None
     for line in child.stdout:
         out.write(line)
         out.flush()
         tail.append(line.rstrip("\n"))
+        if on_line is not None:
+            on_line(tail[-1])
+
+
+def pause(seconds: float) -> bool:
+    """Wait `seconds` between two runs; True if SIGTERM, SIGINT or SIGHUP came meanwhile (then
+    return at once: as PID 1 in a container, a signal without a handler would be ignored)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in FORWARDED}
+    try:
+        return stop.wait(seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _end_group(pgid: int) -> None:

@@ -16,7 +16,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from biofp_core.certs import (
+from biofp_cli.certs import (
     certificate_names,
     check_certificate,
     check_issued_by,

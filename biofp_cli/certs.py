@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from biofp_core.errors import BioFPError
+from biofp_core.fsutil import atomic_write_bytes
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -81,20 +81,7 @@ def _write_new(path: Path, data: bytes, *, mode: int, force: bool) -> None:
     briefly); an existing file is an error unless `force`."""
     if path.exists() and not force:
         raise CertificateError(f"{path}: already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # umask cannot widen it, but may have narrowed a public file
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=mode)  # created 0600, then given `mode` before the rename
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

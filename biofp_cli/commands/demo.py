@@ -18,7 +18,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Generate the synthetic hospital cohort and validate every site as its IT would."""
-    from biofp_core.commands.site import render_report
+    from biofp_cli.commands.site import render_report
     from biofp_core.fsutil import check_output_dir
     from biofp_core.site import SiteConfig
     from biofp_core.synth import write_cohort

@@ -1,1 +1,0 @@
-"""CLI subcommand groups, one module per user (site IT, researchers, coordinators)."""
