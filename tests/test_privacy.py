@@ -162,3 +162,27 @@ def test_invalid_settings() -> None:
             model, torch.optim.SGD(model.parameters(), lr=0.1), [1, 2], dp=DPConfig(),
             sample_rate=0.5, steps=1, collate_fn=collate_bags,
         )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:DP-SGD without noise")
+def test_a_subject_with_a_non_finite_gradient_is_dropped_not_sent_as_nan() -> None:
+    """Clipping leaves NaN as NaN and noise does not hide it: a crafted subject would otherwise
+    turn the whole update into NaN (one exact bit). Its gradient is zeroed; the others count."""
+    model = tiny_m2ae()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = bags(model, 4, K=2)
+    data[3]["ecg"] = torch.full_like(data[3]["ecg"], float("inf"))  # subject 3's loss: NaN
+    private = PrivateTraining(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data,
+        dp=DPConfig(noise_multiplier=0.0, seed=0), sample_rate=1.0, steps=1,
+        collate_fn=collate_bags,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    losses, _ = model.loss(collate_bags(data))
+    assert not torch.isfinite(losses[3]) and torch.isfinite(losses[:3]).all()
+    private.backward(losses)
+    private.step()
+    private.close()
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the others trained it

@@ -228,6 +228,8 @@ class PrivateTraining:
 
     def step(self, *, after_noise: Callable[[], None] | None = None) -> None:
         """Clip, noise, account, call `after_noise` (data-independent gradient terms), update."""
+        if self.criterion is None:  # per-sample gradients (hooks): ghost clipping keeps none
+            drop_non_finite_subjects(self.optimizer.params)
         if self.optimizer.pre_step():
             if after_noise is not None:
                 after_noise()
@@ -268,6 +270,31 @@ class PrivateTraining:
             for attr in ("grad_sample", "summed_grad"):
                 if hasattr(p, attr):
                     delattr(p, attr)
+
+
+def drop_non_finite_subjects(params: Sequence[nn.Parameter]) -> int:
+    """Zero every per-subject gradient of a subject whose gradient holds a NaN or an inf.
+
+    Clipping scales a gradient by C / its norm, which leaves a non-finite gradient non-finite,
+    and Gaussian noise does not hide a NaN: one crafted subject would otherwise turn the whole
+    update into NaN, an exact bit that the charged noise does not cover. A zeroed subject
+    contributes nothing (norm 0 <= C), so the sensitivity the ledger charged still holds.
+    Returns how many subjects were dropped."""
+    samples = [g for p in params for g in _grad_samples(p)]
+    if not samples:
+        return 0
+    finite = torch.stack([g.flatten(1).isfinite().all(dim=1) for g in samples]).all(dim=0)
+    for g in samples:
+        g[~finite] = 0.0
+    return int((~finite).sum())
+
+
+def _grad_samples(p: nn.Parameter) -> list[Tensor]:
+    """The per-sample gradients Opacus keeps on `p` (a tensor, or a list after several passes)."""
+    value = getattr(p, "grad_sample", None)
+    if value is None:
+        return []
+    return [g for g in (value if isinstance(value, list) else [value]) if g.shape[0] > 0]
 
 
 def _keep_empty(collate_fn: Callable[[list], dict[str, Tensor]]) -> Callable[[list], dict | None]:
