@@ -46,6 +46,7 @@ from biofp_core.privacy import DPConfig, poisson_rate
 from biofp_core.privacy.accounting import rdp_epsilon
 from biofp_core.privacy.ledger import Charge, LedgerEntry
 from biofp_core.privacy.mechanisms import noise_rng, noisy_mean
+from biofp_core.privacy.planner import PlanError, plan_privacy
 from biofp_core.protocol import (
     EvaluateInstruction,
     RunConfig,
@@ -164,6 +165,8 @@ def plan_round(
             f"min_train_subjects {limits.min_train_subjects}; refused"
         )
     dp = _dp_config(session, data, server_round)
+    if dp is not None and run.privacy_plan:
+        cfg, dp = _site_schedule(session, trainable, cfg, dp)
     seed = (
         None
         if data.dp_seed is None
@@ -175,6 +178,33 @@ def plan_round(
         cfg=cfg, dp=dp, metric_noise=noise if dp is not None else None,
         sample_rate=poisson_rate(cfg.batch_subjects, trainable), steps=cfg.total_steps(trainable),
     )  # fmt: skip
+
+
+def _site_schedule(
+    session: SiteSession, trainable: int, cfg: TrainConfig, dp: DPConfig
+) -> tuple[TrainConfig, DPConfig]:
+    """The site's own schedule (run config ``privacy-plan``): σ, subjects per step and steps
+    per round that :func:`~biofp_core.privacy.planner.plan_privacy` chooses for its training
+    subjects and its whole budget over the run's rounds (one evaluation per round reserved when
+    the run evaluates). The ledger still charges each round and refuses one it cannot afford.
+
+    Raises
+    ------
+    SiteLimitError
+        No schedule of at least one step per round fits the site's budget.
+    """
+    run, budget = session.run, session.site.privacy
+    try:
+        plan = plan_privacy(
+            trainable, budget.epsilon, delta=budget.delta, rounds=run.num_rounds,
+            evaluations=run.num_rounds if run.fraction_evaluate > 0 else 0, limits=budget,
+        )  # fmt: skip
+    except PlanError as exc:
+        raise SiteLimitError(f"site {session.site.name}: {exc}; refused") from None
+    cfg = cfg.model_copy(
+        update={"batch_subjects": max(1, round(plan.batch_subjects)), "steps": plan.steps_per_round}
+    )
+    return cfg, dp.model_copy(update={"noise_multiplier": plan.noise_multiplier})
 
 
 def check_round_budget(session: SiteSession, plan: RoundPlan) -> float:

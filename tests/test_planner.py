@@ -125,3 +125,31 @@ def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: plan: ") and message in lines[0]
     assert out == ""
+
+
+def test_a_site_trains_and_is_charged_on_its_own_plan(tmp_path: Path) -> None:
+    """Run config ``privacy-plan``: the site's round uses the plan for ITS training subjects and
+    budget (σ, q, steps), not the server's settings, and the ledger charges exactly that."""
+    from flowerkit import instruction, site_context
+    from fpkit import TINY, site_config, tiny_cohort
+
+    from biofp_core.protocol import METRICS_KEY, NUM_EXAMPLES, RUN_KEY, SERVER_ROUND, RunConfig
+    from client.app import app
+
+    cohort = tiny_cohort(tmp_path / "cohort", sites=1, subjects=8)
+    data = next(p for p in cohort.iterdir() if p.is_dir())
+    site = site_config(tmp_path / "site", data, cache=tmp_path / "cache", budget=6.0)
+    run = RunConfig.from_run_config({
+        "model-options": json.dumps(TINY), "privacy-plan": True, "num-rounds": 3,
+        "local-steps": 1, "batch-subjects": 1, "noise-multiplier": 5.0, "bag-size": 2,
+    })  # fmt: skip
+    reply = app(instruction(run, "train", **{SERVER_ROUND: 1, RUN_KEY: "planned"}),
+                site_context(run, tmp_path / "site" / "site.toml"))  # fmt: skip
+    assert not reply.has_error(), reply.error
+    trained = int(reply.content[METRICS_KEY][NUM_EXAMPLES])
+    plan = plan_privacy(6, 6.0, rounds=3, evaluations=3, limits=site.privacy)  # 8 subjects - 25 %
+    entry = PrivacyLedger.at(tmp_path / "site" / "state").entries[-1]
+    assert (entry.kind, entry.steps) == ("train", plan.steps_per_round) and plan.steps_per_round > 1
+    assert entry.sample_rate == pytest.approx(plan.sample_rate)
+    assert entry.noise_multiplier == pytest.approx(plan.effective_noise_multiplier)
+    assert plan.noise_multiplier < 5.0 and trained >= 1  # the site's σ, not the server's

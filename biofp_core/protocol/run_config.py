@@ -78,6 +78,12 @@ class RunConfig(BaseModel):
     # --- differential privacy (the sites' budgets are their own) -------------------------
     dp: bool = Field(True, description="subject-level DP-SGD at every site")
     noise_multiplier: float = Field(1.5, gt=0, description="σ: noise std / clipping norm")
+    privacy_plan: bool = Field(
+        False,
+        description="each site plans its own σ, subjects per step and local steps from its "
+        "training subjects and budget (biofp plan, num-rounds rounds); noise-multiplier, "
+        "batch-subjects and local-steps are then the site's, not the server's",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="per-subject gradient clipping norm")
     # --- run directory and timeouts --------------------------------------------------------
     out_dir: str = Field("biofp-run", description="run directory: checkpoints, metrics, model")
