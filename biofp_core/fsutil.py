@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from biofp_core.errors import BioFPError
+
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
@@ -117,3 +119,14 @@ def check_output_dir(path: Path, *, what: str = "output folder") -> Path:
     if blocker is not None:
         raise ConfigError(f"{path}: {blocker} is a file, not a folder")
     return path
+
+
+def read_if_present(path: Path, what: str, error: type[BioFPError]) -> bytes | None:
+    """The bytes of `path` (a `what`, e.g. 'run key'); None when there is no such file; `error`
+    in one line naming the file when it exists but cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}") from None

@@ -37,7 +37,7 @@ from biofp_core.artifacts import (
     save_model,
 )
 from biofp_core.errors import ArtifactError, ConfigError
-from biofp_core.fsutil import atomic_write_text
+from biofp_core.fsutil import atomic_write_text, read_if_present
 from biofp_core.protocol import RUN_KEY_PATTERN, RunConfig
 from server.checkpoint import (
     describe_state,
@@ -87,12 +87,9 @@ def read_run_key(run_dir: Path) -> str | None:
         sites charge the round in flight again.
     """
     path = Path(run_dir) / RUN_KEY_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = read_if_present(path, "run key", ArtifactError)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read the run key: {exc.strerror}") from None
     try:
         return RunKeyFile.model_validate_json(raw).run_key
     except ValueError:

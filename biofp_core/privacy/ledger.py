@@ -50,7 +50,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from biofp_core.errors import BioFPError, PrivacyBudgetError, first_error
-from biofp_core.fsutil import atomic_write_text
+from biofp_core.fsutil import atomic_write_text, read_if_present
 from biofp_core.privacy.accounting import History, compact_history, rdp_epsilon
 from biofp_core.site import PrivacyBudget
 
@@ -209,12 +209,9 @@ def _as_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> Me
 
 def _read_model(path: Path, model: type[BaseModel], what: str) -> BaseModel | None:
     """`path` parsed as `model`; None when there is no file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = read_if_present(path, what, PrivacyLedgerError)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise PrivacyLedgerError(f"{path}: cannot read the {what}: {exc.strerror}") from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
