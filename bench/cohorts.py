@@ -7,7 +7,10 @@ Every model is trained by the simulation's own code paths (``simulations.run.sim
 engine with DP-SGD and per-site ledgers, or ``centralized = true``), from the shipped
 ``simulations/configs/public.toml`` (``--quick``: ``public-quick.toml``):
 
-- ``untrained``: the run's initial model (same seed, same architecture);
+- ``untrained``: the seed's initialisation of the run's architecture;
+- ``synthetic-pretrained``: the run's starting point when its config has ``[pretrain]``
+  (:mod:`simulations.pretrain`: simulated signals only, no patient data, nothing charged); every
+  trained model below starts from it (``--no-pretrain``: from the untrained encoder);
 - ``handcrafted``: :mod:`biofp_core.evaluation.handcrafted` features of the same windows;
 - ``local DP``: each site alone (a one-site federation: the same σ, sampling rate, steps and
   rounds, so the same ε at that site as in the federation), probed on its own site only;
@@ -55,6 +58,7 @@ from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
 from client.site_data import SimulationSites, load_site_data
 from simulations.downstream import cross_modal_reconstruction, load_study_sites
+from simulations.pretrain import pretrained_model
 from simulations.public import cohort_config
 from simulations.run import (
     RunSummary,
@@ -69,7 +73,8 @@ log = logging.getLogger("cohorts")
 UNTRAINED, HANDCRAFTED, LOCAL = "untrained", "handcrafted", "local DP"
 FED_DP, FED_NODP, POOLED = "federated DP", "federated non-DP", "pooled non-DP"
 NO_RHYTHM = "federated DP, no rhythm token"
-ORDER = (UNTRAINED, HANDCRAFTED, LOCAL, FED_DP, FED_NODP, POOLED, NO_RHYTHM)
+SYNTHETIC = "synthetic-pretrained"  # the federation's starting point: no patient data
+ORDER = (UNTRAINED, HANDCRAFTED, SYNTHETIC, LOCAL, FED_DP, FED_NODP, POOLED, NO_RHYTHM)
 
 
 @dataclass(frozen=True)
@@ -363,6 +368,18 @@ def parse() -> argparse.Namespace:
     skips = "local, nodp, pooled, ablation, recon, baselines (untrained and hand-crafted)"
     p.add_argument("--skip", default="", help=f"comma list of: {skips}")
     p.add_argument("--reuse", action="store_true", help="keep completed runs found in --out")
+    p.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="every model starts from the seed's initialisation (no [pretrain])",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also probe this saved model (biofp_core.artifacts format); repeatable",
+    )
     p.add_argument("--repeats", type=int, help="fold draws per probe (default 1 quick, 3 full)")
     p.add_argument("--out", type=Path, default=Path("/tmp/biofp-cohorts"))
     p.add_argument("--name", help="results file stem (default cohorts[-quick])")
@@ -395,6 +412,8 @@ def main() -> None:
             for s in base.public_sites
         ]  # fmt: skip
         base = base.model_copy(update={"public_sites": sites})
+    if args.no_pretrain:
+        base = base.model_copy(update={"pretrain": None})
     nodp = {"dp": False}  # with ε = inf: a site with a finite budget refuses non-DP training
     options = json.loads(base.run.model_options or "{}")
     plans: dict[str, SimulationConfig] = {FED_DP: base}
@@ -427,8 +446,15 @@ def main() -> None:
     models: dict[str, dict] = {}
     if "baselines" not in skip:
         models[UNTRAINED] = untrained_model(base, out)
+    if base.pretrain is not None:  # every model below starts from it
+        t0 = time.perf_counter()
+        path = pretrained_model(base, simulate)
+        models[SYNTHETIC] = {"model": str(path), "wall_s": time.perf_counter() - t0}
     for label, cfg in plans.items():
         models[label] = {**train(cfg, label, reuse=args.reuse), **curve.get(label, {})}
+    for item in args.model:  # models trained elsewhere (e.g. on synthetic data), probed alike
+        label, _, path = item.partition("=")
+        models[label] = {"model": str(Path(path).resolve()), "wall_s": 0.0}
     for label, info in curve.items():  # a budget with no plan: its reason
         models.setdefault(label, info)
     t_train = time.perf_counter() - t_start

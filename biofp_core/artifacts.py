@@ -58,6 +58,9 @@ class TrainingProvenance(_Card):
     strategy: str = Field("", description="aggregation strategy name, e.g. 'fedavg'")
     local_steps: int = Field(0, ge=0, description="optimizer steps per site per round")
     seed: int | None = None
+    initialised_from: str | None = Field(
+        None, description="sha256 of the weights training started from; None: the seed's init"
+    )
     created_at: datetime | None = None
 
 

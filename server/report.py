@@ -91,6 +91,9 @@ class RunReport(BaseModel):
         default_factory=list, description="Flower run ids (flwr ls) of every submission"
     )
     resumed_from_round: int | None = None
+    initial_model_sha256: str | None = Field(
+        None, description="sha256 of the initial-model weights round 1 started from"
+    )
     num_rounds: int
     rounds: list[RoundMetrics] = Field(default_factory=list)
     model_path: str | None = None

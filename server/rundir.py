@@ -171,6 +171,7 @@ class RunDirectory:
         previous = RunReport.read(self.path)
         self.report.run_key = self.run_key
         self.report.flower_run_ids = list(previous.flower_run_ids) if previous else []
+        self.report.initial_model_sha256 = previous.initial_model_sha256 if previous else None
         if flower_run_id is not None and flower_run_id not in self.report.flower_run_ids:
             self.report.flower_run_ids.append(flower_run_id)
         log.info(
@@ -182,7 +183,7 @@ class RunDirectory:
         )
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:
-            model = self.run.build_model()
+            model, self.report.initial_model_sha256 = self.run.build_initial_model()
             arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
             self.report.write(self.path)
             return 0, to_arrayrecord(arrays)
@@ -245,6 +246,7 @@ class RunDirectory:
                 strategy=self.run.strategy,
                 local_steps=self.run.local_steps,
                 seed=self.run.seed,
+                initialised_from=self.report.initial_model_sha256,
                 created_at=datetime.now(UTC),
             ),
             privacy=privacy,

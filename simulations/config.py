@@ -28,6 +28,20 @@ SUMMARY_NAME = "summary.json"
 SIMULATION_CONFIG_NAME = "simulation.json"
 
 
+class SyntheticPretraining(BaseModel):
+    """``[pretrain]``: train the run's architecture on simulated signals first (centralized, no
+    DP: no patient data, nothing charged), and start the federation from those weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sites: int = Field(8, ge=1, description="simulated hospitals (their 4 recording profiles)")
+    subjects_per_site: int = Field(64, ge=1, description="simulated subjects each")
+    minutes: float = Field(5.0, gt=0, description="minutes per simulated record")
+    steps: int = Field(2560, ge=1, description="optimizer steps")
+    batch_subjects: int = Field(16, ge=1, description="subjects per step")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+
+
 class SimulationConfig(BaseModel):
     """A simulation: data, emulated hospitals, their budgets, and the federated run (``run``)."""
 
@@ -80,6 +94,9 @@ class SimulationConfig(BaseModel):
     cpus_per_site: float = Field(1.0, gt=0, description="CPUs of one ClientApp run")
     ray_address: str | None = Field(
         None, description="an existing Ray cluster (host:port) instead of a local Ray"
+    )
+    pretrain: SyntheticPretraining | None = Field(
+        None, description="[pretrain]: start from weights pretrained on simulated signals"
     )
     run: RunConfig = Field(default_factory=RunConfig, description="the federated run")
 

@@ -49,6 +49,7 @@ from simulations.config import load_simulation_config as load_simulation_config 
 from simulations.downstream import StudyConfig
 from simulations.engine import run_federation
 from simulations.partition import Partition, make_partition
+from simulations.pretrain import pretrained_model
 from simulations.public import default_data_root, write_public_sites
 from simulations.report import (
     ModelRun,
@@ -158,7 +159,7 @@ def train_centralized(
     sites = manifest.load(holdout_fraction=run.holdout_fraction)
     train = [s for site in sites for s in site.train]
     holdout = [s for site in sites for s in site.holdout]
-    model = run.build_model()
+    model, initial = run.build_initial_model()
     steps = run.num_rounds * cfg.sites * run.local_steps
     seed = cfg.run.seed * 1000 - 1 if cfg.reproducible_noise else None
     dp = run.dp_config(delta=cfg.delta, seed=seed)
@@ -178,7 +179,7 @@ def train_centralized(
     card = ModelCard(
         data=data,
         training=TrainingProvenance(rounds=0, strategy="centralized", local_steps=steps,
-                                    seed=run.seed),
+                                    seed=run.seed, initialised_from=initial),
         privacy=privacy,
     )  # fmt: skip
     path = save_model(model, cfg.out / "model", card)
@@ -276,6 +277,11 @@ def simulate(
     stage = on_stage or (lambda _: None)
     out = cfg.out.resolve()
     cfg = cfg.model_copy(update={"out": out})
+    if cfg.pretrain is not None and not cfg.run.initial_model:
+        initial = pretrained_model(cfg, simulate, stage)
+        cfg = cfg.model_copy(
+            update={"run": cfg.run.model_copy(update={"initial_model": str(initial)})}
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / SIMULATION_CONFIG_NAME).write_text(cfg.model_dump_json(indent=1) + "\n")
     stage("preparing sites")

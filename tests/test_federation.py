@@ -20,7 +20,7 @@ from flwr.app import Message, MessageType
 from fpkit import BIOFP
 from safetensors.numpy import load_file
 
-from biofp_core.artifacts import load_model
+from biofp_core.artifacts import load_model, save_model
 from biofp_core.audit import AuditLog, arrays_sha256
 from biofp_core.errors import ArtifactError, ConfigError
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
@@ -51,7 +51,13 @@ from server.checkpoint import (
 from server.report import RunReport
 from server.rounds import FederationError
 from server.rundir import RunDirectory, read_run_key
-from simulations.config import RunSummary, SimulationConfig, load_simulation_config
+from simulations.config import (
+    RunSummary,
+    SimulationConfig,
+    SyntheticPretraining,
+    load_simulation_config,
+)
+from simulations.pretrain import pretraining_config
 from simulations.run import simulate
 from strategies.registry import build_strategy
 
@@ -494,6 +500,36 @@ def test_a_run_directory_refuses_to_resume_another_model(tmp_path: Path) -> None
         RunDirectory(other, strategy).start()
 
 
+def test_a_run_starts_from_its_initial_model_and_its_card_says_so(tmp_path: Path) -> None:
+    run = RunConfig.from_run_config({**TINY_RUN, "out-dir": str(tmp_path / "run"), "seed": 7})
+    pretrained = RunConfig.from_run_config({**TINY_RUN, "seed": 3}).build_model()
+    path = save_model(pretrained, tmp_path / "pretrained")
+    _, card = load_model(path)
+    started = run.model_copy(update={"initial_model": str(path)})
+    strategy = build_strategy(run.strategy, **run.strategy_kwargs())
+    directory = RunDirectory(started, strategy)
+    done, arrays = directory.start()
+    sent = {k: np.asarray(v.numpy()) for k, v in arrays.items()}
+    ours = pretrained.state_dict()
+    assert done == 0 and sent.keys() == ours.keys()
+    assert all(np.array_equal(sent[k], ours[k].numpy()) for k in ours)  # not the seed-7 init
+    seeded = run.build_model().state_dict()
+    assert not all(np.array_equal(sent[k], seeded[k].numpy()) for k in seeded)
+    _, final = load_model(directory.finish(arrays))
+    assert final.training.initialised_from == card.weights_sha256
+    wider = json.dumps({**json.loads(TINY_MODEL), "fingerprint_dim": 16})
+    other = run.model_copy(update={"initial_model": str(path), "model_options": wider})
+    with pytest.raises(
+        ArtifactError,
+        match=r"pretrained\.safetensors: initial-model has another "
+        r"architecture than the run's model-options: fingerprint_dim 8 \(run: 16\)",
+    ):
+        other.build_initial_model()
+    missing = run.model_copy(update={"initial_model": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(ArtifactError, match=r"nope\.card\.json: artifact file is missing"):
+        missing.build_initial_model()
+
+
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
@@ -556,6 +592,32 @@ def test_centralized_baseline_trains_the_same_model_on_pooled_data(
     assert card.training.strategy == "centralized" and card.training.local_steps == 3 * 1 * 2
     assert card.data.subjects == 9 and card.privacy is not None
     assert all(not site.ledger.entries for site in summary.sites)  # no site was charged
+
+
+@pytest.mark.filterwarnings("ignore:DPConfig.seed is set")  # seeded noise: a simulation's choice
+def test_a_pretrain_block_starts_the_run_from_cached_synthetic_weights(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    pretrain = SyntheticPretraining(sites=2, subjects_per_site=2, minutes=1.0, steps=2,
+                                    batch_subjects=2)  # fmt: skip
+    cfg = sim_config(cache_dir, tmp_path / "run", tmp_path / "sites", **{"num-rounds": 1})
+    cfg = cfg.model_copy(update={"centralized": True, "pretrain": pretrain})
+    simulate(cfg)
+    pre = pretraining_config(cfg)
+    assert pre.dataset == "synthetic" and not pre.run.dp and pre.out.parent.parent == cache_dir
+    _, pre_card = load_model(pre.out / "model")
+    assert pre_card.privacy is None and pre_card.training.local_steps == 2
+    assert pre_card.data.sites == 1 and pre_card.data.subjects == 4  # simulated subjects only
+    _, card = load_model(tmp_path / "run" / "model")
+    assert card.training.initialised_from == pre_card.weights_sha256
+    written = (pre.out / "model.safetensors").stat().st_mtime_ns
+    simulate(cfg.model_copy(update={"out": tmp_path / "again"}))  # the cached weights, reused
+    assert (pre.out / "model.safetensors").stat().st_mtime_ns == written
+    _, again = load_model(tmp_path / "again" / "model")
+    assert again.training.initialised_from == pre_card.weights_sha256
+    other = pretraining_config(cfg.model_copy(update={"pretrain": pretrain.model_copy(
+        update={"steps": 3})}))  # fmt: skip
+    assert other.out != pre.out
 
 
 def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path: Path) -> None:

@@ -102,6 +102,11 @@ def test_public_quick_federation_on_a_local_ray_head(
         assert 0 < site["ledger"]["epsilon"] <= 8.0
         assert site["subjects_train"] >= 1 and site["subjects_holdout"] >= 1
     assert (out / "model.safetensors").is_file() and (out / "model.card.json").is_file()
+    card = json.loads((out / "model.card.json").read_text())
+    pretrained = next((tmp_path / "cache" / "pretrained").glob("*/model.card.json"))
+    assert (
+        card["training"]["initialised_from"] == json.loads(pretrained.read_text())["weights_sha256"]
+    )  # [pretrain]: round 1 started from the synthetic weights
     assert (
         f"joined the Ray cluster at {ray_head} ({HEAD_CPUS} CPUs)" in (out / "run.log").read_text()
     )

@@ -67,6 +67,12 @@ class RunConfig(BaseModel):
     # --- model ---------------------------------------------------------------------------
     model: str = Field("m2ae", description="a name in biofp_core.models.MODEL_NAMES")
     model_options: str = Field("{}", description="JSON object of architecture overrides")
+    initial_model: str = Field(
+        "",
+        description="start round 1 from this saved model (biofp_core.artifacts: a .safetensors "
+        "with its card, of the run's architecture; e.g. pretrained on synthetic signals) instead "
+        "of the seed's initialisation; read by the server only",
+    )
     # --- local training (sent to sites each round) ---------------------------------------
     local_steps: int = Field(8, ge=1, description="optimizer steps per site per round")
     lr: float = Field(1e-3, gt=0, description="local learning rate")
@@ -178,6 +184,42 @@ class RunConfig(BaseModel):
         with torch.random.fork_rng():  # leaves the caller's RNG state alone
             torch.manual_seed(self.seed)
             return build_model(self.model, self.model_architecture())
+
+    def build_initial_model(self) -> tuple[BioFPModel, str | None]:
+        """The model round 1 starts from, and the sha256 of the weights it was loaded from:
+        ``initial-model``'s weights when the run names one, else (:meth:`build_model`, None).
+
+        Raises
+        ------
+        ArtifactError
+            One line naming the file: missing, unreadable or altered (its card's sha256), or a
+            model of another architecture than the run's ``model`` and ``model-options``.
+        """
+        if not self.initial_model:
+            return self.build_model(), None
+        from biofp_core.artifacts import load_model  # safetensors: only where a model is read
+        from biofp_core.errors import ArtifactError
+
+        loaded, card = load_model(self.initial_model)
+        model = self.build_model()
+        ours, theirs = model.config.model_dump(), loaded.config.model_dump()
+        if card.model != self.model:
+            raise ArtifactError(
+                f"{self.initial_model}: initial-model is a {card.model} model, the run trains "
+                f"{self.model}"
+            )
+        if theirs != ours:
+            diff = ", ".join(
+                f"{k} {theirs[k]!r} (run: {ours[k]!r})"
+                for k in sorted(ours)
+                if theirs[k] != ours[k]
+            )
+            raise ArtifactError(
+                f"{self.initial_model}: initial-model has another architecture than the run's "
+                f"model-options: {diff}"
+            )
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return model, card.weights_sha256
 
     @property
     def compressed(self) -> bool:
