@@ -44,6 +44,11 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     seed: int = 0
     proximal_mu: float | None = Field(None, ge=0, description="FedProx: mu/2 ||w - w_ref||^2")
+    trainable: Literal["all", "biases"] = Field(
+        "all",
+        description="parameters that train: all, or only the bias terms (BitFit; under DP-SGD "
+        "the noise grows with the square root of the trained parameters)",
+    )
 
     def total_steps(self, n_subjects: int) -> int:
         """Steps of this run: `steps`, else one epoch, ceil(n_subjects / batch_subjects) steps."""
@@ -103,6 +108,18 @@ class SubjectBagDataset(Dataset):
 def collate_bags(items: list[dict[str, Tensor]]) -> Batch:
     """Stack bags (K, ...) into a batch (B, K, ...)."""
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def _freeze(model: BioFPModel, trainable: str) -> list[torch.nn.Parameter]:
+    """Turn off the gradients of the parameters that do not train; returns them (to restore)."""
+    if trainable == "all":
+        return []
+    frozen = [
+        p for name, p in model.named_parameters() if p.requires_grad and not name.endswith(".bias")
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def _make_optimizer(model: BioFPModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -257,18 +274,19 @@ def train_local(
         if len(dataset) == 0:
             raise DataError(f"no subject has data {model.name} can train on")
         steps = cfg.total_steps(len(dataset))
-        optimizer = _make_optimizer(model, cfg)
-        prox = _Proximal(model, cfg.proximal_mu, reference) if cfg.proximal_mu else None
+        frozen = _freeze(model, cfg.trainable)
         private = None
-        if dp is not None:
-            if sample_rate is None:
-                sample_rate = poisson_rate(cfg.batch_subjects, len(dataset))
-            private = PrivateTraining(
-                model, optimizer, dataset, dp=dp, sample_rate=sample_rate, steps=steps,
-                collate_fn=collate_bags, history=ledger_history,
-            )  # fmt: skip
-        model.train()
         try:
+            optimizer = _make_optimizer(model, cfg)
+            prox = _Proximal(model, cfg.proximal_mu, reference) if cfg.proximal_mu else None
+            if dp is not None:
+                if sample_rate is None:
+                    sample_rate = poisson_rate(cfg.batch_subjects, len(dataset))
+                private = PrivateTraining(
+                    model, optimizer, dataset, dp=dp, sample_rate=sample_rate, steps=steps,
+                    collate_fn=collate_bags, history=ledger_history,
+                )  # fmt: skip
+            model.train()
             batches = iter(private.loader) if private else _cycle(_shuffled(dataset, cfg), steps)
             sums = None
             if private is not None and metric_noise is not None:
@@ -280,6 +298,8 @@ def train_local(
         finally:
             if private is not None:
                 private.close()
+            for p in frozen:
+                p.requires_grad_(True)
             model.train(was_training)
     mean_loss, terms = meter.means()
     if prox is not None:

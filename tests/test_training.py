@@ -117,3 +117,23 @@ def test_config_checks() -> None:
     with pytest.raises(ValidationError):
         TrainConfig(optimizer="lamb")
     assert TrainConfig().total_steps(33) == 3  # one epoch of 16-subject batches
+
+
+@pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
+@pytest.mark.parametrize("dp", [False, True])
+def test_biases_only_training_moves_only_the_biases(
+    bidmc: list[SubjectWindows], dp: bool
+) -> None:
+    from biofp_core.privacy.dp import DPConfig
+
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=2, batch_subjects=3, bag_size=2, lr=1e-2, trainable="biases")
+    private = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=1) if dp else None
+    result = train_local(model, bidmc, cfg, dp=private)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    biases = {n for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert moved and moved <= biases  # no weight matrix changed
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again
+    assert (result.privacy is not None) == dp

@@ -79,6 +79,9 @@ class RunConfig(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="local optimizer")
     batch_subjects: int = Field(4, ge=1, description="expected subjects (bags) per step")
     bag_size: int = Field(8, ge=1, description="windows of one subject per bag")
+    trainable: Literal["all", "biases"] = Field(
+        "all", description="what local training updates: all parameters, or only the biases"
+    )
     holdout_fraction: float = Field(0.25, ge=0, lt=1, description="subjects held out at a site")
     seed: int = Field(0, description="seeds the initial model, sampling and local training")
     # --- differential privacy (the sites' budgets are their own) -------------------------
@@ -251,6 +254,7 @@ class RunConfig(BaseModel):
             batch_subjects=self.batch_subjects,
             bag_size=self.bag_size,
             seed=self.seed,
+            trainable=self.trainable,
         )
 
     def dp_config(self, *, delta: float, seed: int | None) -> DPConfig | None:
