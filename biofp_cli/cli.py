@@ -20,6 +20,7 @@ from biofp_cli.commands.demo import demo
 from biofp_cli.commands.evaluate import evaluate
 from biofp_cli.commands.fingerprint import fingerprint
 from biofp_cli.commands.plan import plan
+from biofp_cli.commands.pretrain import pretrain
 from biofp_cli.commands.server import server_app
 from biofp_cli.commands.site import site_app
 from biofp_core.errors import BioFPError
@@ -37,6 +38,7 @@ app.command("fingerprint")(fingerprint)
 app.command("evaluate")(evaluate)
 app.command("dashboard")(dashboard)
 app.command("plan")(plan)
+app.command("pretrain")(pretrain)
 
 err_console = Console(stderr=True)
 

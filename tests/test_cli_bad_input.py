@@ -45,8 +45,11 @@ def blocker(tmp_path: Path) -> Path:
         ["certs", "init", "--out", "{blocker}", "--server-name", "localhost"],
         ["certs", "init", "--out", "{blocker}/sub", "--server-name", "localhost"],
         ["server", "app", "--out", "{blocker}"],
+        ["pretrain", "--out", "{blocker}", "--steps", "1", "--sites", "1", "--subjects-per-site",
+         "1", "--minutes", "0.5", "--model", "siamquality"],
     ],
-    ids=["synth-under-file", "demo-file", "certs-file", "certs-under-file", "app-file"],
+    ids=["synth-under-file", "demo-file", "certs-file", "certs-under-file", "app-file",
+         "pretrain-file"],
 )  # fmt: skip
 def test_an_output_folder_that_is_a_file_is_one_line(blocker: Path, argv: list[str]) -> None:
     code, err = run_cli(*(a.format(blocker=blocker) for a in argv))

@@ -620,6 +620,29 @@ def test_a_pretrain_block_starts_the_run_from_cached_synthetic_weights(
     assert other.out != pre.out
 
 
+def test_biofp_pretrain_writes_weights_a_run_can_start_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fpkit import run_biofp
+
+    monkeypatch.setenv("BIOFP_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, err = run_biofp(
+        "pretrain", "--out", str(tmp_path / "pre"), "--model", "siamquality",
+        "--model-options", TINY_MODEL, "--steps", "2", "--sites", "1",
+        "--subjects-per-site", "2", "--minutes", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    path = tmp_path / "pre" / "model.safetensors"
+    assert f'initial-model = "{path}"' in " ".join(out.split())
+    _, card = load_model(path)
+    assert card.privacy is None and card.data.subjects == 2 and card.training.local_steps == 2
+    run = RunConfig.from_run_config({**TINY_RUN, "initial-model": str(path)})
+    _, sha = run.build_initial_model()
+    assert sha == card.weights_sha256
+    code, _, err = run_biofp("pretrain", "--out", str(tmp_path / "x"), "--model-options", "[1]")
+    assert code == 1 and err.strip() == "error: run config: model-options: must be a JSON object"
+
+
 def test_a_wfdb_folder_is_split_by_subject_into_sites(bidmc_dir: Path, tmp_path: Path) -> None:
     from conftest import copy_records
 

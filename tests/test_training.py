@@ -121,9 +121,7 @@ def test_config_checks() -> None:
 
 @pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
 @pytest.mark.parametrize("dp", [False, True])
-def test_biases_only_training_moves_only_the_biases(
-    bidmc: list[SubjectWindows], dp: bool
-) -> None:
+def test_biases_only_training_moves_only_the_biases(bidmc: list[SubjectWindows], dp: bool) -> None:
     from biofp_core.privacy.dp import DPConfig
 
     model = small_model()
