@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import biofp_core
+from biofp_core.fsutil import exclusive_lock
 from simulations.config import SUMMARY_NAME, RunSummary, SimulationConfig
 
 PRETRAINED_DIR = "pretrained"
@@ -56,13 +57,21 @@ def pretrained_model(
 ) -> Path:
     """The model pretrained on synthetic signals for ``cfg`` (trained once, then cached)."""
     sub = pretraining_config(cfg)
-    done = sub.out / SUMMARY_NAME
-    if done.is_file():
-        summary = RunSummary.model_validate_json(done.read_text())
-        if summary.status == "completed" and summary.model_path and summary.model_path.is_file():
-            return summary.model_path
-    if on_stage is not None:
-        on_stage(f"pretraining on synthetic signals ({cfg.pretrain.steps} steps, no patient data)")
-    summary = simulate(sub)
+    sub.out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(sub.out.with_suffix(".lock")):  # one writer; others wait and reuse it
+        done = sub.out / SUMMARY_NAME
+        if done.is_file():
+            summary = RunSummary.model_validate_json(done.read_text())
+            if (
+                summary.status == "completed"
+                and summary.model_path
+                and summary.model_path.is_file()
+            ):
+                return summary.model_path
+        if on_stage is not None:
+            on_stage(
+                f"pretraining on synthetic signals ({sub.run.local_steps} steps, no patient data)"
+            )
+        summary = simulate(sub)
     assert summary.model_path is not None  # a centralized run always saves its model
     return summary.model_path
