@@ -21,7 +21,7 @@ run: $(BIN)/biofp
 test: $(BIN)/biofp
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 ## images: the site and coordinator images (docker build with a Docker daemon, else buildah):
 ## base python:3.11-slim from a registry; dependencies from this machine's pip (deploy/)
