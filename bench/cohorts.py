@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import report, shared_data
+from common import RESULTS, report, shared_data
 from threadpoolctl import threadpool_limits
 
 from biofp_core.artifacts import ModelCard, TrainingProvenance, load_model, save_model
@@ -57,6 +57,7 @@ from biofp_core.site import PrivacyBudget, load_site_config
 from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
 from client.site_data import SimulationSites, load_site_data
+from simulations import plots
 from simulations.downstream import cross_modal_reconstruction, load_study_sites
 from simulations.pretrain import pretrained_model
 from simulations.public import cohort_config
@@ -335,15 +336,43 @@ def untrained_model(cfg: SimulationConfig, out: Path) -> dict:
     return {"model": str(save_model(model, out / "untrained", card)), "wall_s": 0.0}
 
 
-def reconstruction(cfg: SimulationConfig, model: str) -> dict:
-    """Median Pearson r of ECG decoded from PPG alone, one window per held-out BIDMC subject."""
+def reconstruction(cfg: SimulationConfig, model: str, figure: Path) -> dict:
+    """Median Pearson r of ECG decoded from PPG alone, one window per held-out BIDMC subject;
+    the three windows nearest the median drawn to `figure`."""
     manifest = SimulationSites.model_validate_json((cfg.out / "sites.json").read_text())
     sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
     bidmc = [s for s in sites if s.modality == "both"]
     n = sum(len(s.holdout) for s in bidmc)
     rows = cross_modal_reconstruction(Path(model), bidmc, windows=n)
     r = [w.row.correlation for w in rows]
-    return {"median_r": float(np.median(r)) if r else None, "windows": len(r), "r": r}
+    if not r:
+        return {"median_r": None, "windows": 0, "r": []}
+    median = float(np.median(r))
+    typical = sorted(rows, key=lambda w: abs(w.row.correlation - median))[:3]
+    drawn = plots.reconstruction(typical, figure)
+    return {"median_r": median, "windows": len(r), "r": r, "figure": str(drawn)}
+
+
+def draw_curve(results: dict, models: dict, base: SimulationConfig, path: Path) -> Path | None:
+    """Each site's main task against ε per site (the ε runs, the default ε, ∞ = non-DP), with
+    the untrained, synthetic-pretrained and hand-crafted levels as dashed lines."""
+    curves: dict[str, list[tuple[float, float, float, float]]] = {}
+    references: dict[str, dict[str, float]] = {}
+    ylabels: dict[str, str] = {}
+    runs = {FED_DP: base.site_epsilon, FED_NODP: math.inf}
+    runs |= {k: float(k.split("=")[1]) for k in models if k.startswith(f"{FED_DP} ε=")}
+    for site, tasks in TASKS.items():
+        main = next(t for t in tasks if t.main)
+        ylabels[site] = f"{main.name}: " + ("MAE ratio" if main.kind == "regression" else "AUROC")
+        for label, eps in runs.items():
+            r = results.get(label, {}).get(site, {}).get(main.name)
+            if r and "error" not in r:
+                curves.setdefault(site, []).append((eps, r["value"], *r["ci"]))
+        for label in (UNTRAINED, SYNTHETIC, HANDCRAFTED):
+            r = results.get(label, {}).get(site, {}).get(main.name)
+            if r and "error" not in r:
+                references.setdefault(site, {})[label] = r["value"]
+    return plots.utility_vs_epsilon(curves, path, ylabels=ylabels, references=references)
 
 
 # ---- main ---------------------------------------------------------------------------------
@@ -390,6 +419,7 @@ def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     t_start = time.perf_counter()
+    name = args.name or ("cohorts-quick" if args.quick else "cohorts")
     skip = set(filter(None, args.skip.split(",")))
     out = args.out.resolve()
     os.environ.setdefault("BIOFP_SHARED_DATA", str(shared_data()))
@@ -484,10 +514,12 @@ def main() -> None:
         log.warning("probed %s", site.name)
     recon = {}
     if "recon" not in skip:
-        for label in (POOLED, FED_DP, UNTRAINED):
+        for label in (POOLED, FED_DP, SYNTHETIC, UNTRAINED):
             if "model" in models.get(label, {}):
                 cfg = plans.get(label, base)
-                recon[label] = reconstruction(cfg, models[label]["model"])
+                slug = label.replace(" ", "-").replace(",", "")
+                figure = RESULTS / f"{name}-reconstruction-{slug}.png"
+                recon[label] = reconstruction(cfg, models[label]["model"], figure)
     wall = time.perf_counter() - t_start
     payload = {
         "config": str(args.config or cohort_config("public", quick=args.quick)),
@@ -496,9 +528,11 @@ def main() -> None:
         "wall_s": {"total": wall, "training": t_train, "handcrafted_and_probes": feature_s},
         "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
     }  # fmt: skip
+    curve_png = draw_curve(results, models, base, RESULTS / f"{name}-epsilon.png")
+    payload["figures"] = {"epsilon": str(curve_png) if curve_png else None}
     rows = table_rows(results, models, recon)
     rows.append(("wall time (s): total / training", f"{wall:.0f} / {t_train:.0f}", "≤ 7200"))
-    report(args.name or ("cohorts-quick" if args.quick else "cohorts"), rows, payload)
+    report(name, rows, payload)
 
 
 def _fmt(r: dict | None) -> str:

@@ -177,3 +177,38 @@ def reconstruction(
     axes[-1].set_xlabel("s")
     axes[0].legend(fontsize="x-small", ncol=3, loc="upper right")
     return _save(fig, path)
+
+
+def utility_vs_epsilon(
+    curves: dict[str, list[tuple[float, float, float, float]]],
+    path: Path,
+    *,
+    ylabels: dict[str, str] | None = None,
+    references: dict[str, dict[str, float]] | None = None,
+) -> Path | None:
+    """One panel per site: its main task's score (with the 95 % CI) against the per-site budget
+    ε, points (ε, value, ci_low, ci_high) with ε = inf drawn at the right end as "∞"; dashed
+    lines for reference models (e.g. the untrained encoder)."""
+    curves = {site: sorted(points) for site, points in curves.items() if points}
+    if not curves:
+        return None
+    finite = sorted({e for pts in curves.values() for e, *_ in pts if math.isfinite(e)})
+    top = (finite[-1] * 2) if finite else 1.0  # where ε = inf is drawn
+    fig, axes = _panels(len(curves))
+    for ax, (site, points) in zip(axes, curves.items(), strict=True):
+        eps = np.array([e if math.isfinite(e) else top for e, *_ in points])
+        value = np.array([p[1] for p in points])
+        low = np.array([p[1] - p[2] for p in points])
+        high = np.array([p[3] - p[1] for p in points])
+        ax.errorbar(eps, value, yerr=[np.maximum(low, 0), np.maximum(high, 0)], marker="o",
+                    capsize=2, label="federated")  # fmt: skip
+        for i, (name, level) in enumerate((references or {}).get(site, {}).items()):
+            ax.axhline(level, linestyle="--", linewidth=1, color=f"C{i + 1}", label=name)
+        ax.set_xscale("log", base=2)
+        ticks = [*finite, top]
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["∞"])
+        ax.set_xlabel("ε per site")
+        ax.set_ylabel((ylabels or {}).get(site, "score"))
+        ax.set_title(site, fontsize="medium")
+    axes[0].legend(fontsize="x-small")
+    return _save(fig, path)
