@@ -380,3 +380,21 @@ def test_no_report_writes_none(reported: Path, cache_dir: Path, tmp_path: Path) 
         assert not (run / "comparisons").exists() and not list(run.rglob("*.png"))
         summary = RunSummary.model_validate_json((run / "summary.json").read_bytes())
         assert summary.report_path is None and summary.status == "completed"
+
+
+def test_the_utility_vs_epsilon_curve_draws_one_panel_per_site(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from simulations.plots import utility_vs_epsilon
+
+    curves = {
+        "cinc2017": [(8.0, 0.88, 0.8, 0.95), (2.0, 0.84, 0.7, 0.9), (math.inf, 0.9, 0.85, 0.95)],
+        "bidmc": [(8.0, 1.1, 0.9, 1.3)],
+        "empty": [],
+    }
+    path = utility_vs_epsilon(curves, tmp_path / "eps.png", references={"bidmc": {"x": 1.0}})
+    assert path == tmp_path / "eps.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (600, 280)  # 2 panels of 3 x 2.8 in
+    assert utility_vs_epsilon({"empty": []}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
