@@ -444,6 +444,11 @@ def main() -> None:
         base = base.model_copy(update={"public_sites": sites})
     if args.no_pretrain:
         base = base.model_copy(update={"pretrain": None})
+    elif base.pretrain is not None and json.loads(args.pretrain):
+        pre = base.pretrain.model_validate(
+            {**base.pretrain.model_dump(), **json.loads(args.pretrain)}
+        )
+        base = base.model_copy(update={"pretrain": pre})
     nodp = {"dp": False}  # with ε = inf: a site with a finite budget refuses non-DP training
     options = json.loads(base.run.model_options or "{}")
     plans: dict[str, SimulationConfig] = {FED_DP: base}
