@@ -397,6 +397,7 @@ def parse() -> argparse.Namespace:
     skips = "local, nodp, pooled, ablation, recon, baselines (untrained and hand-crafted)"
     p.add_argument("--skip", default="", help=f"comma list of: {skips}")
     p.add_argument("--reuse", action="store_true", help="keep completed runs found in --out")
+    p.add_argument("--pretrain", default="{}", help="JSON of [pretrain] overrides (e.g. steps)")
     p.add_argument(
         "--no-pretrain",
         action="store_true",
