@@ -37,7 +37,7 @@ def pretrain(
         summary = simulate(cfg.model_copy(update={"out": out}))
     console.print(
         f"{summary.model_path}: held-out loss {summary.eval_loss:.4f} after {steps} steps "
-        f"({summary.wall_s:.0f} s); run config: initial-model = \"{summary.model_path}\"",
+        f'({summary.wall_s:.0f} s); run config: initial-model = "{summary.model_path}"',
         highlight=False,
         soft_wrap=True,
     )
