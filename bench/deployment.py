@@ -16,8 +16,9 @@ against Flower's simulation engine on the same two sites with the same run confi
 
 ``--containers``: the same federation in the hospital containers (bench/containers.py: the
 images built with deploy/build-images.sh --offline and run with buildah, the two-site check, the
-bad-input refusals), against the plain-process deployment of the same run: build time (``--cold``
-also times a build without any cached step), image sizes, container start -> first round served,
+bad-input refusals), against the plain-process deployment of the same run: build time (nothing
+changed, then after a BioFP source change; ``--cold`` also times a build without any cached
+step first), image sizes, container start -> first round served,
 per-round wall time in containers / as plain processes.
 
 The sites are the synthetic cohort's (same seed, same partition) in both cases; each run starts
@@ -142,8 +143,8 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
     plain_round = statistics.mean(plain["rounds"][1:])
     size = {name: info["bytes"] for name, info in found["images"].items()}
     rows = [
-        *((f"build, {k.split('_')[1]} (deploy/build-images.sh --offline)", f"{v / 60:.1f} min",
-           "-") for k, v in builds.items()),
+        *((f"build, {k.split('_')[1]} (deploy/build-images.sh --offline, both images)",
+           f"{v / 60:.1f} min", "-") for k, v in builds.items()),
         *((f"image size {name.split('/')[-1]}", f"{b / 1e6:.0f} MB", "report")
           for name, b in size.items()),
         ("server container start -> port open", f"{found['server_start_s']:.1f} s", "-"),
