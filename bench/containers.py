@@ -8,7 +8,8 @@ the host's network, so everything meets on 127.0.0.1):
 - the server image runs its ENTRYPOINT + CMD (``biofp server start``, TLS + SuperNode auth), with
   its config folder read-only and its state on a volume; the flwr CLI *in that image* connects,
   registers the two sites' public keys and submits the run;
-- two site images run their ENTRYPOINT + CMD (``biofp client start``), each with its own
+- each site's state is initialised in its container (``biofp site init``), then two site images
+  run their ENTRYPOINT + CMD (``biofp client start``), each with its own
   read-only data folder, read-only config folder (site.toml, ca.crt, the node key owned by uid
   10001, mode 0600) and state volume; the run's rounds complete;
 - each image's HEALTHCHECK command runs inside its running container and must pass;
@@ -444,6 +445,11 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
 
         ctrs = {site.name: fed.container(site.name, SITE_IMAGE) for site in sites}
         found["site_create_s"] = {n: c.created_s for n, c in ctrs.items()}
+        for site in sites:  # once per site, in its container: the ledger starts in the volume
+            done = ctrs[site.name].run(
+                ["biofp", "site", "init", "--config", "/etc/biofp/site.toml"], mounts=site.mounts
+            )
+            assert done.returncode == 0, (site.name, done.stdout + done.stderr)
         t0 = time.perf_counter()
         for site in sites:
             ctrs[site.name].start(site.mounts)
