@@ -163,6 +163,8 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
         "plain_round_mean_s": plain_round, "container_over_plain": box_round / plain_round,
     }  # fmt: skip
     report("containers-smoke" if args.smoke else "containers", rows, payload)
+    health = found["site_health"]
+    print(f"site HEALTHCHECK while serving: exit {health['returncode']}: {health['line']}")
     print("refusals (each site container's whole log):")
     for what, lines in found["refusals"].items():
         print(f"  {what}: {lines[0]}")
