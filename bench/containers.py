@@ -80,11 +80,15 @@ CHANGED_SOURCE = ROOT / "biofp_core" / "__init__.py"
 
 
 def build_images(*, cold: bool, skip: bool = False) -> dict[str, float]:
-    """Seconds for deploy/build-images.sh --offline: cold (no BioFP image, no cached step; the
-    base image and the wheelhouse's third-party wheels kept), then cached (nothing changed), then
-    after a BioFP source change (a comment line appended to one source file: BioFP's wheel
-    changes, so both images rebuild their BioFP stage and last layer). The source file is
-    restored afterwards; the images keep the comment."""
+    """Seconds for deploy/build-images.sh --offline, both images:
+
+    - ``cold`` (with ``cold``): no BioFP image and no cached step; the base image and the
+      wheelhouse's third-party wheels kept;
+    - ``biofp-change``: after a BioFP source change (a comment line appended to one source file:
+      BioFP's wheel changes, so both images rebuild their ``biofp`` stage and last layer);
+    - ``biofp-revert``: the file restored, a BioFP change again (back to the sources as they are);
+    - ``cached``: nothing changed since the build before.
+    """
     out: dict[str, float] = {}
     if skip:
         return out
@@ -101,7 +105,6 @@ def build_images(*, cold: bool, skip: bool = False) -> dict[str, float]:
                 buildah("rmi", "--force", image)
         buildah("rmi", "--prune", "--force")  # intermediate (cache) images
         timed("cold")
-    timed("cached")
     original = CHANGED_SOURCE.read_bytes()
     try:
         note = f"# bench/containers.py: a source change at {time.time():.0f}\n"
@@ -109,6 +112,8 @@ def build_images(*, cold: bool, skip: bool = False) -> dict[str, float]:
         timed("biofp-change")
     finally:
         CHANGED_SOURCE.write_bytes(original)
+    timed("biofp-revert")
+    timed("cached")
     return out
 
 
@@ -487,7 +492,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         before: dict[str, list[dict[str, Any]]] = {}
         for site in sites:
             entries = _ledger(site)
-            charged = [e["server_round"] for e in entries if e["run_id"] == run_key]
+            charged = [e["server_round"] for e in entries if e["run_key"] == run_key]
             assert charged == list(range(1, run["num-rounds"] + 1)), (site.name, charged)
             assert _train_audit(site.state, run_key) == charged
             before[site.name] = entries
@@ -514,7 +519,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         run2_key = read_run_key(run2_dir)
         after = _ledger(sites[0])
         assert after[: len(before["north"])] == before["north"]
-        assert [(e["run_id"], e["server_round"]) for e in after[len(before["north"]) :]] == [
+        assert [(e["run_key"], e["server_round"]) for e in after[len(before["north"]) :]] == [
             (run2_key, 1)
         ], after
         assert after[-1]["epsilon_after"] > before["north"][-1]["epsilon_after"]

@@ -16,9 +16,9 @@ against Flower's simulation engine on the same two sites with the same run confi
 
 ``--containers``: the same federation in the hospital containers (bench/containers.py: the
 images built with deploy/build-images.sh --offline and run with buildah, the two-site check, the
-bad-input refusals), against the plain-process deployment of the same run: build time (nothing
-changed, then after a BioFP source change; ``--cold`` also times a build without any cached
-step first), image sizes, container start -> first round served,
+bad-input refusals), against the plain-process deployment of the same run: build time (after a
+BioFP source change, after reverting it, with nothing changed; ``--cold`` also times a build
+without any cached step first), image sizes, container start -> first round served,
 per-round wall time in containers / as plain processes.
 
 The sites are the synthetic cohort's (same seed, same partition) in both cases; each run starts

@@ -6,11 +6,12 @@
 #                                 /wheels/deps (bind-mounted: no layer keeps the wheels) with
 #                                 --no-index; only when it holds no wheel, its requirements.txt
 #                                 from the image's own pip index (PyPI unless configured; torch
-#                                 from TORCH_INDEX_URL when given). Then the trim: headers, protoc, every tests/ folder, pip
-#                                 and wheel (setuptools stays: torch declares it).
+#                                 from TORCH_INDEX_URL when given). Then the trim: headers,
+#                                 protoc, every tests/ folder, pip (setuptools stays: torch
+#                                 declares it).
 #   install-venv.sh biofp         stage `biofp`: BioFP alone from /wheels/biofp/*.whl, no
 #                                 dependencies, under the prefix /opt/biofp (lib/python3.11/
-#                                 site-packages/ and bin/, scripts starting #!/opt/venv/bin/python):
+#                                 site-packages/ and bin/, scripts starting #!/opt/venv/bin/python3):
 #                                 the image copies it over /opt/venv as its last, small layer.
 #
 # DIGEST (build-images.sh passes it as a build argument) names the wheels installed: a changed one
@@ -34,7 +35,7 @@ deps)
     rm -rf "$sp"/torch/include "$sp"/torch/share/cmake "$sp"/torch/bin/protoc* \
         "$sp"/pyarrow/include "$sp"/pyarrow/src "$sp"/numpy/_core/include
     find "$sp" -type d -name tests -prune -exec rm -rf {} +
-    /opt/venv/bin/python -m pip uninstall --quiet --yes pip wheel
+    /opt/venv/bin/python -m pip uninstall --quiet --yes pip
     ;;
 biofp)
     # a throwaway venv at the image's path, for its pip and its interpreter's name in the scripts
