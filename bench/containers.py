@@ -571,7 +571,7 @@ def refusals(root: Path, ctr: Container, site: Hospital) -> dict:
     (empty / "notes.txt").write_text("exported the wrong folder\n")
     mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     out["data folder without records"] = _refused(
-        ctr, mounts, "refuse-no-records.log", "no WFDB records"
+        ctr, mounts, "refuse-no-records.log", "no records found"
     )
     return out
 
