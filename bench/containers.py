@@ -16,8 +16,10 @@ the host's network, so everything meets on 127.0.0.1):
   the site's exit status and last line are recorded (see check_containers);
 - each site's ledger and audit log, written inside its container, are read back from its volume
   with ``biofp site ledger`` / ``biofp site audit`` (rounds 1..R of the run, one charge each);
-- the north container is removed and a new one started on the same volumes: its ledger is
-  unchanged, and a second run charges only that run's round (nothing of the first run again);
+- the north container is killed (SIGKILL) and a new one started at once on the same volumes
+  (the SuperLink refuses it until the old session expires; ``biofp client start`` retries): its
+  ledger is unchanged, and a second run charges only that run's round (nothing of the first run
+  again);
 - bad input: a missing node key, a world-readable node key, a data folder without records, a
   SuperLink whose certificate names another host: each site container exits 1 with one line.
 
@@ -31,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +179,13 @@ class Container:
     def stop(self) -> None:
         if self.proc is not None:
             kill_tree(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL every process of the container at once (``docker kill``, a power cut):
+        nothing shuts down cleanly, and the SuperLink is not told the node left."""
+        if self.proc is not None:
+            kill_tree(self.proc, sig=signal.SIGKILL, wait_s=5)
             self.proc = None
 
     def remove(self) -> None:
@@ -481,7 +491,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         health = healthcheck(ctrs["north"])
         found["site_health"] = {
             "returncode": health.returncode,
-            "line": ((health.stdout + health.stderr).strip().splitlines() or [""])[-1],
+            "lines": _error_lines(health.stdout + health.stderr)[-2:],
         }
         metrics = wait_until(lambda: _finished(run_dir), timeout_s=1800, what="the run",
                              poll_s=0.5)  # fmt: skip
@@ -501,9 +511,13 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         found["ledger_entries"] = {n: len(e) for n, e in before.items()}
         found["epsilon_after_run_1"] = {n: e[-1]["epsilon_after"] for n, e in before.items()}
 
-        # north's container removed and a new one started on the same volumes
+        # north's container killed (SIGKILL) and a new one started at once on the same volumes:
+        # the SuperLink still counts the old node online (Flower's heartbeat expiry) and refuses
+        # the new SuperNode until then; `biofp client start` retries that refusal
+        ctrs["north"].kill()
         ctrs["north"].remove()
         north = fed.container("north-2", SITE_IMAGE)
+        t0 = time.perf_counter()
         north.start(sites[0].mounts)
         wait_until(lambda: "window store ready" in north.log(), timeout_s=300,
                    what="the new north container")  # fmt: skip
@@ -511,11 +525,18 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         coordinator("flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config",
                     "/inbox/run-2.toml", "--format", "json")  # fmt: skip
         run2_dir = server_state / "runs" / "containers-2"
+        run2 = wait_until(lambda: read_run_key(run2_dir), timeout_s=600, what="run 2's key")
+        wait_until(lambda: _train_audit(sites[0].state, run2), timeout_s=900,
+                   what="the new north container's first round", poll_s=0.2)  # fmt: skip
+        found["north_replaced_first_round_s"] = time.perf_counter() - t0
         wait_until(lambda: _finished(run2_dir), timeout_s=1800, what="the second run", poll_s=0.5)
         found["north_restart_log"] = [  # retries while the SuperLink held the old session
             line for line in north.log().splitlines()
             if "previous session; retrying" in line or "reconnected to the SuperLink" in line
         ]  # fmt: skip
+        again = [re.search(r"reconnected to the SuperLink (\d+) s", x)
+                 for x in found["north_restart_log"]]  # fmt: skip
+        found["north_reconnect_s"] = next((float(m.group(1)) for m in again if m), None)
         run2_key = read_run_key(run2_dir)
         after = _ledger(sites[0])
         assert after[: len(before["north"])] == before["north"]

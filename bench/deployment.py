@@ -150,6 +150,10 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
         ("server container start -> port open", f"{found['server_start_s']:.1f} s", "-"),
         *_per_site("site container created (buildah from, vfs)", found["site_create_s"]),
         *_per_site("site container start -> first round served", found["first_round_s"]),
+        ("site container killed, a new one started -> reconnected",
+         f"{found['north_reconnect_s']} s", "-"),
+        ("site container killed, a new one started -> its first round of the next run",
+         f"{found['north_replaced_first_round_s']:.1f} s", "-"),
         ("plain process start -> first round served (mean)",
          f"{statistics.mean(plain['first_round_s'].values()):.1f} s", "-"),
         ("round wall in containers, rounds 2..R (mean)", f"{box_round:.2f} s", "-"),
@@ -164,7 +168,8 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
     }  # fmt: skip
     report("containers-smoke" if args.smoke else "containers", rows, payload)
     health = found["site_health"]
-    print(f"site HEALTHCHECK while serving: exit {health['returncode']}: {health['line']}")
+    print(f"site HEALTHCHECK while serving: exit {health['returncode']}: {health['lines']}")
+    print("north killed and replaced:", found["north_restart_log"])
     print("refusals (each site container's whole log):")
     for what, lines in found["refusals"].items():
         print(f"  {what}: {lines[0]}")
