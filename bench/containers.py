@@ -519,8 +519,11 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         north = fed.container("north-2", SITE_IMAGE)
         t0 = time.perf_counter()
         north.start(sites[0].mounts)
-        wait_until(lambda: "window store ready" in north.log(), timeout_s=300,
-                   what="the new north container")  # fmt: skip
+        # accepted by the SuperLink (after its retries): a run submitted before that would send
+        # north's message to the node the SuperLink still counts online, and north would miss it
+        wait_until(lambda: "SuperNode ID:" in north.log(), timeout_s=300,
+                   what="the new north container accepted by the SuperLink")  # fmt: skip
+        found["north_replaced_accepted_s"] = time.perf_counter() - t0
         assert _ledger(sites[0]) == before["north"], "the ledger changed across the restart"
         coordinator("flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config",
                     "/inbox/run-2.toml", "--format", "json")  # fmt: skip
