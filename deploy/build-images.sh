@@ -22,7 +22,7 @@ offline=0
 for arg in "$@"; do
     case "$arg" in
         --offline) offline=1 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "error: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
