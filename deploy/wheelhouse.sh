@@ -5,6 +5,9 @@
 # so it needs no network and no pip configuration of its own.
 #
 #   build/wheelhouse/deps/   torch (CPU) and every third-party wheel BioFP needs, resolved once
+#                            from requirements.txt: pyproject.toml's dependencies with Flower's
+#                            `simulation` extra dropped (Ray: only `biofp simulate` uses it, and
+#                            no container runs a simulation)
 #   build/wheelhouse/biofp/  BioFP itself, rebuilt from the source tree on every run
 #
 #   deploy/wheelhouse.sh                       # both
@@ -27,19 +30,27 @@ touch "$OUT/deps/.keep" "$OUT/biofp/.keep"
 # build's cached step is reused until a source file changes
 SOURCE_DATE_EPOCH=315532800 \
     "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$OUT/biofp" .
+# what the images install: pyproject.toml's dependencies without Flower's `simulation` extra
+"$PYTHON" - "$TORCH_VERSION" >"$OUT/deps/requirements.new" <<'PY'
+import re, sys, tomllib
+print(f"torch=={sys.argv[1]}")
+for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+    print(re.sub(r"^flwr\[simulation\]", "flwr", dep))
+PY
 stamp="$OUT/deps/.resolved-for"
-want="torch==$TORCH_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+want="$(sha256sum "$OUT/deps/requirements.new" | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -f "$OUT/deps/requirements.txt" ]; then
     echo "wheelhouse: deps unchanged ($want)" >&2
+    rm -f "$OUT/deps/requirements.new"
 else
     rm -f "$OUT"/deps/*.whl
+    mv "$OUT/deps/requirements.new" "$OUT/deps/requirements.txt"
     # torch first, alone: from TORCH_INDEX_URL if given, else from pip's configured sources
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$OUT/deps" \
         ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
     # everything else, torch pinned to the wheel above (it satisfies the requirement offline)
     "$PYTHON" -m pip wheel --quiet --wheel-dir "$OUT/deps" --find-links "$OUT/deps" \
-        "torch==$TORCH_VERSION" "$OUT"/biofp/biofp-*.whl
-    rm -f "$OUT"/deps/biofp-*.whl
+        -r "$OUT/deps/requirements.txt"
     echo "$want" >"$stamp"
 fi
 cp deploy/install-venv.sh "$OUT/deps/install-venv.sh"  # the images' install steps

@@ -66,33 +66,43 @@ IMAGES = {  # Dockerfile: (entry point, the state volume, exposed ports)
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
 def test_image_runs_biofp_unprivileged_from_the_wheelhouse_only(dockerfile: str) -> None:
     entrypoint, volume, ports = IMAGES[dockerfile]
-    preamble, build, final = stages(ROOT / dockerfile)
+    preamble, deps, biofp, final = stages(ROOT / dockerfile)
     assert values(preamble, "ARG") == ["BASE_IMAGE=python:3.11-slim"]
-    assert values(build, "FROM") == ["${BASE_IMAGE} AS build"]
+    assert values(deps, "FROM") == ["${BASE_IMAGE} AS deps"]
+    assert values(biofp, "FROM") == ["${BASE_IMAGE} AS biofp"]
     assert values(final, "FROM") == ["${BASE_IMAGE}"]
-    # the build stage reads the wheelhouse only, installs it without an index when it holds the
-    # dependencies, and names no external URL (an index is a build argument)
-    assert values(build, "COPY") == []  # the wheelhouse is bind-mounted: no layer keeps it
-    runs = " ".join(values(build, "RUN"))
-    mounts = re.findall(r"--mount=(\S+)", runs)
-    assert mounts == [
-        "type=bind,source=build/wheelhouse/deps,target=/wheels/deps",
-        "type=bind,source=build/wheelhouse,target=/wheels",
+    # the dependencies: the wheelhouse bind-mounted (no layer keeps it), keyed by its digest, the
+    # same step in both Dockerfiles (one build serves both images)
+    assert values(deps, "COPY") == []
+    (run,) = values(deps, "RUN")
+    assert re.findall(r"--mount=(\S+)", run) == [
+        "type=bind,source=build/wheelhouse/deps,target=/wheels/deps"
     ]
-    assert "${DEPS_DIGEST" in runs and "${BIOFP_DIGEST" in runs  # cache keys of those steps
-    # both steps run the shared script, from the wheelhouse where deploy/wheelhouse.sh copies it
-    assert re.findall(r"sh /wheels/deps/install-venv.sh (\w+)", runs) == ["deps", "biofp"]
+    assert run.endswith('sh /wheels/deps/install-venv.sh deps "${DEPS_DIGEST:-?}"')
+    other = "server/Dockerfile" if dockerfile == "client/Dockerfile" else "client/Dockerfile"
+    assert deps == stages(ROOT / other)[1]
+    # BioFP alone: its wheel COPY'd (the bytes are the cache key), installed by the same script
+    assert values(biofp, "COPY") == [
+        "build/wheelhouse/deps/install-venv.sh /wheels/",
+        "build/wheelhouse/biofp/ /wheels/biofp/",
+    ]
+    assert values(biofp, "RUN") == ["sh /wheels/install-venv.sh biofp"]
     script = "\n".join(
         line for line in (ROOT / "deploy/install-venv.sh").read_text().splitlines()
         if not line.lstrip().startswith("#")
     )  # fmt: skip
     assert script.count("--no-index") == 2 and "TORCH_INDEX_URL" in script
+    assert "--no-deps --prefix /opt/biofp" in script
     assert not re.search(r"https?://", script)
     text = " ".join(rest for _, rest in instructions(ROOT / dockerfile))
     assert not re.search(r"https?://", text)
-    # the image: the venv from the build stage and nothing else of the build, as its last step
-    assert values(final, "COPY") == ["--from=build /opt/venv /opt/venv"]
-    assert final[-1] == ("COPY", "--from=build /opt/venv /opt/venv")
+    # the image: the dependencies' venv, then BioFP over it as the last (small) layer, and
+    # nothing else of the build
+    assert final[-2:] == [
+        ("COPY", "--from=deps /opt/venv /opt/venv"),
+        ("COPY", "--from=biofp /opt/biofp/ /opt/venv/"),
+    ]
+    assert len(values(final, "COPY")) == 2
     assert "pip uninstall" in script and "-name tests" in script
     assert values(final, "USER") == [UID]
     assert f"--uid {UID}" in " ".join(values(final, "RUN"))
