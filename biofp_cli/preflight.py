@@ -142,6 +142,23 @@ def choose_runtime_port(site: SiteConfig, config_path: Path | None = None) -> tu
     return chosen, f"chosen free: {derived} was taken"
 
 
+def serving_runtime_port(site: SiteConfig, config_path: Path | None = None) -> tuple[int, str]:
+    """(port, how it was found) of a serving site's runtime API: the configured or derived port
+    must be held, by its running SuperNode (the health check of a running site, where
+    :func:`choose_runtime_port` would find it taken)."""
+    fed = site.federation
+    assert fed is not None
+    port = fed.runtime_port
+    if port is None:
+        port = derived_runtime_port(config_path or site.resolved_state_dir())
+    if port_is_free(RUNTIME_HOST, port):
+        raise DeploymentError(
+            f"nothing listens on {RUNTIME_HOST}:{port}, this site's SuperNode runtime API: "
+            "`biofp client start` is not serving"
+        )
+    return port, "held by the serving SuperNode"
+
+
 def check_insecure_address(host: str, *, what: str, allow_non_loopback: bool) -> None:
     """Refuse --insecure for a non-loopback `host` unless explicitly allowed."""
     if is_loopback(host) or allow_non_loopback:
@@ -260,8 +277,10 @@ def check_site(
     insecure: bool,
     config_path: Path | None = None,
     allow_non_loopback: bool = False,
+    serving: bool = False,
 ) -> tuple[int, str]:
-    """Every check before ``biofp client start``; raises the first failure.
+    """Every check before ``biofp client start``; raises the first failure. ``serving``: the
+    checks of a site that runs (its health check): its runtime API port must be held, not free.
 
     Returns
     -------
@@ -290,4 +309,6 @@ def check_site(
         check_tls_handshake(
             fed.host, fed.port, ca_cert=fed.ca_cert, timeout_s=fed.connect_timeout_s
         )
+    if serving:
+        return serving_runtime_port(site, config_path)
     return choose_runtime_port(site, config_path)

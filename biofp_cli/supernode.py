@@ -113,9 +113,10 @@ class SuperNodeLaunch:
 
 
 def prepare_supernode(
-    config_path: Path, *, insecure: bool, allow_non_loopback: bool = False
+    config_path: Path, *, insecure: bool, allow_non_loopback: bool = False, serving: bool = False
 ) -> SuperNodeLaunch:
-    """Parse and check site.toml; nothing is started.
+    """Parse and check site.toml; nothing is started (``serving``: the checks of a running site,
+    whose runtime port its SuperNode holds).
 
     Raises
     ------
@@ -127,8 +128,9 @@ def prepare_supernode(
     site_toml = Path(config_path).expanduser().resolve()
     site = load_site_config(site_toml)
     port, source = check_site(
-        site, insecure=insecure, config_path=site_toml, allow_non_loopback=allow_non_loopback
-    )
+        site, insecure=insecure, config_path=site_toml, allow_non_loopback=allow_non_loopback,
+        serving=serving,
+    )  # fmt: skip
     fed = site.federation
     assert fed is not None
     home = fed.flower_home or site.resolved_state_dir() / "flower"

@@ -113,10 +113,10 @@ def test_image_runs_biofp_unprivileged_from_the_wheelhouse_only(dockerfile: str)
     assert "PATH=/opt/venv/bin:" in env and "FLWR_TELEMETRY_ENABLED=0" in env
 
 
-def test_site_image_healthcheck_is_the_pre_start_check() -> None:
+def test_site_image_healthcheck_is_the_running_site_check() -> None:
     (check,) = values(stages(ROOT / "client/Dockerfile")[-1], "HEALTHCHECK")
     argv = shlex.split(check.split(" CMD ", 1)[1])
-    assert argv == ["biofp", "client", "start", "--config", "$BIOFP_SITE_CONFIG", "--check"]
+    assert argv == ["biofp", "client", "start", "--config", "$BIOFP_SITE_CONFIG", "--health"]
     env = " ".join(values(stages(ROOT / "client/Dockerfile")[-1], "ENV"))
     assert "BIOFP_SITE_CONFIG=/etc/biofp/site.toml" in env
     assert "BIOFP_CACHE_DIR=/state/cache" in env and "FLWR_HOME=/state/flower" in env

@@ -301,6 +301,27 @@ def test_reachable_trusted_site_passes(site_toml: Path, tls_server: int) -> None
     check_site(load_site_config(site_toml), insecure=False)
 
 
+def test_a_serving_sites_health_check_wants_its_runtime_port_held(
+    site_toml: Path, tls_server: int
+) -> None:
+    with_superlink(site_toml, f"localhost:{tls_server}")
+    with socket.create_server(("127.0.0.1", 0)) as supernode:  # the SuperNode's runtime API
+        port = supernode.getsockname()[1]
+        site_toml.write_text(site_toml.read_text() + f"runtime_port = {port}\n")
+        site = load_site_config(site_toml)
+        with pytest.raises(DeploymentError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_site(site, insecure=False)  # before a start: the port must be free
+        assert check_site(site, insecure=False, serving=True) == (
+            port, "held by the serving SuperNode"
+        )  # fmt: skip
+    with pytest.raises(DeploymentError) as exc:  # nothing serves any more
+        check_site(site, insecure=False, serving=True)
+    assert str(exc.value) == (
+        f"nothing listens on 127.0.0.1:{port}, this site's SuperNode runtime API: "
+        "`biofp client start` is not serving"
+    )
+
+
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [

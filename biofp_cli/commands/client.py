@@ -25,6 +25,12 @@ def start(
         help="DANGEROUS: allow --insecure towards a SuperLink that is not on this machine",
     ),
     check: bool = typer.Option(False, "--check", help="run the pre-start checks and exit"),
+    health: bool = typer.Option(
+        False,
+        "--health",
+        help="the checks of a running site (a container's HEALTHCHECK), then exit: as --check, "
+        "but the runtime API port must be held by this site's SuperNode",
+    ),
 ) -> None:
     """Check site.toml, keys, data, the state folder (initialised once by `biofp site init`) and
     the SuperLink, build the window store, then run the Flower SuperNode (until stopped). Only
@@ -34,14 +40,16 @@ def start(
     insecure = insecure_mode(
         insecure, insecure_non_loopback, "traffic to the SuperLink is not encrypted"
     )
-    launch = prepare_supernode(config, insecure=insecure, allow_non_loopback=insecure_non_loopback)
+    launch = prepare_supernode(
+        config, insecure=insecure, allow_non_loopback=insecure_non_loopback, serving=health
+    )
     fed = launch.federation
     console.print(f"checks passed; site {launch.site.name} -> {fed.superlink}")
     console.print(
         f"runtime API (ClientApps) on 127.0.0.1:{launch.runtime_port} "
         f"({launch.runtime_port_source})"
     )
-    if check:
+    if check or health:
         return
     subjects = warm_store(launch)
     console.print(f"window store ready: {subjects} subjects")
