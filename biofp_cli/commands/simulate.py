@@ -7,6 +7,7 @@ the values of ``--config sim.toml``; unset flags leave them alone.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +155,8 @@ def simulate(
         console.print(f"report: {summary.report_path}")
     if live is not None:
         console.print(f"dashboard still at {live.settings.url} (Ctrl-C to stop)")
+        # the simulation engine may leave its own SIGINT handler behind: Ctrl-C is ours again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             live.wait()
         except KeyboardInterrupt:
