@@ -194,7 +194,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     rounds = 2 if args.smoke else max(2, args.rounds)
-    cohort = {"subjects": 4, "minutes": 1.0} if args.smoke else {"subjects": 8, "minutes": 2.0}
+    cohort = {"subjects": 6, "minutes": 1.0} if args.smoke else {"subjects": 8, "minutes": 2.0}
     run = run_overrides(rounds, args.smoke)
     if args.containers:
         containers(args, rounds, cohort, run)
