@@ -69,7 +69,10 @@ def _no_contribution(metrics: RoundMetrics) -> FederationError:
     first = next((s for s in metrics.sites if s.reason), None)
     example = f"; {first.name or f'node {first.node_id}'}: {first.reason}" if first else ""
     if metrics.refused and not metrics.failed:
-        example += "; every site that answered refused the round (its privacy budget)"
+        example += (
+            "; every site that answered refused the round (its privacy budget or policy, e.g. "
+            "too few training subjects; its audit log says which)"
+        )
     return FederationError(
         f"round {metrics.server_round}: no site contributed an update ({metrics.sampled} "
         f"sampled, {metrics.failed} failed, {metrics.refused} refused, "
