@@ -155,8 +155,10 @@ def simulate(
         console.print(f"report: {summary.report_path}")
     if live is not None:
         console.print(f"dashboard still at {live.settings.url} (Ctrl-C to stop)")
-        # the simulation engine may leave its own SIGINT handler behind: Ctrl-C is ours again
+        # Ctrl-C is ours again: the engine may leave its own SIGINT handler behind, and a parent
+        # may have started this process with SIGINT ignored or blocked
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         try:
             live.wait()
         except KeyboardInterrupt:
