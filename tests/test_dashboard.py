@@ -180,10 +180,16 @@ def ok_site_epsilon(page: Page) -> tuple[str, float]:
 def live_run(workdir: Path, browser: Browser) -> Path:
     """Watch a real `biofp simulate --dashboard` from its first round to its end, in Chromium."""
     port = free_port()
-    proc = subprocess.Popen(
-        [*BIOFP, "simulate", "--config", "sim.toml", "--dashboard", "--dashboard-port", str(port)],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    # started with SIGINT blocked, as some parents (CI runners) start it: Ctrl-C must still stop it
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc = subprocess.Popen(
+            [*BIOFP, "simulate", "--config", "sim.toml", "--dashboard", "--dashboard-port",
+             str(port)],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{base}/api/runs/live", proc)
