@@ -155,14 +155,27 @@ def simulate(
         console.print(f"report: {summary.report_path}")
     if live is not None:
         console.print(f"dashboard still at {live.settings.url} (Ctrl-C to stop)")
-        # Ctrl-C is ours again: the engine may leave its own SIGINT handler behind, and a parent
-        # may have started this process with SIGINT ignored or blocked
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        try:
-            live.wait()
-        except KeyboardInterrupt:
-            live.stop()
+        _serve_until_stopped(live)
+
+
+def _serve_until_stopped(live: BackgroundDashboard) -> None:
+    """Serve the finished run's dashboard until Ctrl-C or SIGTERM, then exit at once: the run is
+    complete and written, and the exit must not wait on what the simulation engine left behind
+    (its signal handlers, Ray's and Flower's threads). A parent may have started this process
+    with SIGINT ignored or blocked: both are undone here."""
+    import os
+    import sys
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    live.wait(until=stop)
+    live.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _start_dashboard(out: Path, port: int) -> BackgroundDashboard:

@@ -145,9 +145,9 @@ class BackgroundDashboard:
         log.info("dashboard at %s", self.settings.url)
         return self
 
-    def wait(self) -> None:
-        """Block until the server stops (Ctrl-C raises KeyboardInterrupt here)."""
-        while self._thread.is_alive():
+    def wait(self, until: threading.Event | None = None) -> None:
+        """Block until the server stops or `until` is set (Ctrl-C raises KeyboardInterrupt here)."""
+        while self._thread.is_alive() and not (until is not None and until.is_set()):
             self._thread.join(0.5)
 
     def stop(self) -> None:
