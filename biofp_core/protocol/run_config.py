@@ -204,13 +204,14 @@ class RunConfig(BaseModel):
         from biofp_core.errors import ArtifactError
 
         loaded, card = load_model(self.initial_model)
-        model = self.build_model()
-        ours, theirs = model.config.model_dump(), loaded.config.model_dump()
         if card.model != self.model:
             raise ArtifactError(
                 f"{self.initial_model}: initial-model is a {card.model} model, the run trains "
                 f"{self.model}"
             )
+        _, config_cls = model_classes(self.model)
+        ours = config_cls.model_validate(self.model_architecture()).model_dump()
+        theirs = loaded.config.model_dump()
         if theirs != ours:
             diff = ", ".join(
                 f"{k} {theirs[k]!r} (run: {ours[k]!r})"
@@ -221,8 +222,7 @@ class RunConfig(BaseModel):
                 f"{self.initial_model}: initial-model has another architecture than the run's "
                 f"model-options: {diff}"
             )
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        return model, card.weights_sha256
+        return loaded.train(), card.weights_sha256
 
     @property
     def compressed(self) -> bool:
