@@ -42,6 +42,40 @@ class SyntheticPretraining(BaseModel):
     lr: float = Field(1e-3, gt=0, description="learning rate")
 
 
+ComparisonName = Literal["local", "nodp", "pooled", "ablation"]
+COMPARISONS: tuple[ComparisonName, ...] = ("local", "nodp", "pooled", "ablation")
+
+
+class PublicComparison(BaseModel):
+    """``[compare]``: what the public federation's report trains and probes besides the run
+    (:mod:`simulations.public_study`); the untrained encoder, hand-crafted features and the
+    starting weights are always probed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: list[ComparisonName] = Field(
+        default_factory=list,
+        description="local (each site alone, same ε), nodp (federated non-DP), pooled "
+        "(centralized non-DP), ablation (no rhythm token)",
+    )
+    epsilons: list[float] = Field(
+        default_factory=list, description="more per-site budgets for the utility-vs-ε curve"
+    )
+    saved_models: dict[str, Path] = Field(
+        default_factory=dict, description="more saved models to probe alike: label -> path"
+    )
+    repeats: int = Field(3, ge=1, description="fold draws per probe")
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the 95 % CIs")
+
+    @field_validator("epsilons")
+    @classmethod
+    def _finite_budgets(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not (0 < v < math.inf)]
+        if bad:
+            raise ValueError(f"epsilons must be finite and > 0 (got {bad[0]:g}); ∞ is 'nodp'")
+        return sorted(set(values))
+
+
 class SimulationConfig(BaseModel):
     """A simulation: data, emulated hospitals, their budgets, and the federated run (``run``)."""
 
@@ -95,6 +129,9 @@ class SimulationConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="an existing Ray cluster (host:port) instead of a local Ray"
     )
+    compare: PublicComparison = Field(
+        default_factory=PublicComparison, description="[compare]: the public report's models"
+    )
     pretrain: SyntheticPretraining | None = Field(
         None, description="[pretrain]: start from weights pretrained on simulated signals"
     )
@@ -109,6 +146,15 @@ class SimulationConfig(BaseModel):
                 raise ValueError("dataset 'public' needs [[public_sites]]")
             raw = {**raw, "sites": len(sites)}
         return raw
+
+    @model_validator(mode="after")
+    def _compare_is_public(self) -> SimulationConfig:
+        if (self.compare.models or self.compare.epsilons) and self.dataset != "public":
+            raise ValueError(
+                f"[compare] trains models for the public cohort's report, not dataset "
+                f"{self.dataset!r} (its report trains its own comparisons)"
+            )
+        return self
 
     @field_validator("partition")
     @classmethod
@@ -137,7 +183,7 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
 
     ``sim.toml`` holds SimulationConfig fields at the top level (or under ``[simulation]``) and
     run-config keys (hyphenated, as in pyproject.toml) under ``[run]``. Overrides use field
-    names; ``run`` overrides are merged key by key.
+    names; ``run`` and other table overrides (dicts) are merged key by key.
 
     Raises
     ------
@@ -155,7 +201,11 @@ def load_simulation_config(path: Path | None = None, **overrides: Any) -> Simula
             if raw.get(key) is not None:
                 raw[key] = base / Path(raw[key]).expanduser()
     run = {**raw.pop("run", {}), **overrides.pop("run", {})}
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():  # a table given as a dict is merged key by key
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        elif value is not None:
+            raw[key] = value
     try:
         return SimulationConfig.model_validate({**raw, "run": run})
     except ConfigError as exc:  # from the run config: already names the key

@@ -51,6 +51,7 @@ from simulations.engine import run_federation
 from simulations.partition import Partition, make_partition
 from simulations.pretrain import pretrained_model
 from simulations.public import default_data_root, write_public_sites
+from simulations.public_study import public_report
 from simulations.report import (
     ModelRun,
     comparison_configs,
@@ -235,8 +236,11 @@ def report_run(
     on_stage: Callable[[str], None] | None = None,
 ) -> Path:  # fmt: skip
     """The research report of a federated run: its comparison models trained here (when it has
-    a model), then :func:`simulations.report.research_report`. Returns ``OUT/report.md``."""
+    a model), then :func:`simulations.report.research_report` (the public federation:
+    :func:`simulations.public_study.public_report`). Returns ``OUT/report.md``."""
     stage = on_stage or (lambda _: None)
+    if cfg.dataset == "public":  # each site's own tasks, every baseline: its own study
+        return public_report(cfg, summary, simulate, on_stage=stage)
     runs: list[ModelRun] = []
     failures: list[str] = []
     if summary.model_path is not None:

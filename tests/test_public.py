@@ -93,6 +93,7 @@ def test_public_quick_federation_on_a_local_ray_head(
     code, err = run_cli(
         "simulate", "--cohort", "public", "--quick", "--out", str(out),
         "--data-root", str(data_root), "--ray-address", ray_head,
+        "--compare", "pooled", "--curve-epsilons", "4,0.05",
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
@@ -124,3 +125,38 @@ def test_public_quick_federation_on_a_local_ray_head(
     assert sorted(s["probe"]["rows"] > s["probe"]["subjects"] for s in rhythm) == [False, True]
     for task in ("hypertension", "sex"):
         assert [s["status"] for s in tasks[task]["sites"].values()].count("ok") >= 1
+    _assert_public_report(out)
+
+
+def _assert_public_report(out: Path) -> None:
+    """The run's report: every site's tasks for every model, the comparisons it was asked to
+    train, the ε curve and the reconstruction drawn, the verdicts."""
+    study = json.loads((out / "report" / "public_study.json").read_text())
+    models = study["models"]
+    assert {"untrained", "synthetic-pretrained", "federated DP", "pooled non-DP",
+            "federated DP ε=4"} <= set(models)  # fmt: skip
+    assert all(models[m]["model"] for m in ("untrained", "pooled non-DP", "federated DP ε=4"))
+    assert models["pooled non-DP"]["epsilon"] == dict.fromkeys(
+        models["pooled non-DP"]["epsilon"], 0.0
+    )
+    assert 0 < max(models["federated DP ε=4"]["epsilon"].values()) <= 4.0
+    assert models["federated DP ε=0.05"]["model"] is None  # the planner cannot serve it
+    assert "0.05" in models["federated DP ε=0.05"]["error"]
+    results = study["results"]
+    for label in ("untrained", "hand-crafted", "synthetic-pretrained", "federated DP",
+                  "pooled non-DP"):  # fmt: skip
+        assert set(results[label]) == {"bidmc", "cinc2017", "liu2022", "ppg-bp"}, label
+    cinc = results["federated DP"]["cinc2017"]["AF vs rest"]
+    assert cinc["main"] and 0.0 <= cinc["value"] <= 1.0 and cinc["subjects"] >= 10
+    hr = results["hand-crafted"]["bidmc"]["heart rate"]  # monitor numerics read from the record
+    assert hr["metric"] == "MAE / mean predictor's" and hr["mae"] > 0 and hr["rows"] > 14
+    assert (out / study["figures"]["epsilon curve"]).stat().st_size > 10_000
+    recon = study["reconstruction"]["federated DP"]
+    assert recon["windows"] >= 1 and -1 <= recon["median_r"] <= 1
+    assert (out / study["figures"]["reconstruction federated DP"]).is_file()
+    text = (out / "report.md").read_text()
+    headings = ("## Goals (federated DP model)", "## Does joining help?", "### cinc2017",
+                "### bidmc", "## Utility against ε", "## Cross-modal reconstruction")  # fmt: skip
+    for heading in headings:
+        assert heading in text, heading
+    assert "| federated DP within 0.03 AUROC / 10 % MAE of pooled non-DP |" in text

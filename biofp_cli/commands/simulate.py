@@ -33,6 +33,22 @@ def _run_overrides(**flags: Any) -> dict[str, Any]:
     return {key.replace("_", "-"): v for key, v in flags.items() if v is not None}
 
 
+def _compare_overrides(models: str | None, epsilons: str | None) -> dict[str, Any] | None:
+    """``[compare]`` keys from --compare and --curve-epsilons (None: neither given)."""
+    from simulations.config import COMPARISONS
+
+    update: dict[str, Any] = {}
+    if models is not None:
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        update["models"] = list(COMPARISONS) if names == ["all"] else names
+    if epsilons is not None:
+        try:
+            update["epsilons"] = [float(e) for e in epsilons.split(",") if e.strip()]
+        except ValueError:
+            raise ConfigError(f"--curve-epsilons: not a list of numbers: {epsilons!r}") from None
+    return update or None
+
+
 def _render(summary: RunSummary) -> Table:
     """One row per emulated site: subjects, ε spent, budget left."""
     table = Table(title=f"{summary.mode} run in {summary.out_dir}: {summary.status}")
@@ -89,6 +105,18 @@ def simulate(
         None, "--cohort", help="a shipped federation: 'public' (one site per public cohort)"
     ),
     quick: bool = typer.Option(False, "--quick", help="with --cohort: the few-minute CI variant"),
+    compare: str | None = typer.Option(
+        None,
+        "--compare",
+        help="--cohort public: the report also trains these, a comma list of local (each site "
+        "alone), nodp, pooled, ablation, or 'all'",
+    ),
+    curve_epsilons: str | None = typer.Option(
+        None,
+        "--curve-epsilons",
+        help="--cohort public: federated DP runs at these per-site budgets for the report's "
+        "utility-vs-ε curve, e.g. 1,2,4",
+    ),
     data_root: Path | None = typer.Option(
         None,
         "--data-root",
@@ -119,6 +147,7 @@ def simulate(
     cfg = load_simulation_config(
         config, sites=sites, epsilon=epsilon, out=out, centralized=centralized, report=report,
         data_root=data_root, ray_address=ray_address,
+        compare=_compare_overrides(compare, curve_epsilons),
         run=_run_overrides(
             num_rounds=rounds, strategy=strategy, model=model, dp=dp,
             collect_fingerprints=collect_fingerprints, probe_tasks=probe_tasks,
