@@ -186,7 +186,9 @@ def _site_schedule(
     """The site's own schedule (run config ``privacy-plan``): σ, subjects per step and steps
     per round that :func:`~biofp_core.privacy.planner.plan_privacy` chooses for its training
     subjects and its whole budget over the run's rounds (one evaluation per round reserved when
-    the run evaluates). The ledger still charges each round and refuses one it cannot afford.
+    the run evaluates), at most the run's ``local-steps`` per round (the server bounds the
+    compute, the site the privacy). The ledger still charges each round and refuses one it
+    cannot afford.
 
     Raises
     ------
@@ -198,6 +200,7 @@ def _site_schedule(
         plan = plan_privacy(
             trainable, budget.epsilon, delta=budget.delta, rounds=run.num_rounds,
             evaluations=run.num_rounds if run.fraction_evaluate > 0 else 0, limits=budget,
+            max_steps_per_round=run.local_steps,
         )  # fmt: skip
     except PlanError as exc:
         raise SiteLimitError(f"site {session.site.name}: {exc}; refused") from None

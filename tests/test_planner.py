@@ -141,13 +141,15 @@ def test_a_site_trains_and_is_charged_on_its_own_plan(tmp_path: Path) -> None:
     site = site_config(tmp_path / "site", data, cache=tmp_path / "cache", budget=6.0)
     run = RunConfig.from_run_config({
         "model-options": json.dumps(TINY), "privacy-plan": True, "num-rounds": 3,
-        "local-steps": 1, "batch-subjects": 1, "noise-multiplier": 5.0, "bag-size": 2,
+        "local-steps": 3, "batch-subjects": 1, "noise-multiplier": 5.0, "bag-size": 2,
     })  # fmt: skip
     reply = app(instruction(run, "train", **{SERVER_ROUND: 1, RUN_KEY: "planned"}),
                 site_context(run, tmp_path / "site" / "site.toml"))  # fmt: skip
     assert not reply.has_error(), reply.error
     trained = int(reply.content[METRICS_KEY][NUM_EXAMPLES])
-    plan = plan_privacy(6, 6.0, rounds=3, evaluations=3, limits=site.privacy)  # 8 subjects - 25 %
+    # 8 subjects - 25 %; the run's local-steps caps the steps (uncapped, the plan takes 6)
+    plan = plan_privacy(6, 6.0, rounds=3, evaluations=3, limits=site.privacy,
+                        max_steps_per_round=3)  # fmt: skip
     entry = PrivacyLedger.at(tmp_path / "site" / "state").entries[-1]
     assert (entry.kind, entry.steps) == ("train", plan.steps_per_round) and plan.steps_per_round > 1
     assert entry.sample_rate == pytest.approx(plan.sample_rate)

@@ -90,8 +90,8 @@ class RunConfig(BaseModel):
     privacy_plan: bool = Field(
         False,
         description="each site plans its own σ, subjects per step and local steps from its "
-        "training subjects and budget (biofp plan, num-rounds rounds); noise-multiplier, "
-        "batch-subjects and local-steps are then the site's, not the server's",
+        "training subjects and budget (biofp plan, num-rounds rounds); noise-multiplier and "
+        "batch-subjects are then the site's, not the server's, and local-steps caps its steps",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="per-subject gradient clipping norm")
     # --- run directory and timeouts --------------------------------------------------------
