@@ -572,9 +572,9 @@ def run_public_study(
             study.failures.append(f"reconstruction of {label} failed: {error_line(exc)}")
     figures = {f"reconstruction {k}": v.figure for k, v in study.reconstruction.items() if v.figure}
     try:
-        curve = draw_curve(study, cfg.site_epsilon, report_dir / "epsilon-curve.png")
-        if curve is not None:
-            figures["epsilon curve"] = str(curve)
+        drawn = draw_curve(study, cfg.site_epsilon, report_dir / "epsilon-curve.png")
+        if drawn is not None:
+            figures["epsilon curve"] = str(drawn)
     except Exception as exc:
         study.failures.append(f"figure epsilon curve failed: {error_line(exc)}")
     study.figures = {k: Path(v).relative_to(cfg.out).as_posix() for k, v in figures.items()}
@@ -593,7 +593,10 @@ def public_report(
         study = PublicStudy(probe={}, models={}, failures=[
             f"main run {summary.status}, no model: nothing to compare or study"])  # fmt: skip
     else:
-        study = run_public_study(cfg, summary, simulate, reuse=reuse, on_stage=on_stage)
+        try:
+            study = run_public_study(cfg, summary, simulate, reuse=reuse, on_stage=on_stage)
+        except Exception as exc:  # e.g. the run's sites unreadable: the run itself stands
+            study = PublicStudy(probe={}, models={}, failures=[f"study failed: {error_line(exc)}"])
     (out / REPORT_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / REPORT_DIR / STUDY_NAME, study.model_dump_json(indent=1) + "\n")
     path = out / REPORT_NAME

@@ -32,6 +32,7 @@ from simulations.public_study import (
     comparison_configs,
     curve_points,
     goal_rows,
+    public_report,
     render_markdown,
     verdict_rows,
 )
@@ -166,3 +167,19 @@ def test_the_study_survives_json_with_infinite_epsilon_and_renders(tmp_path: Pat
     assert "none charged (pooled data, no site ledger)" in text
     assert "| federated DP ε=0.01 | no plan: too few subjects |" in text
     assert "cinc2017 ∞" in text and "### bidmc" not in text
+
+
+def test_a_study_that_cannot_open_the_sites_is_one_line_and_the_report_is_still_written(
+    tmp_path: Path,
+) -> None:
+    from simulations.run import simulate
+
+    cfg = _quick(tmp_path)
+    cfg.out.mkdir()
+    summary = RunSummary(mode="federated", out_dir=cfg.out, status="completed", rounds=2,
+                         wall_s=1.0, model_path=cfg.out / "model.safetensors")  # fmt: skip
+    path = public_report(cfg, summary, simulate)
+    study = PublicStudy.model_validate_json((cfg.out / "report" / "public_study.json").read_text())
+    assert len(study.failures) == 1 and study.failures[0].startswith("study failed: ")
+    assert "sites.json" in study.failures[0] and not study.results
+    assert "## What failed" in path.read_text()
