@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from biofp_core.errors import BioFPError
+from biofp_core.errors import BioFPError, ConfigError
 from biofp_core.protocol import RunConfig
 from server.app_folder import write_app_folder
 from server.report import RoundMetrics, RunReport
@@ -135,6 +135,25 @@ def watch_rounds(run_dir: Path, on_round: Callable[[RoundMetrics], None] | None)
     finally:
         stop.set()
         thread.join()
+
+
+def require_engine() -> None:
+    """Fail fast, in one line, where Flower's simulation engine cannot run: without Ray (the
+    site and server images ship without it).
+
+    Raises
+    ------
+    ConfigError
+        Ray is not installed.
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "federated simulation needs Ray (Flower's simulation engine), not installed here: "
+            "pip install 'flwr[simulation]' (the site and server images ship without it; "
+            "--centralized runs without it)"
+        ) from None
 
 
 def run_federation(

@@ -340,11 +340,8 @@ def planned_run(
     limits = PrivacyBudget.model_validate({**cfg.site_privacy, "epsilon": epsilon})
     n = min((k for k in train_subjects.values() if k >= limits.min_train_subjects), default=0)
     if n == 0:
-        return (
-            None,
-            {},
-            f"no site has the {limits.min_train_subjects} training subjects a round needs",
-        )
+        why = f"no site has the {limits.min_train_subjects} training subjects a round needs"
+        return None, {}, why
     try:
         plan = plan_privacy(
             n, epsilon, delta=cfg.delta, rounds=cfg.run.num_rounds,

@@ -47,7 +47,7 @@ from simulations.config import (
 )
 from simulations.config import load_simulation_config as load_simulation_config  # for callers
 from simulations.downstream import StudyConfig
-from simulations.engine import run_federation
+from simulations.engine import require_engine, run_federation
 from simulations.partition import Partition, make_partition
 from simulations.pretrain import pretrained_model
 from simulations.public import default_data_root, write_public_sites
@@ -279,6 +279,8 @@ def simulate(
     """
     started = time.monotonic()
     stage = on_stage or (lambda _: None)
+    if not cfg.centralized:
+        require_engine()  # before any work: a Ray-free install stops here, in one line
     out = cfg.out.resolve()
     cfg = cfg.model_copy(update={"out": out})
     if cfg.pretrain is not None and not cfg.run.initial_model:

@@ -149,3 +149,17 @@ def test_the_documented_audit_check_passes_on_a_site_that_released(
     state = str(site.resolved_state_dir())
     code, err = run_cli("site", "audit", "--site-dir", state, "--config", toml, "--check")
     assert code == 0, err
+
+
+def test_a_federated_simulation_without_ray_is_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The site and server images ship without Ray: `biofp simulate` there stops in one line
+    naming what to install, and writes nothing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails, as without Ray
+    out = tmp_path / "run"
+    code, err = run_cli("simulate", "--rounds", "1", "--out", str(out))
+    one_line_error(code, err, "needs Ray", "pip install 'flwr[simulation]'")
+    assert not out.exists()
