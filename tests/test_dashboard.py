@@ -4,7 +4,8 @@ a folder of runs, one of them with a corrupt ``metrics.json``.
 
 Sizes: 3 sites x 3 one-minute subjects, a 3k-parameter SiamQuality, 2 local steps, 6 rounds;
 one site starts over its ε budget, so it refuses every round. The screenshots in docs/ are
-written here, so they show the dashboard as it is.
+taken here: ``BIOFP_SCREENSHOT_DIR=docs make test`` refreshes them (by default they go to a
+temporary folder, so a test run never changes the repository).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from biofp_core.privacy.ledger import PrivacyLedger, initialise_site_state
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
 CHROMIUM = "/usr/bin/chromium"
 TINY_MODEL = json.dumps(
     {"stem_channels": 8, "stage_channels": [8, 8], "groups": 4, "proj_dim": 16,
@@ -150,6 +149,13 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: $BIOFP_SCREENSHOT_DIR (e.g. docs), else a temporary folder."""
+    folder = os.environ.get("BIOFP_SCREENSHOT_DIR")
+    return Path(folder) if folder else tmp_path_factory.mktemp("shots")
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sim.toml, and site_01 already over its ε budget (8) from an earlier study."""
     root = tmp_path_factory.mktemp("dash")
@@ -177,7 +183,7 @@ def ok_site_epsilon(page: Page) -> tuple[str, float]:
 
 
 @pytest.fixture(scope="module")
-def live_run(workdir: Path, browser: Browser) -> Path:
+def live_run(workdir: Path, browser: Browser, shots: Path) -> Path:
     """Watch a real `biofp simulate --dashboard` from its first round to its end, in Chromium."""
     port = free_port()
     # started with SIGINT blocked, as some parents (CI runners) start it: Ctrl-C must still stop it
@@ -228,7 +234,7 @@ def live_run(workdir: Path, browser: Browser) -> Path:
         assert page.locator('#grid td[data-status="ok"]').count() == 2 * ROUNDS
         page.locator("#grid").scroll_into_view_if_needed()
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(DOCS / "dashboard-run.png"))
+        page.screenshot(path=str(shots / "dashboard-run.png"))
         context.close()
         assert not errors, f"script errors on the page: {errors}"
         assert stop(proc) == 0, proc.stdout.read()  # type: ignore[union-attr]
@@ -260,7 +266,7 @@ def dashboard(live_run: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_runs_page_lists_every_run_with_status_and_progress(
-    dashboard: tuple[str, Path], page: Page
+    dashboard: tuple[str, Path], page: Page, shots: Path
 ) -> None:
     base, _ = dashboard
     page.goto(base + "/")
@@ -270,13 +276,15 @@ def test_runs_page_lists_every_run_with_status_and_progress(
     expect(live).to_contain_text("fedavg")
     expect(live).to_contain_text("siamquality")
     expect(page.locator('#runs tr[data-run="broken"] .status')).to_have_text("updating")
-    page.screenshot(path=str(DOCS / "dashboard-runs.png"))
+    page.screenshot(path=str(shots / "dashboard-runs.png"))
     live.locator("a").click()
     expect(page).to_have_url(base + "/runs/live")
     expect(page.locator("#round-progress")).to_have_text(f"Round {ROUNDS} of {ROUNDS}")
 
 
-def test_sites_page_counts_refusals_across_runs(dashboard: tuple[str, Path], page: Page) -> None:
+def test_sites_page_counts_refusals_across_runs(
+    dashboard: tuple[str, Path], page: Page, shots: Path
+) -> None:
     base, _ = dashboard
     page.goto(base + "/sites")
     rows = page.locator("#sites tbody tr")
@@ -285,7 +293,7 @@ def test_sites_page_counts_refusals_across_runs(dashboard: tuple[str, Path], pag
     assert refusals == [0, 0, ROUNDS]
     eps = page.locator("#sites td.eps").all_inner_texts()
     assert all(EPSILON.match(e) and float(e) > 0 for e in eps), eps
-    page.screenshot(path=str(DOCS / "dashboard-sites.png"))
+    page.screenshot(path=str(shots / "dashboard-sites.png"))
 
 
 def test_a_corrupt_metrics_file_shows_updating_then_recovers(
