@@ -61,12 +61,17 @@ class Cohort:
 
 
 def synthetic_cohort(
-    cache_dir: Path, *, sites: int, subjects_per_site: int, minutes: float, seed: int
-) -> Cohort:
+    cache_dir: Path, *, sites: int, subjects_per_site: int, minutes: float, seed: int,
+    ectopic_per_min: float = 0.0,
+) -> Cohort:  # fmt: skip
     """The synthetic cohort with these arguments, generated into `cache_dir` on first use."""
     key = f"synth-{sites}x{subjects_per_site}-{minutes:g}min-seed{seed}"
+    args: dict[str, float] = {"sites": sites, "subjects_per_site": subjects_per_site,
+                              "minutes": minutes}  # fmt: skip
+    if ectopic_per_min > 0:
+        key += f"-ectopy{ectopic_per_min:g}"
+        args["ectopic_per_min"] = ectopic_per_min
     out = Path(cache_dir) / "cohorts" / key
-    args = {"sites": sites, "subjects_per_site": subjects_per_site, "minutes": minutes}
     try:
         cached = json.loads((out / MANIFEST_NAME).read_text())["args"]
     except (OSError, ValueError, KeyError):

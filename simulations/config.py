@@ -40,6 +40,9 @@ class SyntheticPretraining(BaseModel):
     steps: int = Field(2560, ge=1, description="optimizer steps")
     batch_subjects: int = Field(16, ge=1, description="subjects per step")
     lr: float = Field(1e-3, gt=0, description="learning rate")
+    ectopic_per_min: float = Field(
+        0.0, ge=0, le=30, description="mean premature (atrial, ventricular) beats per minute"
+    )
 
 
 ComparisonName = Literal["local", "nodp", "pooled", "ablation"]
@@ -90,6 +93,9 @@ class SimulationConfig(BaseModel):
     synth_sites: int = Field(4, ge=1, description="synthetic: hospitals in the cohort")
     synth_subjects_per_site: int = Field(16, ge=1, description="synthetic: subjects each")
     synth_minutes: float = Field(5.0, gt=0, description="synthetic: minutes per record")
+    synth_ectopic_per_min: float = Field(
+        0.0, ge=0, le=30, description="synthetic: mean premature beats per minute (sinus subjects)"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="cohorts + stores")
     data_root: Path | None = Field(
         None, description="public: folder of the cohorts (default $BIOFP_SHARED_DATA)"

@@ -37,15 +37,17 @@ def pretraining_config(cfg: SimulationConfig) -> SimulationConfig:
             "initial_model": "", "probe_tasks": "", "collect_fingerprints": False,
         }
     )  # fmt: skip
+    settings = {k: v for k, v in pre.model_dump().items() if k != "ectopic_per_min" or v}
     key = json.dumps(
-        [pre.model_dump(), run.model, run.model_architecture(), run.bag_size, run.seed,
+        [settings, run.model, run.model_architecture(), run.bag_size, run.seed,
          run.optimizer, biofp_core.__version__],
         sort_keys=True,
     )  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return SimulationConfig(
         dataset="synthetic", synth_sites=pre.sites, synth_subjects_per_site=pre.subjects_per_site,
-        synth_minutes=pre.minutes, cache_dir=cfg.cache_dir, sites=1, centralized=True,
+        synth_minutes=pre.minutes, synth_ectopic_per_min=pre.ectopic_per_min,
+        cache_dir=cfg.cache_dir, sites=1, centralized=True,
         epsilon=math.inf, out=cfg.cache_dir / PRETRAINED_DIR / digest, cpus=cfg.cpus, run=run,
     )  # fmt: skip
 

@@ -75,7 +75,7 @@ def load_cohort(cfg: SimulationConfig) -> Cohort:
         return wfdb_cohort(cfg.data_dir, cfg.labels_csv)
     return synthetic_cohort(
         cfg.cache_dir, sites=cfg.synth_sites, subjects_per_site=cfg.synth_subjects_per_site,
-        minutes=cfg.synth_minutes, seed=cfg.run.seed,
+        minutes=cfg.synth_minutes, seed=cfg.run.seed, ectopic_per_min=cfg.synth_ectopic_per_min,
     )  # fmt: skip
 
 

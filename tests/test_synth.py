@@ -315,3 +315,54 @@ def test_cli_download_offline_fails_fast_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     unknown = _run("data", "download", "nosuchdb", "--out", str(tmp_path / "x"))
     assert unknown.returncode == 1 and "unknown database" in unknown.stderr
+
+
+def test_ectopic_beats_are_premature_wide_or_reset_and_change_nothing_without_them() -> None:
+    from dataclasses import replace
+
+    from biofp_core.synth.physiology import (
+        PAC,
+        PVC,
+        place_ectopic_beats,
+        render_ecg_mv,
+        render_ppg_nu,
+    )
+
+    plain = simulate_subject(seed=3, site=0, subject=0, subjects_per_site=8, minutes=1.0)
+    same = simulate_subject(seed=3, site=0, subject=0, subjects_per_site=8, minutes=1.0,
+                            ectopic_per_min=0.0)  # fmt: skip
+    assert np.array_equal(plain.signals.ecg_mv, same.signals.ecg_mv, equal_nan=True)
+    phys = replace(plain.physiology, af=False, ectopic_per_min=20.0, pvc_share=0.5)
+    r_s = np.arange(0.0, 60.0, phys.mean_rr_s)
+    ectopic, kinds = place_ectopic_beats(r_s, phys=phys, rng=np.random.default_rng(0))
+    pvc, pac = np.flatnonzero(kinds == PVC), np.flatnonzero(kinds == PAC)
+    assert len(pvc) >= 3 and len(pac) >= 3 and not np.any(kinds[1:] & kinds[:-1])
+    for i in np.concatenate((pvc, pac)):  # coupled at 55-75 % of the preceding interval
+        assert 0.55 <= (ectopic[i] - ectopic[i - 1]) / (r_s[i] - r_s[i - 1]) <= 0.75
+    after = pvc[pvc + 1 < len(r_s)] + 1
+    shifted = np.array([np.sum(pac < i) for i in after]) > 0  # later than some PAC: moved
+    assert np.allclose(ectopic[after][~shifted], r_s[after][~shifted])  # a compensatory pause
+    assert np.all(ectopic[pac.max() + 1 :] < r_s[pac.max() + 1 :])  # a PAC resets the rhythm
+    af = replace(phys, af=True)
+    none, none_kinds = place_ectopic_beats(r_s, phys=af, rng=np.random.default_rng(0))
+    assert np.array_equal(none, r_s) and not none_kinds.any()  # AF: no ectopy drawn
+    fs = 500.0
+    t = np.arange(int(60 * fs)) / fs
+    ecg = render_ecg_mv(t_s=t, fs_hz=fs, r_s=ectopic, phys=phys, kinds=kinds)
+    ppg, onset = render_ppg_nu(n=len(t), fs_hz=fs, r_s=ectopic, phys=phys,
+                               rng=np.random.default_rng(1), kinds=kinds)  # fmt: skip
+
+    def qrs_width_s(i: int) -> float:
+        at = round(ectopic[i] * fs)
+        seg = ecg[at - 50 : at + 50]
+        return float(np.sum(seg > 0.5 * seg.max()) / fs)
+
+    def pulse(i: int) -> float:
+        at = round(onset[i] * fs)
+        return float(ppg[at : at + int(0.3 * fs)].max() - ppg[at])
+
+    inner = range(2, len(kinds) - 2)
+    normal = [i for i in inner if not kinds[i - 1 : i + 2].any()][:10]
+    wide = [i for i in pvc if i in inner]
+    assert min(qrs_width_s(i) for i in wide) > 2 * max(qrs_width_s(i) for i in normal)
+    assert max(pulse(i) for i in wide) < 0.6 * min(pulse(i) for i in normal)

@@ -36,7 +36,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +245,9 @@ class SubjectSimulation:
 
 
 def simulate_subject(
-    *, seed: int, site: int, subject: int, subjects_per_site: int, minutes: float
-) -> SubjectSimulation:
+    *, seed: int, site: int, subject: int, subjects_per_site: int, minutes: float,
+    ectopic_per_min: float = 0.0,
+) -> SubjectSimulation:  # fmt: skip
     """Simulate subject `subject` of site `site` exactly as :func:`write_cohort` does.
 
     Parameters
@@ -259,14 +260,23 @@ def simulate_subject(
         Site size; it sets the site-level label draws (prevalences are per site).
     minutes
         Record length.
+    ectopic_per_min
+        Cohort mean of premature beats per minute: half the sinus subjects have none, the
+        others an exponentially distributed rate around twice it, a random share of them
+        ventricular (0: none, every draw as without the option).
     """
     demo = draw_demographics(seed=seed, site=site, subjects_per_site=subjects_per_site)[subject]
-    phys_ss, signal_ss = np.random.SeedSequence(seed, spawn_key=(site, subject)).spawn(2)
+    # spawn(3) keeps the first two children of spawn(2): the ectopy stream changes nothing else
+    phys_ss, signal_ss, ectopy_ss = np.random.SeedSequence(seed, spawn_key=(site, subject)).spawn(3)
     phys, sbp = draw_physiology(demo, np.random.default_rng(phys_ss))
+    ectopy_rng = np.random.default_rng(ectopy_ss)
+    if ectopic_per_min > 0 and not demo.af and ectopy_rng.uniform() < 0.5:
+        rate = float(ectopy_rng.exponential(2.0 * ectopic_per_min))
+        phys = replace(phys, ectopic_per_min=rate, pvc_share=float(ectopy_rng.uniform()))
     profile = site_profile(site)
     signals = simulate_signals(
         phys=phys, profile=profile.artefacts, fs_hz=profile.fs_hz, duration_s=60.0 * minutes,
-        rng=np.random.default_rng(signal_ss),
+        rng=np.random.default_rng(signal_ss), ectopy_rng=ectopy_rng,
     )  # fmt: skip
     name = record_name(site, subject)
     labels = SubjectLabels(
@@ -332,6 +342,9 @@ class CohortSpec(BaseModel):
     subjects_per_site: int = Field(ge=1, le=1000, description="records (= subjects) per site")
     minutes: float = Field(ge=0.05, le=24 * 60, description="record length")
     seed: int = Field(ge=0, description="cohort seed")
+    ectopic_per_min: float = Field(
+        0.0, ge=0, le=30, description="mean premature beats per minute of sinus subjects"
+    )
 
 
 class SiteSummary(BaseModel):
@@ -411,7 +424,7 @@ def _write_site(
     for subject in range(spec.subjects_per_site):
         sim = simulate_subject(
             seed=spec.seed, site=site, subject=subject, subjects_per_site=spec.subjects_per_site,
-            minutes=spec.minutes,
+            minutes=spec.minutes, ectopic_per_min=spec.ectopic_per_min,
         )  # fmt: skip
         write_record(sim, site_dir)
         rows.append(sim.labels)
@@ -434,6 +447,7 @@ def write_cohort(
     subjects_per_site: int,
     minutes: float,
     seed: int,
+    ectopic_per_min: float = 0.0,
     on_record: Callable[[str], None] | None = None,
 ) -> CohortSummary:
     """Simulate and write the default cohort (layout and profiles in the module docstring).
@@ -444,15 +458,18 @@ def write_cohort(
         Empty or new directory, or one holding a cohort written earlier (it is replaced).
     sites, subjects_per_site, minutes, seed
         Cohort size, record length and seed; equal arguments give byte-identical files.
+    ectopic_per_min
+        Premature beats (:func:`simulate_subject`); 0, the default, adds none.
     on_record
         Called with each record name once it is written (progress reporting).
     """
-    spec = _validate(sites=sites, subjects_per_site=subjects_per_site, minutes=minutes, seed=seed)
+    spec = _validate(sites=sites, subjects_per_site=subjects_per_site, minutes=minutes, seed=seed,
+                     ectopic_per_min=ectopic_per_min)  # fmt: skip
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     manifest = {
         "generator": "biofp synth",
-        "args": spec.model_dump(),
+        "args": spec.model_dump(exclude_defaults=True),  # without ectopy: the bytes of old
         "files": _planned_files(spec),
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

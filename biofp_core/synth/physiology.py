@@ -14,6 +14,9 @@ Physiology encoded (what the labels can be recovered from):
   time shortens as systolic blood pressure rises (set by the caller, see ``cohort``).
 - respiration: RSA, QRS amplitude and PPG amplitude modulation, baseline wander in both signals,
   pulse arrival time modulation, and an impedance-like RESP waveform.
+- ectopic beats (sinus subjects with ``ectopic_per_min`` > 0; none by default): premature
+  atrial beats (early, a lower P wave, the rhythm reset) and premature ventricular beats (early,
+  wide QRS, no P, a discordant T, a compensatory pause, a weak or missing pulse).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ PAD_AFTER_S = 3.0  # ... to this long after it ends, so every sample has neighbo
 _PULSE_REF_RR_S = 0.85  # cycle length at which the PPG pulse has its nominal timing
 
 ArrayOrFloat = np.ndarray | float
+NORMAL, PAC, PVC = 0, 1, 2  # beat kinds
 _WAVE_HALF_WIDTHS = 4.5  # Gaussians are cut at +-4.5 widths (4e-5 of their peak)
 
 
@@ -82,6 +86,9 @@ class SubjectPhysiology:
     ppg_riav: float  # respiratory-induced amplitude variation
     ppg_riiv_nu: float  # respiratory-induced intensity (baseline) variation
     resp_amp_nu: float
+    # ectopy (sinus rhythm only; drawn from their own stream so a cohort without it is unchanged)
+    ectopic_per_min: float = 0.0  # premature beats per minute
+    pvc_share: float = 0.0  # of them, the ventricular ones (the rest atrial)
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,37 @@ def beat_times_s(
     return r_s[: np.searchsorted(r_s, end_s) + 1]
 
 
+def place_ectopic_beats(
+    r_s: np.ndarray, *, phys: SubjectPhysiology, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Make some sinus beats premature: (R times, kind per beat: NORMAL, PAC or PVC).
+
+    Each beat is ectopic with probability ``ectopic_per_min`` x its RR / 60 (never two in a
+    row), coupled at 55-75 % of the preceding RR. A PVC leaves the sinus rhythm alone (the next
+    beat keeps its time: a compensatory pause); a PAC resets it (every later beat moves earlier
+    by 80 % of the prematurity).
+    """
+    kinds = np.zeros(len(r_s), dtype=np.int8)
+    if phys.af or phys.ectopic_per_min <= 0 or len(r_s) < 3:
+        return r_s, kinds
+    r_s = r_s.copy()
+    rr_s = np.diff(r_s)
+    chosen = rng.uniform(size=len(r_s)) < phys.ectopic_per_min * np.append(rr_s, rr_s[-1]) / 60
+    coupling = rng.uniform(0.55, 0.75, size=len(r_s))
+    ventricular = rng.uniform(size=len(r_s)) < phys.pvc_share
+    for i in np.flatnonzero(chosen[1:-1]) + 1:
+        if kinds[i - 1]:
+            continue
+        early = (1.0 - coupling[i]) * (r_s[i] - r_s[i - 1])
+        r_s[i] -= early
+        if ventricular[i]:
+            kinds[i] = PVC
+        else:
+            kinds[i] = PAC
+            r_s[i + 1 :] -= 0.8 * early
+    return r_s, kinds
+
+
 def _add_waves(
     out: np.ndarray, *, fs_hz: float, waves: list[tuple[np.ndarray, ArrayOrFloat, ArrayOrFloat]]
 ) -> None:
@@ -199,21 +237,27 @@ def _add_waves(
 
 
 def render_ecg_mv(
-    *, t_s: np.ndarray, fs_hz: float, r_s: np.ndarray, phys: SubjectPhysiology
-) -> np.ndarray:
-    """Clean ECG at sample times `t_s`: P (sinus) or f-waves (AF), QRS and T for every beat."""
+    *, t_s: np.ndarray, fs_hz: float, r_s: np.ndarray, phys: SubjectPhysiology,
+    kinds: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Clean ECG at sample times `t_s`: P (sinus) or f-waves (AF), QRS and T for every beat;
+    `kinds` (:func:`place_ectopic_beats`) widens PVCs (no P, a discordant T) and lowers PACs' P."""
     rr_prev_s = np.clip(np.diff(r_s, prepend=r_s[0] - phys.mean_rr_s), RR_MIN_S, RR_MAX_S)
     qt_s = phys.qtc_s * np.sqrt(rr_prev_s)  # (B,) QT shortens at fast rates (Bazett)
     gain = 1.0 + phys.qrs_resp_mod * resp_wave(resp_phase_rad(r_s, phys.breathing))  # (B,)
-    w = phys.r_width_s
+    pvc = np.zeros(len(r_s), bool) if kinds is None else kinds == PVC
+    pac = np.zeros(len(r_s), bool) if kinds is None else kinds == PAC
+    w = phys.r_width_s * np.where(pvc, 3.0, 1.0)  # (B,)
+    gain = gain * np.where(pvc, 1.4, 1.0)
     waves = [
         (r_s - 2.6 * w, 0.8 * w, gain * phys.q_amp_mv),
         (r_s, w, gain * phys.r_amp_mv),
         (r_s + 2.8 * w, 0.9 * w, gain * phys.s_amp_mv),
-        (r_s + 0.7 * qt_s, 0.12 * qt_s, phys.t_amp_mv),
+        (r_s + 0.7 * qt_s, 0.12 * qt_s, phys.t_amp_mv * np.where(pvc, -1.8, 1.0)),
     ]
     if not phys.af:
-        waves.append((r_s - phys.p_offset_s, 0.025, phys.p_amp_mv))
+        p_amp = phys.p_amp_mv * np.where(pvc, 0.0, np.where(pac, 0.4, 1.0))
+        waves.append((r_s - phys.p_offset_s, 0.025, p_amp))
     ecg = np.zeros(len(t_s))
     _add_waves(ecg, fs_hz=fs_hz, waves=waves)
     if phys.af:
@@ -224,13 +268,14 @@ def render_ecg_mv(
 
 
 def render_ppg_nu(
-    *, n: int, fs_hz: float, r_s: np.ndarray, phys: SubjectPhysiology, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    *, n: int, fs_hz: float, r_s: np.ndarray, phys: SubjectPhysiology, rng: np.random.Generator,
+    kinds: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Clean PPG (`n` samples) and its pulse-foot times: a systolic + dicrotic pulse per beat.
 
     Each pulse starts `pat_s` (modulated by respiration, +-2 ms jitter) after its R peak; its
     timing stretches with the cycle length and its amplitude follows the preceding RR (a short
-    filling time gives a weak beat, visible in AF).
+    filling time gives a weak beat, visible in AF); ectopic `kinds` weaken it further.
     """
     resp_b = resp_wave(resp_phase_rad(r_s, phys.breathing))  # (B,)
     onset_s = r_s + phys.pat_s + phys.pat_resp_s * resp_b + 0.002 * rng.standard_normal(len(r_s))
@@ -239,6 +284,8 @@ def render_ppg_nu(
     scale = np.clip(np.sqrt(rr_next_s / _PULSE_REF_RR_S), 0.8, 1.15)  # (B,)
     filling = np.clip(rr_prev_s / phys.mean_rr_s, 0.6, 1.3) ** 0.5
     amp = phys.ppg_amp_nu * (1.0 + phys.ppg_riav * resp_b) * filling  # (B,)
+    if kinds is not None:  # a premature ventricular beat ejects little: a weak or missing pulse
+        amp = amp * np.where(kinds == PVC, 0.35, np.where(kinds == PAC, 0.8, 1.0))
     ppg = np.full(n, phys.ppg_dc_nu)
     waves = [
         (onset_s + phys.sys_centre_s * scale, phys.sys_width_s * scale, amp),
@@ -335,6 +382,7 @@ def simulate_signals(
     fs_hz: float,
     duration_s: float,
     rng: np.random.Generator,
+    ectopy_rng: np.random.Generator | None = None,
 ) -> SimulatedSignals:
     """Simulate one subject's paired ECG + PPG (+ RESP) record with the site's artefacts.
 
@@ -350,12 +398,18 @@ def simulate_signals(
         Record length; the record has ``round(duration_s * fs_hz)`` samples.
     rng
         Source of every random draw (seeded by the caller for determinism).
+    ectopy_rng
+        Where ectopic beats are drawn (default `rng`); a separate stream leaves every other
+        draw of the record as it is without ectopy.
     """
     n = round(duration_s * fs_hz)
     t_s = np.arange(n) / fs_hz
     r_s = beat_times_s(phys=phys, duration_s=duration_s, rng=rng)
-    ecg_mv = render_ecg_mv(t_s=t_s, fs_hz=fs_hz, r_s=r_s, phys=phys)
-    ppg_nu, onset_s = render_ppg_nu(n=n, fs_hz=fs_hz, r_s=r_s, phys=phys, rng=rng)
+    kinds = None
+    if phys.ectopic_per_min > 0:
+        r_s, kinds = place_ectopic_beats(r_s, phys=phys, rng=ectopy_rng or rng)
+    ecg_mv = render_ecg_mv(t_s=t_s, fs_hz=fs_hz, r_s=r_s, phys=phys, kinds=kinds)
+    ppg_nu, onset_s = render_ppg_nu(n=n, fs_hz=fs_hz, r_s=r_s, phys=phys, rng=rng, kinds=kinds)
     resp = resp_wave(resp_phase_rad(t_s, phys.breathing).astype(np.float32))  # (T,)
     ecg_mv += phys.ecg_resp_baseline_mv * resp
     ppg_nu += phys.ppg_riiv_nu * resp
