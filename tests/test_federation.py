@@ -627,9 +627,11 @@ def test_biofp_pretrain_writes_weights_a_run_can_start_from(
     code, out, err = run_biofp(
         "pretrain", "--out", str(tmp_path / "pre"), "--model", "siamquality",
         "--model-options", TINY_MODEL, "--steps", "2", "--sites", "1",
-        "--subjects-per-site", "2", "--minutes", "0.5",
+        "--subjects-per-site", "2", "--minutes", "0.5", "--ectopic-per-min", "2",
     )  # fmt: skip
     assert code == 0, err
+    cohorts = [p.name for p in (tmp_path / "cache" / "cohorts").iterdir()]
+    assert cohorts == ["synth-1x2-0.5min-seed0-ectopy2"]  # the simulated cohort, with ectopy
     path = tmp_path / "pre" / "model.safetensors"
     assert f'initial-model = "{path}"' in " ".join(out.split())
     _, card = load_model(path)

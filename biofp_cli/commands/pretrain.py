@@ -14,10 +14,17 @@ def pretrain(
     out: Path = typer.Option(..., "--out", help="folder for model.safetensors + model.card.json"),
     model: str = typer.Option("m2ae", "--model", help="m2ae or siamquality"),
     model_options: str = typer.Option("{}", "--model-options", help="JSON architecture overrides"),
-    steps: int = typer.Option(2560, "--steps", min=1, help="optimizer steps"),
-    sites: int = typer.Option(8, "--sites", min=1, help="simulated hospitals"),
-    subjects_per_site: int = typer.Option(64, "--subjects-per-site", min=1),
-    minutes: float = typer.Option(5.0, "--minutes", min=0.1, help="minutes per simulated record"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="optimizer steps [2560]"),
+    sites: int | None = typer.Option(None, "--sites", min=1, help="simulated hospitals [8]"),
+    subjects_per_site: int | None = typer.Option(
+        None, "--subjects-per-site", min=1, help="simulated subjects each [64]"
+    ),
+    minutes: float | None = typer.Option(
+        None, "--minutes", min=0.1, help="minutes per simulated record [5]"
+    ),
+    ectopic_per_min: float | None = typer.Option(
+        None, "--ectopic-per-min", min=0, help="premature beats per minute of sinus subjects [0]"
+    ),
     seed: int = typer.Option(0, "--seed", help="seeds the simulated cohort and the model"),
 ) -> None:
     """Train the run's architecture on the simulated cohort (biofp_core.synth), centralized and
@@ -29,10 +36,13 @@ def pretrain(
     from simulations.run import simulate
 
     run = RunConfig.from_run_config({"model": model, "model-options": model_options, "seed": seed})
+    given = {"sites": sites, "subjects_per_site": subjects_per_site, "minutes": minutes,
+             "steps": steps, "ectopic_per_min": ectopic_per_min}  # fmt: skip
     pre = SyntheticPretraining(
-        sites=sites, subjects_per_site=subjects_per_site, minutes=minutes, steps=steps
-    )
+        **{k: v for k, v in given.items() if v is not None}
+    )  # the defaults: its own
     cfg = pretraining_config(SimulationConfig(pretrain=pre, run=run))
+    steps = pre.steps
     with console.status(f"pretraining {model} on simulated signals ({steps} steps)"):
         summary = simulate(cfg.model_copy(update={"out": out}))
     console.print(
