@@ -114,7 +114,9 @@ def test_joining_helps_counts_sites_where_federated_beats_local_lower_mae_is_bet
     local["bidmc"] = 0.85  # now local's MAE is lower: federated wins only 2
     v = _verdicts(_study(**{FED_DP: fed, LOCAL: local}))
     assert v["federated DP beats local DP on the main task"] == ["2 of 4 tasks", "3", "not met"]
-    assert v["federated DP beats the untrained encoder"][2] == "–"  # no untrained scores
+    assert v["federated DP beats the untrained encoder"] == ["not measured", "–", "–"]
+    question = "federated DP within 0.03 AUROC / 10 % MAE of pooled non-DP"
+    assert v[question] == ["not measured (run with --compare pooled)", "–", "–"]
 
 
 def test_within_pooled_uses_003_auroc_and_10_percent_of_the_mae_ratio() -> None:
