@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common import RESULTS, report, shared_data
 
+from biofp_core.errors import BioFPError
 from simulations.config import COMPARISONS, RunSummary, SimulationConfig
 from simulations.pretrain import pretrained_model
 from simulations.public import cohort_config
@@ -92,6 +93,12 @@ def configure(args: argparse.Namespace) -> SimulationConfig:
     if args.local_steps:
         run["local-steps"] = args.local_steps
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set(COMPARISONS):
+        raise SystemExit(f"--skip: unknown {sorted(skip - set(COMPARISONS))}; one of {COMPARISONS}")
+    if any("=" not in item for item in args.model):
+        raise SystemExit("--model: give LABEL=PATH")
+    if args.no_pretrain and json.loads(args.pretrain):
+        raise SystemExit("--pretrain and --no-pretrain: choose one")
     compare = {
         "models": [m for m in COMPARISONS if m not in skip],
         "epsilons": [float(e) for e in filter(None, args.epsilons.split(","))],
@@ -115,20 +122,27 @@ def configure(args: argparse.Namespace) -> SimulationConfig:
         cfg = cfg.model_copy(update={"public_sites": sites})
     if args.no_pretrain:
         return cfg.model_copy(update={"pretrain": None})
-    if cfg.pretrain is not None and json.loads(args.pretrain):
+    if json.loads(args.pretrain):
+        if cfg.pretrain is None:
+            raise SystemExit("--pretrain: the config has no [pretrain] to override")
         pre = {**cfg.pretrain.model_dump(), **json.loads(args.pretrain)}
         cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate(pre)})
     return cfg
 
 
 def main_run(cfg: SimulationConfig, *, reuse: bool) -> RunSummary:
-    """The federated DP run (a completed one in its folder is kept when `reuse`)."""
+    """The federated DP run (a completed one in its folder is kept when `reuse`); a failed run's
+    summary (its report then says so, and the comparisons are not trained)."""
     done = cfg.out / "summary.json"
     if reuse and done.is_file():
         summary = RunSummary.model_validate_json(done.read_text())
         if summary.status == "completed" and summary.model_path is not None:
             return summary
-    return simulate(cfg)
+    try:
+        return simulate(cfg)
+    except BioFPError as exc:
+        log.warning("federated DP failed: %s", exc)
+        return RunSummary.model_validate_json(done.read_text())
 
 
 def table_rows(study: PublicStudy) -> list[tuple[str, str, str]]:

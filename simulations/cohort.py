@@ -31,6 +31,7 @@ from biofp_core.site import read_csv_rows, read_subject_map
 from biofp_core.store import record_files
 from biofp_core.synth import write_cohort
 from biofp_core.synth.cohort import MANIFEST_NAME
+from biofp_core.synth.physiology import ECTOPY_MODEL
 from simulations.partition import Partition
 from simulations.site_toml import SITE_TOML, SiteSettings, site_toml
 
@@ -69,7 +70,7 @@ def synthetic_cohort(
     args: dict[str, float] = {"sites": sites, "subjects_per_site": subjects_per_site,
                               "minutes": minutes}  # fmt: skip
     if ectopic_per_min > 0:
-        key += f"-ectopy{ectopic_per_min:g}"
+        key += f"-ectopy{ectopic_per_min:g}v{ECTOPY_MODEL}"  # another model: another cohort
         args["ectopic_per_min"] = ectopic_per_min
     out = Path(cache_dir) / "cohorts" / key
     try:

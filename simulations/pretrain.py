@@ -20,6 +20,7 @@ from pathlib import Path
 
 import biofp_core
 from biofp_core.fsutil import exclusive_lock
+from biofp_core.synth.physiology import ECTOPY_MODEL
 from simulations.config import SUMMARY_NAME, RunSummary, SimulationConfig
 
 PRETRAINED_DIR = "pretrained"
@@ -38,6 +39,8 @@ def pretraining_config(cfg: SimulationConfig) -> SimulationConfig:
         }
     )  # fmt: skip
     settings = {k: v for k, v in pre.model_dump().items() if k != "ectopic_per_min" or v}
+    if pre.ectopic_per_min:  # weights trained on another ectopic-beat model are not these
+        settings["ectopy_model"] = ECTOPY_MODEL
     key = json.dumps(
         [settings, run.model, run.model_architecture(), run.bag_size, run.seed,
          run.optimizer, biofp_core.__version__],

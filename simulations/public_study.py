@@ -296,7 +296,8 @@ def _aggregate(site: SiteRows, X: np.ndarray, y: np.ndarray, level: str):
 
 def probe_site(site: SiteRows, X: np.ndarray, args: dict[str, int]) -> dict[str, ProbeScore]:
     """Every task of the site on features X (one row per site row); a task that cannot be
-    probed (one class, too few subjects) is a score with its reason."""
+    probed (one class, too few subjects, features a fit cannot use) is a score with its reason,
+    and the other tasks go on."""
     out = {}
     for i, task in enumerate(TASKS.get(site.name, [])):
         try:
@@ -305,8 +306,10 @@ def probe_site(site: SiteRows, X: np.ndarray, args: dict[str, int]) -> dict[str,
             with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = probe(Xa, ya, groups, kind=task.kind, task=task.name, classes=classes, **args)  # type: ignore[arg-type]
-        except DataError as exc:
-            out[task.name] = ProbeScore(error=str(exc), attack=task.attack, main=i == 0)
+            if r.metric == "mae" and not r.baseline > 0:
+                raise DataError(f"{task.name}: every value is the same; nothing to predict")
+        except Exception as exc:  # e.g. NaN fingerprints of a diverged model: this task only
+            out[task.name] = ProbeScore(error=error_line(exc), attack=task.attack, main=i == 0)
             continue
         ratio = r.metric == "mae"
         scale = r.baseline if ratio else 1.0
@@ -350,8 +353,8 @@ def planned_run(
         )  # fmt: skip
     except PlanError as exc:
         return None, {}, str(exc)
-    run = {"noise_multiplier": plan.noise_multiplier, "local_steps": plan.steps_per_round,
-           "probe_tasks": ""}  # fmt: skip
+    run = {"dp": True, "noise_multiplier": plan.noise_multiplier,
+           "local_steps": plan.steps_per_round, "probe_tasks": ""}  # fmt: skip
     info = {"subjects": float(n), "sigma": plan.noise_multiplier,
             "steps_per_round": float(plan.steps_per_round),
             "epsilon": plan.epsilon_total}  # fmt: skip
@@ -365,6 +368,8 @@ def comparison_configs(
     budget: the planner's choice, or why it cannot serve that budget."""
     root = cfg.out / COMPARISONS_DIR
     wanted = set(cfg.compare.models)
+    if not cfg.run.dp:
+        wanted.discard("nodp")  # the run itself is the federated non-DP model
     nodp = {"dp": False}  # with ε = inf: a site with a finite budget refuses non-DP training
     runs: dict[str, SimulationConfig] = {}
     curve: dict[str, StudyModel] = {}
@@ -375,7 +380,9 @@ def comparison_configs(
                                 epsilon=math.inf)  # fmt: skip
     if "ablation" in wanted:
         options = json.dumps({**json.loads(cfg.run.model_options), "rhythm_token": False})
-        runs[NO_RHYTHM] = _variant(cfg, root / "no-rhythm", run={"model_options": options})
+        # its own start: [pretrain] trains one for this architecture (the run's has the token)
+        runs[NO_RHYTHM] = _variant(cfg, root / "no-rhythm",
+                                   run={"model_options": options, "initial_model": ""})  # fmt: skip
     if "local" in wanted:
         for site in cfg.public_sites:
             runs[f"{LOCAL} {site.name}"] = _variant(
@@ -410,8 +417,11 @@ def train(
     t0 = time.perf_counter()
     done = cfg.out / "summary.json"
     if reuse and done.is_file():
-        summary = RunSummary.model_validate_json(done.read_text())
-        if summary.status == "completed" and summary.model_path is not None:
+        try:
+            summary = RunSummary.model_validate_json(done.read_text())
+        except ValueError:  # unreadable: not reusable, trained again
+            summary = None
+        if summary and summary.status == "completed" and summary.model_path is not None:
             log.warning("reusing %s from %s", label, cfg.out)
             return study_model(summary, summary.wall_s)
     log.warning("training %s -> %s", label, cfg.out)
@@ -496,12 +506,11 @@ def probe_all(
         try:
             numerics = root / folders[name] if name == "bidmc" else None
             site = site_rows(ref.site_config, numerics)
-            study.results.setdefault(HANDCRAFTED, {})[name] = probe_site(
-                site, handcrafted_matrix(site), args
-            )
+            features = handcrafted_matrix(site)
         except Exception as exc:  # one site's failure leaves the others
             study.failures.append(f"{name}: windows or labels unreadable: {error_line(exc)}")
             continue
+        study.results.setdefault(HANDCRAFTED, {})[name] = probe_site(site, features, args)
         for label, m in study.models.items():
             if m.model is None or (label.startswith(LOCAL) and label != f"{LOCAL} {name}"):
                 continue
@@ -555,7 +564,7 @@ def run_public_study(
     probe_all(manifest, cfg, study, stage)
     study.wall_s["probes"] = time.perf_counter() - t1
     stage("report: cross-modal reconstruction")
-    for label in (POOLED, FED_DP, SYNTHETIC, UNTRAINED):
+    for label in (POOLED, FED_DP, FED_NODP, SYNTHETIC, UNTRAINED):
         model = study.models.get(label)
         if model is None or model.model is None:
             continue
@@ -764,12 +773,16 @@ def render_markdown(cfg: SimulationConfig, summary: RunSummary, study: PublicStu
                   f"{fmt(last.eval_loss)} (`metrics.json`).", ""]  # fmt: skip
     if study.failures:
         lines += ["## What failed", "", *(f"- {f}" for f in study.failures), ""]
-    goals = goal_rows(study)
-    if goals:
-        lines += ["## Goals (federated DP model)", ""]
-        lines += _table(["site", "main task", "goal", "federated DP", ""], goals)
-    lines += ["## Does joining help?", ""]
-    lines += _table(["question", "answer", "goal", ""], verdict_rows(study))
+    if run.dp:
+        goals = goal_rows(study)
+        if goals:
+            lines += ["## Goals (federated DP model)", ""]
+            lines += _table(["site", "main task", "goal", "federated DP", ""], goals)
+        lines += ["## Does joining help?", ""]
+        lines += _table(["question", "answer", "goal", ""], verdict_rows(study))
+    else:
+        lines += ["The goals and \"does joining help?\" are about a federated DP run; this run "
+                  "trains without DP (its model is the federated non-DP row).", ""]  # fmt: skip
     lines += _models_section(study)
     lines += _site_sections(study)
     if "epsilon curve" in study.figures:

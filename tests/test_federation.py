@@ -623,6 +623,8 @@ def test_biofp_pretrain_writes_weights_a_run_can_start_from(
 ) -> None:
     from fpkit import run_biofp
 
+    from biofp_core.synth.physiology import ECTOPY_MODEL
+
     monkeypatch.setenv("BIOFP_CACHE_DIR", str(tmp_path / "cache"))
     code, out, err = run_biofp(
         "pretrain", "--out", str(tmp_path / "pre"), "--model", "siamquality",
@@ -631,7 +633,7 @@ def test_biofp_pretrain_writes_weights_a_run_can_start_from(
     )  # fmt: skip
     assert code == 0, err
     cohorts = [p.name for p in (tmp_path / "cache" / "cohorts").iterdir()]
-    assert cohorts == ["synth-1x2-0.5min-seed0-ectopy2"]  # the simulated cohort, with ectopy
+    assert cohorts == [f"synth-1x2-0.5min-seed0-ectopy2v{ECTOPY_MODEL}"]  # with ectopy
     path = tmp_path / "pre" / "model.safetensors"
     assert f'initial-model = "{path}"' in " ".join(out.split())
     _, card = load_model(path)

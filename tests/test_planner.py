@@ -109,6 +109,10 @@ def test_cli_prints_the_plan_and_json(plans: dict[int, PrivacyPlan]) -> None:
     assert "ε after" in out and "4 steps per round" in out and "σ=1.49" in out
     assert f"{plans[28].per_round[-1].epsilon_after:.3f}" in out
     assert "reserved for 12 evaluation(s)" in out
+    code, out, err = run_biofp("plan", "--subjects", "2250", "--epsilon", "8", "--json",
+                               "--max-steps", "8")  # fmt: skip
+    capped = PrivacyPlan.model_validate(json.loads(out))  # what a privacy-plan site trains
+    assert code == 0 and capped.steps_per_round == 8 and capped.batch_subjects == 64
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,22 @@ def test_compare_all_trains_every_comparison_from_the_run_config(tmp_path: Path)
     assert curve["federated DP ε=0.01"].error
 
 
+def test_comparisons_start_where_they_can_and_a_non_dp_run_is_its_own_nodp(
+    tmp_path: Path,
+) -> None:
+    cfg = _quick(tmp_path, models=list(COMPARISONS), epsilons=[4])
+    start = cfg.run.model_copy(update={"initial_model": "/start/model.safetensors"})
+    runs, _ = comparison_configs(cfg.model_copy(update={"run": start}), dict.fromkeys("ab", 9))
+    # the ablation's architecture differs from the start's: [pretrain] trains it its own
+    assert runs[NO_RHYTHM].run.initial_model == ""
+    assert {r.run.initial_model for k, r in runs.items() if k != NO_RHYTHM} == {
+        "/start/model.safetensors"}  # fmt: skip
+    no_dp = cfg.model_copy(update={"run": cfg.run.model_copy(update={"dp": False})})
+    runs, _ = comparison_configs(no_dp, dict.fromkeys("ab", 9))
+    assert FED_NODP not in runs  # the run itself
+    assert runs["federated DP ε=4"].run.dp  # the curve is DP whatever the run
+
+
 def test_compare_is_refused_outside_the_public_cohort_and_bad_flags_get_one_line() -> None:
     with pytest.raises(ConfigError, match=r"\[compare\].*'synthetic'"):
         load_simulation_config(compare={"models": ["pooled"]})

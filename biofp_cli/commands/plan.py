@@ -17,6 +17,12 @@ def plan(
     batch: float | None = typer.Option(
         None, "--batch", help="expected subjects per step (default: min(64, N // 4), at least 1)"
     ),
+    max_steps: int = typer.Option(
+        100,
+        "--max-steps",
+        min=1,
+        help="local steps a round may take (a privacy-plan run caps them at its local-steps)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Choose σ, q, steps per round and rounds so the whole run spends at most ε.
@@ -26,7 +32,9 @@ def plan(
     """
     from biofp_core.privacy.planner import plan_privacy
 
-    result = plan_privacy(subjects, epsilon, delta=delta, rounds=rounds, batch=batch)
+    result = plan_privacy(
+        subjects, epsilon, delta=delta, rounds=rounds, batch=batch, max_steps_per_round=max_steps
+    )
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
         return

@@ -23,7 +23,11 @@ def pretrain(
         None, "--minutes", min=0.1, help="minutes per simulated record [5]"
     ),
     ectopic_per_min: float | None = typer.Option(
-        None, "--ectopic-per-min", min=0, help="premature beats per minute of sinus subjects [0]"
+        None,
+        "--ectopic-per-min",
+        min=0,
+        max=30,
+        help="premature beats per minute of sinus subjects [0]",
     ),
     seed: int = typer.Option(0, "--seed", help="seeds the simulated cohort and the model"),
 ) -> None:

@@ -35,6 +35,7 @@ _PULSE_REF_RR_S = 0.85  # cycle length at which the PPG pulse has its nominal ti
 
 ArrayOrFloat = np.ndarray | float
 NORMAL, PAC, PVC = 0, 1, 2  # beat kinds
+ECTOPY_MODEL = 2  # bump when the ectopic-beat model changes: caches made with another are stale
 _WAVE_HALF_WIDTHS = 4.5  # Gaussians are cut at +-4.5 widths (4e-5 of their peak)
 
 
@@ -183,11 +184,13 @@ def place_ectopic_beats(
     Each beat is ectopic with probability ``ectopic_per_min`` x its RR / 60 (never two in a
     row), coupled at 55-75 % of the preceding RR. A PVC leaves the sinus rhythm alone (the next
     beat keeps its time: a compensatory pause); a PAC resets it (every later beat moves earlier
-    by 80 % of the prematurity).
+    by 80 % of the prematurity; sinus beats are added so the beats still reach the last one's
+    time).
     """
     kinds = np.zeros(len(r_s), dtype=np.int8)
     if phys.af or phys.ectopic_per_min <= 0 or len(r_s) < 3:
         return r_s, kinds
+    end_s = r_s[-1]
     r_s = r_s.copy()
     rr_s = np.diff(r_s)
     chosen = rng.uniform(size=len(r_s)) < phys.ectopic_per_min * np.append(rr_s, rr_s[-1]) / 60
@@ -203,6 +206,10 @@ def place_ectopic_beats(
         else:
             kinds[i] = PAC
             r_s[i + 1 :] -= 0.8 * early
+    if r_s[-1] < end_s:  # the resets moved the last beats earlier: sinus beats fill the end
+        extra = r_s[-1] + phys.mean_rr_s * np.arange(1, int((end_s - r_s[-1]) / phys.mean_rr_s) + 2)
+        r_s = np.concatenate((r_s, extra))
+        kinds = np.concatenate((kinds, np.zeros(len(extra), dtype=np.int8)))
     return r_s, kinds
 
 
@@ -247,7 +254,7 @@ def render_ecg_mv(
     gain = 1.0 + phys.qrs_resp_mod * resp_wave(resp_phase_rad(r_s, phys.breathing))  # (B,)
     pvc = np.zeros(len(r_s), bool) if kinds is None else kinds == PVC
     pac = np.zeros(len(r_s), bool) if kinds is None else kinds == PAC
-    w = phys.r_width_s * np.where(pvc, 3.0, 1.0)  # (B,)
+    w = phys.r_width_s * np.where(pvc, 2.2, 1.0)  # (B,) a PVC's QRS about 0.12-0.2 s
     gain = gain * np.where(pvc, 1.4, 1.0)
     waves = [
         (r_s - 2.6 * w, 0.8 * w, gain * phys.q_amp_mv),
