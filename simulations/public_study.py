@@ -648,33 +648,41 @@ def goal_rows(study: PublicStudy) -> list[list[str]]:
     return rows
 
 
-def _score(study: PublicStudy, label: str, site: str, task: Task) -> float | None:
+def _score(study: PublicStudy, label: str, site: str, task: Task) -> ProbeScore | None:
     r = study.results.get(label, {}).get(site, {}).get(task.name)
-    return r.value if r is not None else None
+    return r if r is not None and r.value is not None else None
 
 
 def _compare_tasks(
     study: PublicStudy, other: str, tasks: list[tuple[str, Task]], *,
     within: tuple[float, float] | None = None,
-) -> tuple[int, int]:  # fmt: skip
-    """(tasks where federated DP beats `other`, tasks both have a score for): AUROC higher, MAE
-    ratio lower; with `within` = (AUROC, relative MAE) margins, no worse than `other` by them."""
-    wins = scored = 0
+) -> tuple[int, int, int]:  # fmt: skip
+    """(tasks where federated DP beats `other`, of them those where it lies outside `other`'s
+    95 % CI, tasks both have a score for): AUROC higher, MAE ratio lower; with `within` =
+    (AUROC, relative MAE) margins: no worse than `other` by them."""
+    wins = clear = scored = 0
     for site, task in tasks:
-        x, y = _score(study, FED_DP, site, task), _score(study, other, site, task)
-        if x is None or y is None:
+        a, b = _score(study, FED_DP, site, task), _score(study, other, site, task)
+        if a is None or b is None:
             continue
+        x, y = a.value, b.value
+        low, high = b.ci or (y, y)
         scored += 1
         if task.kind == "regression":
-            wins += x <= y * (1 + within[1]) if within else x < y
+            win = x <= y * (1 + within[1]) if within else x < y
+            clear += win and x < low
         else:
-            wins += x >= y - within[0] if within else x > y
-    return wins, scored
+            win = x >= y - within[0] if within else x > y
+            clear += win and x > high
+        wins += win
+    return wins, clear, scored
 
 
 def verdict_rows(study: PublicStudy) -> list[list[str]]:
     """The issue's questions answered from the scores (joining helps, learning shows, the
-    reconstruction goal): count, target and met / not met; "–" without the models."""
+    reconstruction goal): count (and how many wins lie outside the other model's 95 % CI: a
+    win inside it is within what resampling subjects moves), target, met / not met; "–"
+    without the models."""
     main = [(site, tasks[0]) for site, tasks in TASKS.items()]
     every = [(site, t) for site, tasks in TASKS.items() for t in tasks if not t.attack]
     chosen = [("liu2022", TASKS["liu2022"][1]), ("ppg-bp", TASKS["ppg-bp"][0])]
@@ -687,14 +695,17 @@ def verdict_rows(study: PublicStudy) -> list[list[str]]:
     flags = {LOCAL: "--compare local", POOLED: "--compare pooled"}
     rows = []
     for text, other, tasks, within, need in checks:
-        wins, scored = _compare_tasks(study, other, tasks, within=within)
+        wins, clear, scored = _compare_tasks(study, other, tasks, within=within)
         if scored == 0:
             how = f" (run with {flags[other]})" if other in flags else ""
             rows.append([f"federated DP {text}", f"not measured{how}", "–", "–"])
             continue
         target = need if need is not None else scored
         state = "met" if wins >= target else "not met"
-        rows.append([f"federated DP {text}", f"{wins} of {scored} tasks", f"{target}", state])
+        answer = f"{wins} of {scored} tasks"
+        if within is None:  # how many of the wins a resampling of subjects would not undo
+            answer += f" ({clear} outside the other's 95 % CI)"
+        rows.append([f"federated DP {text}", answer, f"{target}", state])
     recon = study.reconstruction.get(POOLED)
     if recon is not None and recon.median_r is not None:
         met = "met" if recon.median_r >= 0.5 else "not met"
