@@ -29,7 +29,13 @@ from pathlib import Path
 from common import RESULTS, report, shared_data
 
 from biofp_core.errors import BioFPError
-from simulations.config import COMPARISONS, RunSummary, SimulationConfig
+from simulations.config import (
+    COMPARISONS,
+    SUMMARY_NAME,
+    RunSummary,
+    SimulationConfig,
+    completed_run,
+)
 from simulations.pretrain import pretrained_model
 from simulations.public import cohort_config
 from simulations.public_study import (
@@ -133,16 +139,14 @@ def configure(args: argparse.Namespace) -> SimulationConfig:
 def main_run(cfg: SimulationConfig, *, reuse: bool) -> RunSummary:
     """The federated DP run (a completed one in its folder is kept when `reuse`); a failed run's
     summary (its report then says so, and the comparisons are not trained)."""
-    done = cfg.out / "summary.json"
-    if reuse and done.is_file():
-        summary = RunSummary.model_validate_json(done.read_text())
-        if summary.status == "completed" and summary.model_path is not None:
-            return summary
+    done = completed_run(cfg.out) if reuse else None
+    if done is not None:
+        return done
     try:
         return simulate(cfg)
     except BioFPError as exc:
         log.warning("federated DP failed: %s", exc)
-        return RunSummary.model_validate_json(done.read_text())
+        return RunSummary.model_validate_json((cfg.out / SUMMARY_NAME).read_text())
 
 
 def table_rows(study: PublicStudy) -> list[tuple[str, str, str]]:

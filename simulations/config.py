@@ -184,6 +184,18 @@ class SimulationConfig(BaseModel):
         return self.sites_dir or self.out / "sites"
 
 
+def completed_run(out: Path) -> RunSummary | None:
+    """The summary in run directory `out` of a completed run whose model is there; None when
+    there is none, it is unreadable, or the run did not complete."""
+    try:
+        summary = RunSummary.model_validate_json((Path(out) / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    model = summary.model_path
+    done = summary.status == "completed" and model is not None and model.is_file()
+    return summary if done else None
+
+
 def load_simulation_config(path: Path | None = None, **overrides: Any) -> SimulationConfig:
     """A SimulationConfig from ``sim.toml`` (if given) with `overrides` on top.
 

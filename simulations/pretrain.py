@@ -21,7 +21,7 @@ from pathlib import Path
 import biofp_core
 from biofp_core.fsutil import exclusive_lock
 from biofp_core.synth.physiology import ECTOPY_MODEL
-from simulations.config import SUMMARY_NAME, RunSummary, SimulationConfig
+from simulations.config import RunSummary, SimulationConfig, completed_run
 
 PRETRAINED_DIR = "pretrained"
 
@@ -64,15 +64,9 @@ def pretrained_model(
     sub = pretraining_config(cfg)
     sub.out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(sub.out.with_suffix(".lock")):  # one writer; others wait and reuse it
-        done = sub.out / SUMMARY_NAME
-        if done.is_file():
-            summary = RunSummary.model_validate_json(done.read_text())
-            if (
-                summary.status == "completed"
-                and summary.model_path
-                and summary.model_path.is_file()
-            ):
-                return summary.model_path
+        cached = completed_run(sub.out)
+        if cached is not None and cached.model_path is not None:
+            return cached.model_path
         if on_stage is not None:
             on_stage(
                 f"pretraining on synthetic signals ({sub.run.local_steps} steps, no patient data)"

@@ -51,13 +51,14 @@ from biofp_core.privacy.planner import PlanError, plan_privacy
 from biofp_core.site import PrivacyBudget, load_site_config
 from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
-from client.site_data import SimulationSites, load_site_data
+from client.site_data import SimulationSites, SiteData
 from server.report import RunReport
 from simulations import plots
-from simulations.config import SITES_MANIFEST, RunSummary, SimulationConfig
+from simulations.config import SITES_MANIFEST, RunSummary, SimulationConfig, completed_run
 from simulations.downstream import cross_modal_reconstruction, load_study_sites
 from simulations.public import default_data_root
 from simulations.report import REPORT_DIR, REPORT_NAME, error_line, fmt
+from simulations.report import table as markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -415,15 +416,10 @@ def train(
 ) -> StudyModel:  # fmt: skip
     """Run one comparison (a completed run already in its folder is kept when `reuse`)."""
     t0 = time.perf_counter()
-    done = cfg.out / "summary.json"
-    if reuse and done.is_file():
-        try:
-            summary = RunSummary.model_validate_json(done.read_text())
-        except ValueError:  # unreadable: not reusable, trained again
-            summary = None
-        if summary and summary.status == "completed" and summary.model_path is not None:
-            log.warning("reusing %s from %s", label, cfg.out)
-            return study_model(summary, summary.wall_s)
+    done = completed_run(cfg.out) if reuse else None
+    if done is not None:
+        log.warning("reusing %s from %s", label, cfg.out)
+        return study_model(done, done.wall_s)
     log.warning("training %s -> %s", label, cfg.out)
     try:
         summary = simulate(cfg, on_stage=lambda text: stage(f"{label}: {text}"))
@@ -443,12 +439,9 @@ def untrained_model(cfg: SimulationConfig, folder: Path) -> StudyModel:
 # ---- probes, reconstruction, figures ------------------------------------------------------
 
 
-def reconstruction(cfg: SimulationConfig, model: str, figure: Path) -> RecoveredECG:
-    """Median Pearson r of ECG decoded from PPG alone, one window per held-out BIDMC subject;
-    the three windows nearest the median drawn to `figure`."""
-    manifest = SimulationSites.read(cfg.out / SITES_MANIFEST)
-    sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
-    paired = [s for s in sites if s.modality == "both"]
+def reconstruction(paired: list[SiteData], model: str, figure: Path) -> RecoveredECG:
+    """Median Pearson r of ECG decoded from PPG alone, one window per held-out subject of the
+    `paired` sites; the three windows nearest the median drawn to `figure`."""
     held_out = sum(len(s.holdout) for s in paired)
     rows = cross_modal_reconstruction(Path(model), paired, windows=held_out)
     r = [w.row.correlation for w in rows]
@@ -544,12 +537,7 @@ def run_public_study(
     study.models[FED_DP if cfg.run.dp else FED_NODP] = study_model(summary, summary.wall_s)
     study.models |= {k: StudyModel(model=str(v)) for k, v in cfg.compare.saved_models.items()}
     manifest = SimulationSites.read(cfg.out / SITES_MANIFEST)
-    train_subjects = {
-        load_site_config(ref.site_config).name: len(
-            load_site_data(ref, holdout_fraction=cfg.run.holdout_fraction).train
-        )
-        for ref in manifest.sites
-    }
+    train_subjects = {site.name: site.subjects_train for site in summary.sites}
     runs, curve = comparison_configs(cfg, train_subjects)
     study.models |= {k: v for k, v in curve.items() if k not in runs}
     for label, sub in runs.items():
@@ -564,15 +552,20 @@ def run_public_study(
     probe_all(manifest, cfg, study, stage)
     study.wall_s["probes"] = time.perf_counter() - t1
     stage("report: cross-modal reconstruction")
-    for label in (POOLED, FED_DP, FED_NODP, SYNTHETIC, UNTRAINED):
+    try:  # the run's held-out subjects, the same windows for every model (seeded split)
+        sites = load_study_sites(manifest, holdout_fraction=cfg.run.holdout_fraction)
+        paired = [s for s in sites if s.modality == "both"]
+    except Exception as exc:
+        study.failures.append(f"held-out windows unreadable: {error_line(exc)}")
+        paired = []
+    for label in (POOLED, FED_DP, FED_NODP, SYNTHETIC, UNTRAINED) if paired else ():
         model = study.models.get(label)
         if model is None or model.model is None:
             continue
-        sub = runs.get(label, cfg)
         slug = label.replace(" ", "-").replace(",", "")
         try:
             study.reconstruction[label] = reconstruction(
-                sub, model.model, report_dir / f"reconstruction-{slug}.png"
+                paired, model.model, report_dir / f"reconstruction-{slug}.png"
             )
         except Exception as exc:
             study.failures.append(f"reconstruction of {label} failed: {error_line(exc)}")
@@ -628,18 +621,13 @@ def model_labels(study: PublicStudy) -> list[str]:
     return present + sorted(k for k in study.results if k not in ORDER)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
-
-
 def goal_rows(study: PublicStudy) -> list[list[str]]:
     """Each site's main task: goal, federated DP score, met or not (MAE ratio: lower is better)."""
     rows = []
     for site, tasks in TASKS.items():
         main = tasks[0]
-        r = study.results.get(FED_DP, {}).get(site, {}).get(main.name)
-        if main.goal is None or r is None or r.value is None:
+        r = _score(study, FED_DP, site, main)
+        if main.goal is None or r is None:
             continue
         lower = main.kind == "regression"
         met = r.value <= main.goal if lower else r.value >= main.goal
@@ -724,7 +712,7 @@ def _models_section(study: PublicStudy) -> list[str]:
             eps = f"σ {m.plan['sigma']:.3g} × {m.plan['steps_per_round']:.0f} steps; {eps}"
         state = m.error or ("ok" if m.model else "–")
         rows.append([label, state, f"{m.wall_s:.0f}", fmt(m.eval_loss), eps])
-    return ["## Models", "", *_table(["model", "status", "trained (s)", "held-out loss",
+    return ["## Models", "", *markdown_table(["model", "status", "trained (s)", "held-out loss",
                                       "ε spent per site"], rows)]  # fmt: skip
 
 
@@ -745,7 +733,7 @@ def _site_sections(study: PublicStudy) -> list[str]:
             name = task.name + (" (main)" if i == 0 else "")
             rows.append([name, *(score_text(study.results.get(lb, {}).get(site, {}).get(task.name))
                                  for lb in labels)])  # fmt: skip
-        lines += _table(["task", *labels], rows)
+        lines += markdown_table(["task", *labels], rows)
     return lines
 
 
@@ -753,7 +741,7 @@ def _reconstruction_section(study: PublicStudy) -> list[str]:
     lines = ["## Cross-modal reconstruction (ECG from PPG alone, BIDMC held-out subjects)", ""]
     if not study.reconstruction:
         return [*lines, "No reconstruction (no held-out subject with paired windows).", ""]
-    lines += _table(["model", "median r", "windows"],
+    lines += markdown_table(["model", "median r", "windows"],
                     [[k, fmt(v.median_r, 3), str(v.windows)]
                      for k, v in study.reconstruction.items()])  # fmt: skip
     for name, path in study.figures.items():
@@ -768,7 +756,7 @@ def render_markdown(cfg: SimulationConfig, summary: RunSummary, study: PublicStu
     run = cfg.run
     dp = f"DP-SGD σ = {run.noise_multiplier:g}" if run.dp else "no DP"
     start = f", starting from {SYNTHETIC} weights" if cfg.pretrain else ""
-    metrics = RunReport.read(cfg.out) if (cfg.out / "metrics.json").is_file() else None
+    metrics = RunReport.read(cfg.out)
     eps = ", ".join(f"{s.name} {s.ledger.epsilon:.2f}" for s in summary.sites)
     lines = [
         "# BioFP public-federation report", "",
@@ -788,9 +776,9 @@ def render_markdown(cfg: SimulationConfig, summary: RunSummary, study: PublicStu
         goals = goal_rows(study)
         if goals:
             lines += ["## Goals (federated DP model)", ""]
-            lines += _table(["site", "main task", "goal", "federated DP", ""], goals)
+            lines += markdown_table(["site", "main task", "goal", "federated DP", ""], goals)
         lines += ["## Does joining help?", ""]
-        lines += _table(["question", "answer", "goal", ""], verdict_rows(study))
+        lines += markdown_table(["question", "answer", "goal", ""], verdict_rows(study))
     else:
         lines += ["The goals and \"does joining help?\" are about a federated DP run; this run "
                   "trains without DP (its model is the federated non-DP row).", ""]  # fmt: skip

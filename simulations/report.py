@@ -260,7 +260,8 @@ def fmt_probe(row: StudyRow | None) -> str:
     return f"{r.value:.3f} [{low}, {high}]"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines (and a blank one after it)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
@@ -274,7 +275,7 @@ def _training_section(metrics: RunReport | None, report: ResearchReport) -> list
     lines = ["## Federated training", ""]
     if metrics is None or not metrics.rounds:
         return [*lines, "No round was recorded.", ""]
-    lines += _table(
+    lines += table(
         ["round", "sites ok", "failed", "refused", "train loss", "held-out loss",
          "bytes received", "max ε"],
         [[str(r.server_round), f"{r.contributed}/{r.sampled}", str(r.failed), str(r.refused),
@@ -284,7 +285,7 @@ def _training_section(metrics: RunReport | None, report: ResearchReport) -> list
     lines += ["Per site (by registration name when the sites were registered with one, else by "
               "Flower node id; ε is the site's total over its whole ledger, as it reported it):",
               ""]  # fmt: skip
-    lines += _table(
+    lines += table(
         ["round", "site", "status", "train loss", "ε", "bytes"],
         [[str(r.server_round), plots.short_node(s.node_id, s.name), s.status, fmt(s.train_loss),
           fmt(s.epsilon), str(s.payload_bytes)] for r in metrics.rounds for s in r.sites],
@@ -301,14 +302,14 @@ def _sites_section(summary: RunSummary, report: ResearchReport) -> list[str]:
              fmt(s.ledger.budget_epsilon)] for s in summary.sites]  # fmt: skip
     header = ["site", "sensors", "train/held-out subjects", "windows", "ε after training",
               "ε after the report's releases", "budget"]  # fmt: skip
-    return ["## Sites", "", *_table(header, rows)]
+    return ["## Sites", "", *table(header, rows)]
 
 
 def _runs_section(report: ResearchReport) -> list[str]:
     rows = [[r.label, f"`{r.out_dir}`", r.status, fmt(r.train_loss), fmt(r.eval_loss),
              fmt(r.max_epsilon)] for r in report.runs]  # fmt: skip
     return ["## Models compared", "",
-            *_table(["model", "run directory", "status", "train loss", "held-out loss", "max ε"],
+            *table(["model", "run directory", "status", "train loss", "held-out loss", "max ε"],
                     rows)]  # fmt: skip
 
 
@@ -335,7 +336,7 @@ def _release_lines(report: ResearchReport) -> list[str]:
         f"{s.folds}-fold CV by subject redrawn {s.repeats} times, 95 % CI by bootstrap over "
         f"subjects ({s.n_boot} resamples).",
         "",
-        *_table(["model", "release", "files", "refused", "rows", "bytes", "noise σ",
+        *table(["model", "release", "files", "refused", "rows", "bytes", "noise σ",
                  "ε per vector"], rows),
     ]  # fmt: skip
 
@@ -354,7 +355,7 @@ def _downstream_section(report: ResearchReport) -> list[str]:
             metric = first.result.metric if first else "–"
             baseline = fmt(first.result.baseline) if first else "–"
             rows.append([study.model, task, metric, *(fmt_probe(c) for c in cells), baseline])
-    lines += _table(["model", "task", "metric", "paired", "ECG only", "PPG only", "baseline"], rows)
+    lines += table(["model", "task", "metric", "paired", "ECG only", "PPG only", "baseline"], rows)
     lines += _image(report, "downstream", "downstream metrics by model")
     main = next((s for s in report.studies if s.model == report.runs[0].label), None)
     if main is None:
@@ -368,7 +369,7 @@ def _downstream_section(report: ResearchReport) -> list[str]:
             cells = [main.ablation_row(v, task, m) for v in (CLEAN, NOISY)]
             pairs = [(fmt_probe(c), fmt(c.relative if c else None)) for c in cells]
             rows.append([task, m, *(x for pair in pairs for x in pair)])
-    lines += _table(["task", "fingerprints", "no noise", "relative", "noisy", "relative"], rows)
+    lines += table(["task", "fingerprints", "no noise", "relative", "noisy", "relative"], rows)
     lines += _image(report, "ablation", "modality ablation")
     lines += [f"### Attribute inference ({main.model} model)", "",
               "Utility beside leakage: an attack's `relative` < 1 means the release protects the "
@@ -376,7 +377,7 @@ def _downstream_section(report: ResearchReport) -> list[str]:
     rows = [[study.model, r.fingerprints, r.result.task, r.role, r.result.metric,
              fmt_probe(r), fmt(r.result.baseline), fmt(r.relative)]
             for study in report.studies for r in study.attributes]  # fmt: skip
-    lines += _table(["model", "release", "task", "role", "metric", "value [95 % CI]", "baseline",
+    lines += table(["model", "release", "task", "role", "metric", "value [95 % CI]", "baseline",
                      "relative"], rows)  # fmt: skip
     lines += _image(report, "attributes", "attribute inference")
     return lines
@@ -393,7 +394,7 @@ def _reconstruction_section(report: ResearchReport) -> list[str]:
     lines += [f"*ECG decoded from PPG alone (red) beside the real ECG (black), for windows of "
               f"held-out subjects (never trained on); Pearson r per window: {caption}.*",
               ""]  # fmt: skip
-    lines += _table(["site", "subject (pseudonym)", "start (s)", "r"],
+    lines += table(["site", "subject (pseudonym)", "start (s)", "r"],
                     [[r.site, r.subject, f"{r.start_s:g}", fmt(r.correlation)]
                      for r in report.reconstruction])  # fmt: skip
     return lines
