@@ -42,6 +42,7 @@ from biofp_core.models.layers import (
     patchify,
 )
 from biofp_core.signals.rhythm import (
+    BEAT_STATS,
     RHYTHM_FEATURES,
     STAT_NAMES,
     paired_statistics,
@@ -75,6 +76,7 @@ class M2AEConfig(ModelConfig):
     cross_weight: float = Field(1.0, ge=0)  # weight of reconstructing a dropped modality
     align_weight: float = Field(0.5, ge=0)  # weight of the within-bag InfoNCE alignment
     stats_weight: float = Field(1.0, ge=0)  # weight of regressing beat statistics (rhythm.py)
+    beat_stats: tuple[str, ...] = STAT_NAMES  # which BEAT_STATS every fingerprint regresses
     rhythm_token: bool = True  # one token per modality from the window's beat intervals
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
@@ -86,6 +88,9 @@ class M2AEConfig(ModelConfig):
             raise ValueError("width and decoder_width must be divisible by heads")
         if self.hidden_patches < 1:
             raise ValueError("mask_ratio hides no patch: raise it or shorten the patches")
+        unknown = set(self.beat_stats) - set(BEAT_STATS)
+        if unknown or not self.beat_stats:
+            raise ValueError(f"beat_stats: choose one or more of {', '.join(BEAT_STATS)}")
         return self
 
     @property
@@ -174,7 +179,7 @@ class M2AE(BioFPModel):
                 {m: Dense(len(RHYTHM_FEATURES), cfg.width) for m in MODALITIES}
             )
         self.head = Dense(cfg.width, cfg.fingerprint_dim)
-        self.stats_head = Dense(cfg.fingerprint_dim, len(STAT_NAMES))  # linear: probes see it
+        self.stats_head = Dense(cfg.fingerprint_dim, len(cfg.beat_stats))  # linear: probes see it
         self.decoders = nn.ModuleDict({m: Decoder(cfg) for m in MODALITIES})
 
     # ---- encoding -------------------------------------------------------------------------------
@@ -376,7 +381,9 @@ class M2AE(BioFPModel):
         terms = {
             **self._reconstruction(h[:, :K], slot_keep, patches, hidden, keep, avail, patch_ok),
             "align": self._alignment(z, keep, avail, batch.get("index")),
-            "stats": self._statistics(z, keep, avail, *paired_statistics(*features)),
+            "stats": self._statistics(
+                z, keep, avail, *paired_statistics(*features, cfg.beat_stats)
+            ),
         }
         total = (
             cfg.recon_weight * terms["recon"]

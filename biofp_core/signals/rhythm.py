@@ -33,6 +33,8 @@ RHYTHM_FEATURES = (
     "range",  # (max - min interval) / mean
 )
 STAT_NAMES = ("irregularity", "rate")  # rmssd feature; (heart rate - 75 bpm) / 25
+# Every statistic a model may regress: STAT_NAMES, then these rhythm features as they are.
+BEAT_STATS = (*STAT_NAMES, "sdnn", "madnn", "pnn50", "range")
 
 
 def rhythm_features(
@@ -71,13 +73,19 @@ def rhythm_features(
     return np.clip(features, 0.0, 5.0).astype(np.float32)
 
 
-def statistics_of(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``STAT_NAMES`` statistics (..., 2) float32 and ok (...,) of rhythm features (..., F)."""
+def statistics_of(
+    features: np.ndarray, names: tuple[str, ...] = STAT_NAMES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics (..., len(names)) float32 (``BEAT_STATS`` names) and ok (...,) of rhythm
+    features (..., F)."""
     ok = features[..., 0] > 0
-    irregularity = features[..., RHYTHM_FEATURES.index("rmssd")]
     mean_rr = np.where(ok, features[..., RHYTHM_FEATURES.index("mean_rr")], 1.0)
-    rate = np.where(ok, (60.0 / mean_rr - 75.0) / 25.0, 0.0)
-    return np.stack([irregularity, rate], axis=-1).astype(np.float32), ok
+    columns = {
+        "irregularity": features[..., RHYTHM_FEATURES.index("rmssd")],
+        "rate": np.where(ok, (60.0 / mean_rr - 75.0) / 25.0, 0.0),
+    }
+    stats = [columns[n] if n in columns else features[..., RHYTHM_FEATURES.index(n)] for n in names]
+    return np.stack(stats, axis=-1).astype(np.float32), ok
 
 
 def beat_statistics(
@@ -88,12 +96,14 @@ def beat_statistics(
 
 
 def paired_statistics(
-    ecg_features: np.ndarray, ppg_features: np.ndarray
+    ecg_features: np.ndarray, ppg_features: np.ndarray, names: tuple[str, ...] = STAT_NAMES
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics (..., 2) of paired windows from each modality's rhythm features (..., F): the
-    mean over the modalities with enough beats (an absent modality has none). Returns (stats, ok).
+    """Statistics (..., len(names)) of paired windows from each modality's rhythm features
+    (..., F): the mean over the modalities with enough beats (an absent modality has none).
+    Returns (stats, ok).
     """
-    (s_ecg, ok_ecg), (s_ppg, ok_ppg) = statistics_of(ecg_features), statistics_of(ppg_features)
+    s_ecg, ok_ecg = statistics_of(ecg_features, names)
+    s_ppg, ok_ppg = statistics_of(ppg_features, names)
     count = ok_ecg.astype(np.float32) + ok_ppg
     total = s_ecg * ok_ecg[..., None] + s_ppg * ok_ppg[..., None]
     return (total / np.maximum(count, 1.0)[..., None]).astype(np.float32), count > 0

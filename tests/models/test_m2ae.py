@@ -127,6 +127,24 @@ def test_loss_targets_come_from_the_windows() -> None:
         assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.0, abs=1e-3)
 
 
+def test_more_beat_statistics_widen_the_head_and_are_regressed() -> None:
+    """beat_stats picks which rhythm statistics the fingerprint regresses; unknown ones refused."""
+    model = tiny(modality_dropout=0.0, beat_stats=("irregularity", "rate", "sdnn", "pnn50"))
+    assert model.stats_head.bias.shape == (4,)
+    batch = random_batch(B=1, K=2)
+    batch["ppg"][0] = torch.from_numpy(pulse_train(np.arange(0.2, 10, 0.8)))  # regular, 75 bpm
+    batch["ecg"][0] = 0.0
+    batch["mask"][0, :, 0] = False
+    with torch.no_grad():
+        model.stats_head.weight.zero_()
+        model.stats_head.bias.zero_()  # every statistic of a regular 75 bpm train is ~0
+        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.0, abs=1e-3)
+        model.stats_head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))  # pnn50 wrong by 1
+        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.25, abs=1e-3)
+    with pytest.raises(ValueError, match="beat_stats: choose one or more of"):
+        M2AEConfig(beat_stats=("irregularity", "qrs_width"))
+
+
 def test_modality_dropout_drives_cross_term() -> None:
     batch = random_batch(B=2, K=4)
     assert (tiny(modality_dropout=0.0).loss(batch)[1]["cross"] == 0).all()

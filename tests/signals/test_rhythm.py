@@ -11,6 +11,7 @@ from biofp_core.signals.rhythm import (
     beat_statistics,
     paired_statistics,
     rhythm_features,
+    statistics_of,
 )
 from biofp_core.store import WindowStore
 
@@ -44,6 +45,18 @@ def test_irregular_rhythm_scores_higher_and_flat_windows_have_none() -> None:
     expected = 5 * np.sqrt(np.mean(np.diff(rr) ** 2)) / rr.mean()
     assert stats[0, 0] == pytest.approx(expected, rel=0.05)
     assert stats[0, 0] > 1.0 and (stats[1] == 0).all()
+
+
+def test_named_statistics_are_the_rhythm_features() -> None:
+    """BEAT_STATS beyond rate and irregularity are the rhythm features themselves, in order."""
+    rng = np.random.default_rng(1)
+    beats = np.cumsum(rng.uniform(0.5, 1.1, 16)) + 0.1
+    features = rhythm_features(pulses(beats[beats < 9.9])[None], modality="ppg")
+    stats, ok = statistics_of(features, ("pnn50", "irregularity", "sdnn"))
+    assert ok.tolist() == [True] and stats.shape == (1, 3)
+    column = {n: features[0, RHYTHM_FEATURES.index(n)] for n in ("pnn50", "rmssd", "sdnn")}
+    assert stats[0].tolist() == pytest.approx([column["pnn50"], column["rmssd"], column["sdnn"]])
+    assert 0.5 < stats[0, 0] <= 1.0  # most successive differences exceed 50 ms
 
 
 def test_paired_statistics_average_present_modalities() -> None:
