@@ -22,10 +22,9 @@ from itertools import pairwise
 import numpy as np
 
 from biofp_core.signals.quality import detect_beats
-from biofp_core.signals.rhythm import FS_HZ, RHYTHM_FEATURES, rhythm_features
+from biofp_core.signals.rhythm import FS_HZ, RHYTHM_FEATURES, TEMPLATE_S, rhythm_features
 
 MODALITIES = ("ecg", "ppg")
-TEMPLATE_S = (-0.25, 0.55)  # seconds before / after the fiducial
 TEMPLATE_POINTS = 16
 BANDS_HZ = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, np.inf)
 MORPHOLOGY = ("template_ptp", "beat_corr", "t_max", "t_min")

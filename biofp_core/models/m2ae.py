@@ -78,6 +78,7 @@ class M2AEConfig(ModelConfig):
     stats_weight: float = Field(1.0, ge=0)  # weight of regressing beat statistics (rhythm.py)
     beat_stats: tuple[str, ...] = STAT_NAMES  # which BEAT_STATS every fingerprint regresses
     rhythm_token: bool = True  # one token per modality from the window's beat intervals
+    rhythm_template: int = Field(0, ge=0, le=64)  # points of the window's mean beat in that token
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
     @model_validator(mode="after")
@@ -176,7 +177,10 @@ class M2AE(BioFPModel):
         self.fusion = Encoder(cfg.width, cfg.fusion_depth, cfg.heads, cfg.mlp_ratio)
         if cfg.rhythm_token:
             self.rhythm = nn.ModuleDict(
-                {m: Dense(len(RHYTHM_FEATURES), cfg.width) for m in MODALITIES}
+                {
+                    m: Dense(len(RHYTHM_FEATURES) + cfg.rhythm_template, cfg.width)
+                    for m in MODALITIES
+                }
             )
         self.head = Dense(cfg.width, cfg.fingerprint_dim)
         self.stats_head = Dense(cfg.fingerprint_dim, len(cfg.beat_stats))  # linear: probes see it
@@ -184,11 +188,12 @@ class M2AE(BioFPModel):
 
     # ---- encoding -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _rhythm_features(m: int, windows: Tensor) -> np.ndarray:
+    def _rhythm_features(self, m: int, windows: Tensor) -> np.ndarray:
         """Rhythm features (B, S, F) of whole windows (B, S, L) of modality m (no gradient)."""
         flat = windows.detach().flatten(0, 1).cpu().float().numpy()  # (B*S, L)
-        features = rhythm_features(flat, modality=MODALITIES[m])  # (B*S, F)
+        features = rhythm_features(
+            flat, modality=MODALITIES[m], template_points=self.config.rhythm_template
+        )  # (B*S, F)
         return features.reshape(*windows.shape[:2], -1)
 
     def _rhythm_input(self, features: np.ndarray, like: Tensor) -> Tensor | None:

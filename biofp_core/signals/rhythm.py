@@ -37,12 +37,19 @@ STAT_NAMES = ("irregularity", "rate")  # rmssd feature; (heart rate - 75 bpm) / 
 BEAT_STATS = (*STAT_NAMES, "sdnn", "madnn", "pnn50", "range")
 
 
+TEMPLATE_S = (-0.25, 0.55)  # the mean beat's span around each fiducial (s)
+
+
 def rhythm_features(
-    windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ
-) -> np.ndarray:
-    """Features (n, len(RHYTHM_FEATURES)) float32 of windows (n, L), vectorised over windows."""
+    windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ,
+    template_points: int = 0,
+) -> np.ndarray:  # fmt: skip
+    """Features (n, len(RHYTHM_FEATURES) + template_points) float32 of windows (n, L),
+    vectorised over windows; with ``template_points``, the window's mean beat follows
+    (:func:`mean_beat`)."""
     n = len(windows)
-    rows, at = detect_beats(np.asarray(windows, dtype=np.float32), modality=modality, fs_hz=fs_hz)
+    windows = np.asarray(windows, dtype=np.float32)
+    rows, at = detect_beats(windows, modality=modality, fs_hz=fs_hz)
     same = rows[1:] == rows[:-1]  # consecutive beats of one window
     rr, rr_rows = np.diff(at)[same] / fs_hz, rows[1:][same]  # beat intervals (s)
     same = rr_rows[1:] == rr_rows[:-1]
@@ -70,7 +77,27 @@ def rhythm_features(
         axis=1,
     )
     features[~ok] = 0.0
-    return np.clip(features, 0.0, 5.0).astype(np.float32)
+    features = np.clip(features, 0.0, 5.0)
+    if template_points:
+        template = mean_beat(windows, rows, at, points=template_points, fs_hz=fs_hz)
+        features = np.concatenate([features, np.where(ok[:, None], template, 0.0)], axis=1)
+    return features.astype(np.float32)
+
+
+def mean_beat(
+    windows: np.ndarray, rows: np.ndarray, at: np.ndarray, *, points: int, fs_hz: float = FS_HZ
+) -> np.ndarray:
+    """The mean beat (n, points) of each window: ``points`` samples evenly spaced over
+    ``TEMPLATE_S`` around every fiducial whose span lies inside the window, averaged; zeros for
+    a window without one. Values as the (z-scored) windows, clipped to ±5."""
+    n, length = windows.shape
+    offsets = np.round(np.linspace(TEMPLATE_S[0], TEMPLATE_S[1], points) * fs_hz).astype(int)
+    inside = (at + offsets[0] >= 0) & (at + offsets[-1] < length)
+    rows, at = rows[inside], at[inside]
+    sums = np.zeros((n, points))
+    np.add.at(sums, rows, windows[rows[:, None], at[:, None] + offsets[None]])
+    counts = np.bincount(rows, minlength=n)[:, None]
+    return np.clip(sums / np.maximum(counts, 1), -5.0, 5.0)
 
 
 def statistics_of(

@@ -145,6 +145,22 @@ def test_more_beat_statistics_widen_the_head_and_are_regressed() -> None:
         M2AEConfig(beat_stats=("irregularity", "qrs_width"))
 
 
+def test_rhythm_template_widens_the_token_and_changes_fingerprints() -> None:
+    """rhythm_template feeds the window's mean beat into the rhythm token: same windows, same
+    rhythm statistics, another token input (so another fingerprint)."""
+    torch.manual_seed(0)
+    model = tiny(rhythm_template=8)
+    assert model.rhythm["ppg"].weight.shape[1] == 8 + 8  # RHYTHM_FEATURES + template
+    a = torch.from_numpy(pulse_train(np.arange(0.2, 10, 0.8)))[None]
+    b = torch.from_numpy(pulse_train(np.arange(0.2, 10, 0.8)) ** 2)[None]  # same beats, new shape
+    features = model._rhythm_features(1, torch.cat([a, b])[:, None])  # (2, 1, 16)
+    assert np.allclose(features[0, 0, :2], features[1, 0, :2])  # valid, beat count
+    assert not np.allclose(features[0, 0, 8:], features[1, 0, 8:])
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.fingerprint(ppg=torch.cat([a, b]))).all()
+
+
 def test_modality_dropout_drives_cross_term() -> None:
     batch = random_batch(B=2, K=4)
     assert (tiny(modality_dropout=0.0).loss(batch)[1]["cross"] == 0).all()

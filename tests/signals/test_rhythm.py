@@ -8,7 +8,9 @@ import pytest
 from biofp_core.signals.rhythm import (
     RHYTHM_FEATURES,
     STAT_NAMES,
+    TEMPLATE_S,
     beat_statistics,
+    mean_beat,
     paired_statistics,
     rhythm_features,
     statistics_of,
@@ -57,6 +59,23 @@ def test_named_statistics_are_the_rhythm_features() -> None:
     column = {n: features[0, RHYTHM_FEATURES.index(n)] for n in ("pnn50", "rmssd", "sdnn")}
     assert stats[0].tolist() == pytest.approx([column["pnn50"], column["rmssd"], column["sdnn"]])
     assert 0.5 < stats[0, 0] <= 1.0  # most successive differences exceed 50 ms
+
+
+def test_mean_beat_is_the_pulse_around_each_fiducial() -> None:
+    """The template holds the pulse's own samples around its beats; flat windows get zeros."""
+    x = np.stack([pulses(np.arange(0.6, 9.9, 0.8)), np.zeros(L, dtype=np.float32)])
+    features = rhythm_features(x, modality="ppg", template_points=9)
+    assert features.shape == (2, len(RHYTHM_FEATURES) + 9)
+    assert (features[1] == 0).all()
+    plain = rhythm_features(x, modality="ppg")
+    assert np.array_equal(features[:, : len(RHYTHM_FEATURES)], plain)  # the same statistics
+    rows, at = np.zeros(3, dtype=int), np.array([100, 200, 1240])  # the last beat's span is cut
+    offsets = np.round(np.linspace(*TEMPLATE_S, 5) * FS_HZ).astype(int)
+    ramp = np.tile(np.arange(L, dtype=np.float32) / L, (1, 1))
+    template = mean_beat(ramp, rows, at, points=5)
+    assert template.shape == (1, 5)
+    assert template[0] == pytest.approx((150 + offsets) / L)  # mean of beats at 100 and 200
+    assert mean_beat(ramp, rows[:0], at[:0], points=5).tolist() == [[0.0] * 5]
 
 
 def test_paired_statistics_average_present_modalities() -> None:
