@@ -90,8 +90,12 @@ class M2AEConfig(ModelConfig):
         if self.hidden_patches < 1:
             raise ValueError("mask_ratio hides no patch: raise it or shorten the patches")
         unknown = set(self.beat_stats) - set(BEAT_STATS)
-        if unknown or not self.beat_stats:
-            raise ValueError(f"beat_stats: choose one or more of {', '.join(BEAT_STATS)}")
+        if unknown or not self.beat_stats or len(set(self.beat_stats)) < len(self.beat_stats):
+            raise ValueError(
+                f"beat_stats: choose one or more of {', '.join(BEAT_STATS)}, once each"
+            )
+        if self.rhythm_template and not self.rhythm_token:
+            raise ValueError("rhythm_template feeds the rhythm token: set rhythm_token = true")
         return self
 
     @property

@@ -4,9 +4,10 @@ Patch tokens of 1 s each hold about one beat, and masked or cross-modal reconstr
 the rhythm of a window (a hidden patch is visible in the other modality), so an encoder of patches
 alone keeps little of what separates atrial fibrillation from sinus rhythm. M2AE therefore
 (1) adds one *rhythm token* per modality built from ``rhythm_features`` (the tachogram summary
-RR-based detectors and wearable foundation models use), and (2) like PaPaGei-S, which regresses
-PPG morphology indices from its embedding, regresses ``beat_statistics`` from every fingerprint.
-Both are computed from the window itself: no label is used.
+RR-based detectors and wearable foundation models use; optionally the window's mean beat), and
+(2) like PaPaGei-S, which regresses PPG morphology indices from its embedding, regresses beat
+statistics (``statistics_of``: rate and irregularity, or any of ``BEAT_STATS``) from every
+fingerprint. Both are computed from the window itself: no label is used.
 
 Beats are those of the quality index (:func:`biofp_core.signals.quality.detect_beats`): QRS
 complexes in ECG, systolic upstrokes in PPG; z-scored windows at 125 Hz. A window with fewer

@@ -12,6 +12,7 @@ from biofp_core.errors import ConfigError
 from biofp_core.models import MODEL_NAMES, build_model
 from biofp_core.models.base import SubjectWindows
 from biofp_core.models.m2ae import M2AE, M2AEConfig
+from biofp_core.signals.rhythm import rhythm_features, statistics_of
 
 L = 1250
 TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1}
@@ -129,20 +130,27 @@ def test_loss_targets_come_from_the_windows() -> None:
 
 def test_more_beat_statistics_widen_the_head_and_are_regressed() -> None:
     """beat_stats picks which rhythm statistics the fingerprint regresses; unknown ones refused."""
-    model = tiny(modality_dropout=0.0, beat_stats=("irregularity", "rate", "sdnn", "pnn50"))
+    names = ("range", "rate", "sdnn", "pnn50")
+    model = tiny(modality_dropout=0.0, beat_stats=names)
     assert model.stats_head.bias.shape == (4,)
+    rng = np.random.default_rng(3)
+    beats = np.cumsum(rng.uniform(0.45, 1.15, 20)) + 0.1  # irregular: every statistic differs
+    train = pulse_train(beats[beats < 9.9])
+    stats, _ = statistics_of(rhythm_features(train[None], modality="ppg"), names)
+    assert len(set(np.round(stats[0], 3))) == 4
     batch = random_batch(B=1, K=2)
-    batch["ppg"][0] = torch.from_numpy(pulse_train(np.arange(0.2, 10, 0.8)))  # regular, 75 bpm
+    batch["ppg"][0] = torch.from_numpy(train)
     batch["ecg"][0] = 0.0
     batch["mask"][0, :, 0] = False
     with torch.no_grad():
         model.stats_head.weight.zero_()
-        model.stats_head.bias.zero_()  # every statistic of a regular 75 bpm train is ~0
-        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.0, abs=1e-3)
-        model.stats_head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))  # pnn50 wrong by 1
-        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.25, abs=1e-3)
-    with pytest.raises(ValueError, match="beat_stats: choose one or more of"):
-        M2AEConfig(beat_stats=("irregularity", "qrs_width"))
+        model.stats_head.bias.copy_(torch.from_numpy(stats[0]))  # exactly these, in this order
+        assert model.loss(batch)[1]["stats"][0] == pytest.approx(0.0, abs=1e-4)
+        model.stats_head.bias.copy_(torch.from_numpy(stats[0][::-1].copy()))  # another order
+        assert model.loss(batch)[1]["stats"][0] > 0.01
+    for bad in (("irregularity", "qrs_width"), ("rate", "rate")):
+        with pytest.raises(ValueError, match="beat_stats: choose one or more of"):
+            M2AEConfig(beat_stats=bad)
 
 
 def test_rhythm_template_widens_the_token_and_changes_fingerprints() -> None:
@@ -156,9 +164,21 @@ def test_rhythm_template_widens_the_token_and_changes_fingerprints() -> None:
     features = model._rhythm_features(1, torch.cat([a, b])[:, None])  # (2, 1, 16)
     assert np.allclose(features[0, 0, :2], features[1, 0, :2])  # valid, beat count
     assert not np.allclose(features[0, 0, 8:], features[1, 0, 8:])
-    model.eval()
+    plain = tiny()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("rhythm.")}, strict=False
+    )  # the same weights but the rhythm token's
+    model.eval(), plain.eval()
     with torch.no_grad():
-        assert torch.isfinite(model.fingerprint(ppg=torch.cat([a, b]))).all()
+        with_template = model.fingerprint(ppg=torch.cat([a, b]))
+        model.rhythm["ppg"].weight[:, 8:] = 0.0  # the template's weights off: the plain token
+        plain.rhythm["ppg"].weight.copy_(model.rhythm["ppg"].weight[:, :8])
+        plain.rhythm["ppg"].bias.copy_(model.rhythm["ppg"].bias)
+        without = model.fingerprint(ppg=torch.cat([a, b]))
+        assert torch.allclose(without, plain.fingerprint(ppg=torch.cat([a, b])), atol=1e-5)
+        assert not torch.allclose(with_template[1], without[1], atol=1e-4)  # the shape counts
+    with pytest.raises(ValueError, match="set rhythm_token = true"):
+        M2AEConfig(rhythm_template=8, rhythm_token=False)
 
 
 def test_modality_dropout_drives_cross_term() -> None:
