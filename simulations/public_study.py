@@ -17,6 +17,8 @@ run's fingerprints beside every baseline, on each site's own tasks (:data:`TASKS
 Probes (:func:`biofp_core.evaluation.probes.probe`: linear, 5 folds disjoint by subject,
 bootstrap 95 % CI over subjects) of the window fingerprints averaged per record (CinC, Liu),
 per window (BIDMC heart and respiratory rate from the monitor's 1 Hz numerics) or per subject.
+A task may read one signal alone (BIDMC heart rate from PPG alone: the single wearable sensor);
+its windows are then embedded from that signal, and the hand-crafted features use only its block.
 This is the researcher's view of a simulation (it reads every site's raw labels), never what a
 site releases. Cross-modal reconstruction: median Pearson r of ECG decoded from PPG alone, one
 window per held-out BIDMC subject. Writes ``OUT/report/public_study.json``
@@ -82,6 +84,7 @@ class Task:
     positive: tuple[str, ...] = ()  # binary from a text column: these values are class 1
     attack: bool = False  # attribute inference: lower is better
     goal: float | None = None  # the main task's goal for the federated DP model (issue #13)
+    modality: str = "paired"  # "ecg" / "ppg": fingerprints of that signal alone, its windows only
 
 
 HTN = ("Stage 1 hypertension", "Stage 2 hypertension")
@@ -103,6 +106,7 @@ TASKS: dict[str, list[Task]] = {  # the main task first
     "bidmc": [
         Task("respiratory rate", "regression", "window", "rr", goal=0.6),
         Task("heart rate", "regression", "window", "hr"),
+        Task("heart rate, PPG alone", "regression", "window", "hr", modality="ppg"),
         Task("age", "regression", "subject", "age"),
         Task("sex (attack)", "binary", "subject", "sex", ("M",), attack=True),
     ],
@@ -240,19 +244,51 @@ def site_rows(site_toml: Path, numerics_folder: Path | None = None) -> SiteRows:
     return SiteRows(config.name, store, rows, subject, record, start, label, numerics)
 
 
-def handcrafted_matrix(site: SiteRows) -> np.ndarray:
+SIGNAL = {"ecg": 0, "ppg": 1}  # column of a window store's mask
+
+
+def site_modalities(site: SiteRows) -> list[str]:
+    """The inputs the site's tasks read: "paired" and/or one signal alone."""
+    return list(dict.fromkeys(t.modality for t in TASKS.get(site.name, [])))
+
+
+def has_signal(site: SiteRows, modality: str) -> np.ndarray:
+    """Which rows (n,) the input `modality` has: every row for "paired"."""
+    if modality == "paired":
+        return np.ones(len(site.rows), dtype=bool)
+    return np.asarray(site.store.mask[site.rows], dtype=bool)[:, SIGNAL[modality]]
+
+
+def handcrafted_matrices(site: SiteRows) -> dict[str, np.ndarray]:
+    """Hand-crafted features per input of the site's tasks (one signal alone: its block only)."""
     s = site.store
-    return handcrafted_features(
-        np.asarray(s.ecg[site.rows]), np.asarray(s.ppg[site.rows]), np.asarray(s.mask[site.rows]),
-        valid_n=np.asarray(s.valid_n[site.rows]),
-    )  # fmt: skip
+    out = {}
+    for modality in site_modalities(site):
+        mask = np.asarray(s.mask[site.rows], dtype=bool).copy()
+        if modality != "paired":
+            mask[:, 1 - SIGNAL[modality]] = False
+        out[modality] = handcrafted_features(
+            np.asarray(s.ecg[site.rows]), np.asarray(s.ppg[site.rows]), mask,
+            valid_n=np.asarray(s.valid_n[site.rows]),
+        )  # fmt: skip
+    return out
 
 
-def fingerprint_matrix(site: SiteRows, model_path: Path) -> np.ndarray:
+def fingerprint_matrices(site: SiteRows, model_path: Path) -> dict[str, np.ndarray]:
+    """Fingerprints (n, D) per input of the site's tasks; rows without that signal are zeros
+    (their labels are never probed); an input no window has is left out."""
     model, _ = load_model(model_path)
-    table = window_fingerprints(site.store, model, modality="paired")
-    assert len(table) == len(site.rows)
-    return table.fp
+    out = {}
+    for modality in site_modalities(site):
+        has = has_signal(site, modality)
+        if not has.any():
+            continue
+        table = window_fingerprints(site.store, model, modality=modality)
+        assert len(table) == int(has.sum())
+        X = np.zeros((len(site.rows), table.fp.shape[1]), dtype=np.float32)
+        X[has] = table.fp
+        out[modality] = X
+    return out
 
 
 def _number(cell: str) -> float:
@@ -281,9 +317,11 @@ def _target(site: SiteRows, task: Task) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.array([classes.index(c) if c else np.nan for c in cells], dtype=float), classes
 
 
-def _aggregate(site: SiteRows, X: np.ndarray, y: np.ndarray, level: str):
-    """Mean features per record / subject (or rows as they are); label and subject of each."""
-    ok = np.isfinite(y)
+def _aggregate(site: SiteRows, X: np.ndarray, y: np.ndarray, task: Task):
+    """Mean features per record / subject (or rows as they are) over the rows with the task's
+    input and a label; label and subject of each."""
+    ok = np.isfinite(y) & has_signal(site, task.modality)
+    level = task.level
     if level == "window":
         return X[ok], y[ok], site.subject[ok]
     keys = (site.record if level == "record" else site.subject)[ok]
@@ -295,15 +333,20 @@ def _aggregate(site: SiteRows, X: np.ndarray, y: np.ndarray, level: str):
     return sums / counts, y[ok][first], site.subject[ok][first]
 
 
-def probe_site(site: SiteRows, X: np.ndarray, args: dict[str, int]) -> dict[str, ProbeScore]:
-    """Every task of the site on features X (one row per site row); a task that cannot be
+def probe_site(
+    site: SiteRows, features: dict[str, np.ndarray], args: dict[str, int]
+) -> dict[str, ProbeScore]:
+    """Every task of the site on its input's features (one row per site row; a dict from
+    :func:`fingerprint_matrices` or :func:`handcrafted_matrices`); a task that cannot be
     probed (one class, too few subjects, features a fit cannot use) is a score with its reason,
     and the other tasks go on."""
     out = {}
     for i, task in enumerate(TASKS.get(site.name, [])):
         try:
             y, classes = _target(site, task)
-            Xa, ya, groups = _aggregate(site, X, y, task.level)
+            if task.modality not in features:
+                raise DataError(f"{task.name}: no window has {task.modality.upper()}")
+            Xa, ya, groups = _aggregate(site, features[task.modality], y, task)
             with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = probe(Xa, ya, groups, kind=task.kind, task=task.name, classes=classes, **args)  # type: ignore[arg-type]
@@ -499,7 +542,7 @@ def probe_all(
         try:
             numerics = root / folders[name] if name == "bidmc" else None
             site = site_rows(ref.site_config, numerics)
-            features = handcrafted_matrix(site)
+            features = handcrafted_matrices(site)
         except Exception as exc:  # one site's failure leaves the others
             study.failures.append(f"{name}: windows or labels unreadable: {error_line(exc)}")
             continue
@@ -509,7 +552,7 @@ def probe_all(
                 continue
             key = LOCAL if label.startswith(LOCAL) else label
             try:
-                X = fingerprint_matrix(site, Path(m.model))
+                X = fingerprint_matrices(site, Path(m.model))
             except Exception as exc:
                 study.failures.append(f"{label} on {name}: {error_line(exc)}")
                 continue

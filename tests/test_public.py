@@ -150,6 +150,11 @@ def _assert_public_report(out: Path) -> None:
     assert cinc["main"] and 0.0 <= cinc["value"] <= 1.0 and cinc["subjects"] >= 10
     hr = results["hand-crafted"]["bidmc"]["heart rate"]  # monitor numerics read from the record
     assert hr["metric"] == "MAE / mean predictor's" and hr["mae"] > 0 and hr["rows"] > 14
+    for label in ("hand-crafted", "federated DP"):  # the wearable's view: PPG windows alone
+        alone = results[label]["bidmc"]["heart rate, PPG alone"]
+        paired = results[label]["bidmc"]["heart rate"]
+        assert alone["error"] is None and 0 < alone["rows"] <= paired["rows"], label
+        assert alone["mae"] != paired["mae"], label  # other features: not the paired probe again
     assert (out / study["figures"]["epsilon curve"]).stat().st_size > 10_000
     recon = study["reconstruction"]["federated DP"]
     assert recon["windows"] >= 1 and -1 <= recon["median_r"] <= 1
