@@ -192,11 +192,16 @@ class M2AE(BioFPModel):
 
     # ---- encoding -------------------------------------------------------------------------------
 
-    def _rhythm_features(self, m: int, windows: Tensor) -> np.ndarray:
-        """Rhythm features (B, S, F) of whole windows (B, S, L) of modality m (no gradient)."""
+    def _rhythm_features(
+        self, m: int, windows: Tensor, valid_n: Tensor | None = None
+    ) -> np.ndarray:
+        """Rhythm features (B, S, F) of windows (B, S, L) of modality m, signal in the first
+        `valid_n` (B, S) samples (no gradient)."""
         flat = windows.detach().flatten(0, 1).cpu().float().numpy()  # (B*S, L)
+        lengths = None if valid_n is None else torch.as_tensor(valid_n).flatten().cpu().numpy()
+        points = self.config.rhythm_template
         features = rhythm_features(
-            flat, modality=MODALITIES[m], template_points=self.config.rhythm_template
+            flat, modality=MODALITIES[m], template_points=points, valid_n=lengths
         )  # (B*S, F)
         return features.reshape(*windows.shape[:2], -1)
 
@@ -253,7 +258,8 @@ class M2AE(BioFPModel):
         for m, x in given:
             rhythm = None
             if self.config.rhythm_token:  # beat detection only when the token is used
-                rhythm = self._rhythm_input(self._rhythm_features(m, x[:, None]), x)
+                features = self._rhythm_features(m, x[:, None], lengths)
+                rhythm = self._rhythm_input(features, x)
             patches = patchify(x, self.config.patch_samples)[:, None]  # (B, 1, T, P)
             tokens.append(
                 self._encode(
@@ -359,7 +365,9 @@ class M2AE(BioFPModel):
         modality = self.modality(B)  # (B, 2, D)
         present = avail.cpu().numpy()[..., None]  # (B, K, 2, 1): an absent modality has no beats
         features = [
-            np.where(present[:, :, m], self._rhythm_features(m, batch[name]), 0.0)
+            np.where(
+                present[:, :, m], self._rhythm_features(m, batch[name], batch.get("valid_n")), 0.0
+            )
             for m, name in enumerate(MODALITIES)
         ]  # each (B, K, F)
         tokens = torch.cat(

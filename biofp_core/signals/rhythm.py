@@ -43,11 +43,11 @@ TEMPLATE_S = (-0.25, 0.55)  # the mean beat's span around each fiducial (s)
 
 def rhythm_features(
     windows: np.ndarray, *, modality: Modality | str, fs_hz: float = FS_HZ,
-    template_points: int = 0,
+    template_points: int = 0, valid_n: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Features (n, len(RHYTHM_FEATURES) + template_points) float32 of windows (n, L),
     vectorised over windows; with ``template_points``, the window's mean beat follows
-    (:func:`mean_beat`)."""
+    (:func:`mean_beat`, over the first ``valid_n`` (n,) samples: padding is no beat's)."""
     n = len(windows)
     windows = np.asarray(windows, dtype=np.float32)
     rows, at = detect_beats(windows, modality=modality, fs_hz=fs_hz)
@@ -80,20 +80,25 @@ def rhythm_features(
     features[~ok] = 0.0
     features = np.clip(features, 0.0, 5.0)
     if template_points:
-        template = mean_beat(windows, rows, at, points=template_points, fs_hz=fs_hz)
+        template = mean_beat(
+            windows, rows, at, points=template_points, fs_hz=fs_hz, valid_n=valid_n
+        )
         features = np.concatenate([features, np.where(ok[:, None], template, 0.0)], axis=1)
     return features.astype(np.float32)
 
 
 def mean_beat(
-    windows: np.ndarray, rows: np.ndarray, at: np.ndarray, *, points: int, fs_hz: float = FS_HZ
-) -> np.ndarray:
+    windows: np.ndarray, rows: np.ndarray, at: np.ndarray, *, points: int, fs_hz: float = FS_HZ,
+    valid_n: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """The mean beat (n, points) of each window: ``points`` samples evenly spaced over
-    ``TEMPLATE_S`` around every fiducial whose span lies inside the window, averaged; zeros for
-    a window without one. Values as the (z-scored) windows, clipped to ±5."""
+    ``TEMPLATE_S`` around every fiducial whose span lies inside the window's signal (its first
+    ``valid_n`` samples; all of it without), averaged; zeros for a window without one. Values
+    as the (z-scored) windows, clipped to ±5."""
     n, length = windows.shape
+    end = np.full(n, length) if valid_n is None else np.minimum(np.asarray(valid_n), length)
     offsets = np.round(np.linspace(TEMPLATE_S[0], TEMPLATE_S[1], points) * fs_hz).astype(int)
-    inside = (at + offsets[0] >= 0) & (at + offsets[-1] < length)
+    inside = (at + offsets[0] >= 0) & (at + offsets[-1] < end[rows])
     rows, at = rows[inside], at[inside]
     sums = np.zeros((n, points))
     np.add.at(sums, rows, windows[rows[:, None], at[:, None] + offsets[None]])

@@ -76,6 +76,8 @@ def test_mean_beat_is_the_pulse_around_each_fiducial() -> None:
     assert template.shape == (1, 5)
     assert template[0] == pytest.approx((150 + offsets) / L)  # mean of beats at 100 and 200
     assert mean_beat(ramp, rows[:0], at[:0], points=5).tolist() == [[0.0] * 5]
+    short = mean_beat(ramp, rows, at, points=5, valid_n=np.array([200 + offsets[-1]]))
+    assert short[0] == pytest.approx((100 + offsets) / L)  # the beat at 200 runs into padding
 
 
 def test_paired_statistics_average_present_modalities() -> None:
