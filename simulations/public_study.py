@@ -45,6 +45,7 @@ from threadpoolctl import threadpool_limits
 
 from biofp_core.artifacts import ModelCard, TrainingProvenance, load_model, save_model
 from biofp_core.errors import DataError
+from biofp_core.evaluation.handcrafted import MODALITIES as HANDCRAFTED_BLOCKS
 from biofp_core.evaluation.handcrafted import handcrafted_features
 from biofp_core.evaluation.probes import probe
 from biofp_core.fingerprints.compute import window_fingerprints
@@ -210,6 +211,7 @@ class SiteRows:
     name: str
     store: WindowStore
     rows: np.ndarray  # store indices of windows with a signal
+    mask: np.ndarray  # (n, 2) bool: the row has ECG, PPG
     subject: np.ndarray
     record: np.ndarray
     start_s: np.ndarray
@@ -241,10 +243,7 @@ def site_rows(site_toml: Path, numerics_folder: Path | None = None) -> SiteRows:
         for rec in dict.fromkeys(record):
             at = np.flatnonzero(record == rec)
             numerics[at] = bidmc_numerics(numerics_folder, rec, start[at], seconds)
-    return SiteRows(config.name, store, rows, subject, record, start, label, numerics)
-
-
-SIGNAL = {"ecg": 0, "ppg": 1}  # column of a window store's mask
+    return SiteRows(config.name, store, rows, mask[rows], subject, record, start, label, numerics)
 
 
 def site_modalities(site: SiteRows) -> list[str]:
@@ -256,21 +255,25 @@ def has_signal(site: SiteRows, modality: str) -> np.ndarray:
     """Which rows (n,) the input `modality` has: every row for "paired"."""
     if modality == "paired":
         return np.ones(len(site.rows), dtype=bool)
-    return np.asarray(site.store.mask[site.rows], dtype=bool)[:, SIGNAL[modality]]
+    return site.mask[:, HANDCRAFTED_BLOCKS.index(modality)]
 
 
 def handcrafted_matrices(site: SiteRows) -> dict[str, np.ndarray]:
-    """Hand-crafted features per input of the site's tasks (one signal alone: its block only)."""
+    """Hand-crafted features per input of the site's tasks: those of both signals, and for one
+    signal alone the same with the other signal's block zeroed (the blocks are independent)."""
     s = site.store
+    paired = handcrafted_features(
+        np.asarray(s.ecg[site.rows]), np.asarray(s.ppg[site.rows]), site.mask,
+        valid_n=np.asarray(s.valid_n[site.rows]),
+    )  # fmt: skip
+    width = paired.shape[1] // len(HANDCRAFTED_BLOCKS)
     out = {}
     for modality in site_modalities(site):
-        mask = np.asarray(s.mask[site.rows], dtype=bool).copy()
+        out[modality] = paired
         if modality != "paired":
-            mask[:, 1 - SIGNAL[modality]] = False
-        out[modality] = handcrafted_features(
-            np.asarray(s.ecg[site.rows]), np.asarray(s.ppg[site.rows]), mask,
-            valid_n=np.asarray(s.valid_n[site.rows]),
-        )  # fmt: skip
+            out[modality] = np.zeros_like(paired)
+            at = HANDCRAFTED_BLOCKS.index(modality) * width
+            out[modality][:, at : at + width] = paired[:, at : at + width]
     return out
 
 
