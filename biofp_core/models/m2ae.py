@@ -13,7 +13,9 @@ Training, per window of a subject's bag of K windows:
 - losses: MSE on the hidden patches of the kept modalities (`recon`), MSE on every patch of a
   dropped modality (`cross`), and InfoNCE (`align`) between the fingerprints of the ECG-only,
   PPG-only and joint views of each window, whose negatives are ONLY the other windows of the same
-  bag, i.e. of the same subject (subject-level DP): no term ever mixes subjects.
+  bag, i.e. of the same subject (subject-level DP): no term ever mixes subjects;
+- every view's fingerprint regresses, linearly, beat statistics of its window (`stats`,
+  rhythm.py) and, with `template_targets`, each of its signals' mean beat (`template`).
 The three views go through the same fusion encoder and projection in one call (block-diagonal
 attention masks keep the single-modality views apart), which is what puts ECG-only, PPG-only and
 paired fingerprints in one space.
@@ -79,6 +81,8 @@ class M2AEConfig(ModelConfig):
     beat_stats: tuple[str, ...] = STAT_NAMES  # which BEAT_STATS every fingerprint regresses
     rhythm_token: bool = True  # one token per modality from the window's beat intervals
     rhythm_template: int = Field(0, ge=0, le=64)  # points of the window's mean beat in that token
+    template_targets: int = Field(0, ge=0, le=64)  # points of each signal's mean beat regressed
+    template_weight: float = Field(1.0, ge=0)  # weight of regressing the mean beats
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
     @model_validator(mode="after")
@@ -188,18 +192,20 @@ class M2AE(BioFPModel):
             )
         self.head = Dense(cfg.width, cfg.fingerprint_dim)
         self.stats_head = Dense(cfg.fingerprint_dim, len(cfg.beat_stats))  # linear: probes see it
+        if cfg.template_targets:  # like PaPaGei-S's morphology indices: the mean beat, linearly
+            self.template_head = Dense(cfg.fingerprint_dim, 2 * cfg.template_targets)
         self.decoders = nn.ModuleDict({m: Decoder(cfg) for m in MODALITIES})
 
     # ---- encoding -------------------------------------------------------------------------------
 
     def _rhythm_features(
-        self, m: int, windows: Tensor, valid_n: Tensor | None = None
+        self, m: int, windows: Tensor, valid_n: Tensor | None = None, points: int | None = None
     ) -> np.ndarray:
         """Rhythm features (B, S, F) of windows (B, S, L) of modality m, signal in the first
-        `valid_n` (B, S) samples (no gradient)."""
+        `valid_n` (B, S) samples, the mean beat in `points` (default: the token's) (no gradient)."""
         flat = windows.detach().flatten(0, 1).cpu().float().numpy()  # (B*S, L)
         lengths = None if valid_n is None else torch.as_tensor(valid_n).flatten().cpu().numpy()
-        points = self.config.rhythm_template
+        points = self.config.rhythm_template if points is None else points
         features = rhythm_features(
             flat, modality=MODALITIES[m], template_points=points, valid_n=lengths
         )  # (B*S, F)
@@ -408,6 +414,15 @@ class M2AE(BioFPModel):
             + cfg.align_weight * terms["align"]
             + cfg.stats_weight * terms["stats"]
         )
+        if cfg.template_targets:
+            if cfg.rhythm_template != cfg.template_targets:  # the token's has another size
+                features = [
+                    np.where(present[:, :, m], self._rhythm_features(
+                        m, batch[name], batch.get("valid_n"), points=cfg.template_targets), 0.0)
+                    for m, name in enumerate(MODALITIES)
+                ]  # fmt: skip
+            terms["template"] = self._templates(z, keep, avail, features)
+            total = total + cfg.template_weight * terms["template"]
         return total, terms
 
     def _reconstruction(
@@ -451,6 +466,26 @@ class M2AE(BioFPModel):
         err = (pred - target).pow(2).mean(-1)  # (B, 3, K)
         views = torch.stack([keep.any(-1), avail[..., 0], avail[..., 1]], dim=1)  # (B, 3, K)
         return weighted_mean(err, views & torch.from_numpy(ok).to(z.device)[:, None])
+
+    def _templates(
+        self, z: Tensor, keep: Tensor, avail: Tensor, features: list[np.ndarray]
+    ) -> Tensor:
+        """MSE of each signal's mean beat predicted linearly from every view's fingerprint: the
+        joint view both kept signals', a one-signal view its own. `features` (B, K, F) per
+        modality: rhythm features whose last ``template_targets`` columns are the mean beat
+        (all 0 for an absent signal or too few beats: no target).
+
+        The rhythm statistics say how beats follow each other; the mean beat is their shape
+        (QRS and pulse morphology), which the patch tokens see but nothing else asks to keep.
+        """
+        N = self.config.template_targets
+        target = torch.from_numpy(np.stack([f[..., -N:] for f in features], 2)).to(z.device)
+        has = torch.from_numpy(np.stack([f[..., 0] > 0 for f in features], -1)).to(z.device)
+        pred = apply_flat(self.template_head, z).unflatten(-1, (2, N))  # (B, 3, K, 2, N)
+        err = (pred - target[:, None].float()).pow(2).mean(-1)  # (B, 3, K, 2)
+        own = torch.eye(2, dtype=torch.bool, device=z.device)  # a one-signal view: its own
+        views = torch.stack([keep & avail, avail & own[0], avail & own[1]], dim=1)  # (B,3,K,2)
+        return weighted_mean(err, views & has[:, None])
 
     # ---- data -----------------------------------------------------------------------------------
 

@@ -181,6 +181,34 @@ def test_rhythm_template_widens_the_token_and_changes_fingerprints() -> None:
         M2AEConfig(rhythm_template=8, rhythm_token=False)
 
 
+@pytest.mark.parametrize("token", [0, 8, 4])
+def test_template_targets_regress_each_signals_mean_beat(token: int) -> None:
+    """template_targets: every view's fingerprint regresses its signals' mean beats (a one-signal
+    view only its own), whatever the token holds; windows without beats and absent signals are
+    no target."""
+    model = tiny(modality_dropout=0.0, template_targets=8, rhythm_template=token)
+    assert model.template_head.bias.shape == (16,)  # ECG block, PPG block
+    train = pulse_train(np.arange(0.2, 10, 0.8))
+    beat = rhythm_features(train[None], modality="ppg", template_points=8)[0, 8:]
+    assert np.ptp(beat) > 0.5  # a pulse, not a flat line
+    batch = random_batch(B=2, K=2)
+    batch["ppg"][0] = torch.from_numpy(train)
+    batch["ecg"][0] = 0.0
+    batch["mask"][0, :, 0] = False  # subject 0: PPG only
+    batch["ecg"][1], batch["ppg"][1] = 0.0, 0.0  # subject 1: flat windows, no beats
+    with torch.no_grad():
+        model.template_head.weight.zero_()
+        model.template_head.bias.zero_()
+        model.template_head.bias[8:] = torch.from_numpy(beat)  # the PPG block: exactly it
+        terms = model.loss(batch)[1]
+        assert terms["template"].tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+        model.template_head.bias[:8] = 9.0  # the absent ECG block is never a target
+        assert model.loss(batch)[1]["template"][0] == pytest.approx(0.0, abs=1e-5)
+        model.template_head.bias[8:] = torch.from_numpy(beat[::-1].copy())  # another shape
+        assert model.loss(batch)[1]["template"][0] > 0.1
+    assert "template" not in tiny().loss(batch)[1]  # off by default
+
+
 def test_modality_dropout_drives_cross_term() -> None:
     batch = random_batch(B=2, K=4)
     assert (tiny(modality_dropout=0.0).loss(batch)[1]["cross"] == 0).all()
@@ -337,9 +365,11 @@ def test_draw_bag_carries_valid_samples() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:DPConfig.seed is set")
-def test_padded_bags_keep_opacus_per_subject_gradients() -> None:
-    """Under DP-SGD, subject b's per-sample gradient with padded windows is its own loss's."""
-    model = tiny(modality_dropout=0.5)
+@pytest.mark.parametrize("options", [{}, {"rhythm_template": 8, "template_targets": 8}])
+def test_padded_bags_keep_opacus_per_subject_gradients(options: dict) -> None:
+    """Under DP-SGD, subject b's per-sample gradient with padded windows is its own loss's
+    (with the mean beats in the token and as targets too)."""
+    model = tiny(modality_dropout=0.5, **options)
     rng = np.random.default_rng(1)
     data = []
     for n, valid in ((3, [262, 262, 1250]), (3, [1125, 1250, 1250]), (2, [262, 375])):
