@@ -426,7 +426,8 @@ def comparison_configs(
         runs[POOLED] = _variant(cfg, root / "pooled", run=nodp, centralized=True,
                                 epsilon=math.inf)  # fmt: skip
     if "ablation" in wanted:
-        options = json.dumps({**json.loads(cfg.run.model_options), "rhythm_token": False})
+        no_token = {"rhythm_token": False, "rhythm_template": 0}  # the token and what it holds
+        options = json.dumps({**json.loads(cfg.run.model_options), **no_token})
         # its own start: [pretrain] trains one for this architecture (the run's has the token)
         runs[NO_RHYTHM] = _variant(cfg, root / "no-rhythm",
                                    run={"model_options": options, "initial_model": ""})  # fmt: skip

@@ -81,6 +81,19 @@ def test_shipped_configs_parse_with_one_site_per_cohort() -> None:
         assert (cfg.public_sites[0].max_subjects is None) is not quick
 
 
+def test_coordinator_docs_pretrain_with_the_public_recipe() -> None:
+    """docs/coordinator.md's recipe is public.toml's: the same model-options and premature beats,
+    and the quick config differs only in the model's size."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "coordinator.md").read_text()
+    stats = docs.split("STATS='", 1)[1].split("'", 1)[0]
+    full, quick = (load_simulation_config(cohort_config("public", quick=q)) for q in (False, True))
+    assert json.loads(stats) == json.loads(full.run.model_options)
+    assert f"--ectopic-per-min {full.pretrain.ectopic_per_min:g}" in docs
+    size = {"width", "heads", "decoder_width", "modality_depth", "fusion_depth"}
+    small = {k: v for k, v in json.loads(quick.run.model_options).items() if k not in size}
+    assert small == json.loads(full.run.model_options)
+
+
 def test_public_quick_federation_on_a_local_ray_head(
     tmp_path: Path, ray_head: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
