@@ -28,9 +28,9 @@ L = 1250
 TINY = {"width": 32, "heads": 2, "decoder_width": 16, "modality_depth": 1, "fusion_depth": 1}
 
 
-def tiny_m2ae(seed: int = 0) -> M2AE:
+def tiny_m2ae(seed: int = 0, **options: object) -> M2AE:
     torch.manual_seed(seed)
-    return M2AE(M2AEConfig(**TINY, modality_dropout=0.5))
+    return M2AE(M2AEConfig(**{**TINY, "modality_dropout": 0.5, **options}))
 
 
 def subjects(n: int, windows: int = 6) -> list[SubjectWindows]:
@@ -129,12 +129,14 @@ def test_empty_poisson_batches_take_noise_steps() -> None:
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 @pytest.mark.filterwarnings("ignore:DP-SGD without noise")
-def test_ghost_clipping_equals_hooks_without_noise() -> None:
-    """Same subjects, masks and clip: ghost clipping and hooks give the same update."""
+@pytest.mark.parametrize("options", [{}, {"rhythm_template": 8, "template_targets": 8}])
+def test_ghost_clipping_equals_hooks_without_noise(options: dict) -> None:
+    """Same subjects, masks and clip: ghost clipping and hooks give the same update (with the
+    mean beats in the token and as targets too)."""
     cfg = TrainConfig(steps=1, batch_subjects=3, bag_size=2, optimizer="sgd", lr=1.0)
     states = []
     for mode in ("hooks", "ghost"):
-        model = tiny_m2ae()
+        model = tiny_m2ae(**options)
         dp = DPConfig(noise_multiplier=0.0, max_grad_norm=0.05, seed=0, grad_sample_mode=mode)
         train_local(model, subjects(3), cfg, dp=dp)
         states.append(model.state_dict())

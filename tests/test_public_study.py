@@ -64,6 +64,7 @@ def test_compare_all_trains_every_comparison_from_the_run_config(tmp_path: Path)
     assert json.loads(runs[NO_RHYTHM].run.model_options)["width"] == 32  # the run's, kept
     ablation = runs[NO_RHYTHM].run.build_model().config  # a valid architecture: no token input
     assert not ablation.rhythm_token and ablation.rhythm_template == 0
+    assert ablation.template_targets == cfg.run.build_model().config.template_targets == 16
     local = runs[f"{LOCAL} liu2022"]
     assert [s.name for s in local.public_sites] == ["liu2022"] and local.sites == 1
     assert local.run.min_sites == 1 and local.run.noise_multiplier == cfg.run.noise_multiplier

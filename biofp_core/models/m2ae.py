@@ -99,7 +99,10 @@ class M2AEConfig(ModelConfig):
                 f"beat_stats: choose one or more of {', '.join(BEAT_STATS)}, once each"
             )
         if self.rhythm_template and not self.rhythm_token:
-            raise ValueError("rhythm_template feeds the rhythm token: set rhythm_token = true")
+            raise ValueError(
+                "rhythm_template feeds the rhythm token: set rhythm_token = true "
+                "or rhythm_template = 0"
+            )
         return self
 
     @property
@@ -352,7 +355,8 @@ class M2AE(BioFPModel):
         return self.fusion(views, torch.cat([joint, single], dim=1))
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-subject loss (B,) and terms recon/cross/align (B,), each within one bag."""
+        """Per-subject loss (B,) and terms recon/cross/align/stats[/template] (B,), each within
+        one bag."""
         cfg = self.config
         avail = batch["mask"].bool()  # (B, K, 2) [has_ecg, has_ppg]
         B, K, _ = avail.shape

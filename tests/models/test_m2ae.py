@@ -206,7 +206,61 @@ def test_template_targets_regress_each_signals_mean_beat(token: int) -> None:
         assert model.loss(batch)[1]["template"][0] == pytest.approx(0.0, abs=1e-5)
         model.template_head.bias[8:] = torch.from_numpy(beat[::-1].copy())  # another shape
         assert model.loss(batch)[1]["template"][0] > 0.1
-    assert "template" not in tiny().loss(batch)[1]  # off by default
+    plain = tiny()
+    assert "template" not in plain.loss(batch)[1]  # off by default: older saved models load
+    assert not any(k.startswith("template_head") for k in plain.state_dict())
+
+
+def test_template_views_read_only_their_own_signals() -> None:
+    """The joint view regresses both kept signals' mean beats, a one-signal view only its own
+    signal's; a signal dropped from the joint view is no target of it."""
+    N = 4
+    model = tiny(template_targets=N)
+    features = []
+    for value in (1.0, 2.0):  # ECG's mean beat all 1, PPG's all 2
+        f = np.zeros((1, 1, 8 + N), np.float32)
+        f[..., 0], f[..., 8:] = 1.0, value
+        features.append(f)
+    z = torch.zeros(1, 3, 1, model.config.fingerprint_dim)
+    z[0, 0, 0, 2] = z[0, 1, 0, 0] = z[0, 2, 0, 1] = 1.0  # joint, ECG-only, PPG-only: own axis
+    both = torch.ones(1, 1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        head = model.template_head
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([1.0] * N + [2.0] * N))  # every view right about both
+        head.weight[N:, 0] = 10.0  # the ECG-only view wrong about PPG: not its target
+        head.weight[:N, 1] = 10.0  # the PPG-only view wrong about ECG: not its target
+        head.weight[:N, 2] = 10.0  # the joint view wrong about ECG
+        ecg_dropped = torch.tensor([[[False, True]]])
+        assert model._templates(z, ecg_dropped, both, features).item() == pytest.approx(0.0)
+        assert model._templates(z, both, both, features).item() > 10.0
+
+
+def test_template_targets_read_only_the_signal_before_padding() -> None:
+    """A padded window's mean beat (recomputed when the token holds none) ends at valid_n."""
+    model = tiny(modality_dropout=0.0, template_targets=8)
+    t = np.arange(L) / 125.0
+    beats = np.arange(0.2, 10, 0.8)
+    x = np.exp(-0.5 * ((t[:, None] - beats[None]) / 0.03) ** 2).sum(1)
+    late = beats[beats > 5.0] + 0.3  # another pulse shape past the padding point: a second wave
+    x += 0.5 * np.exp(-0.5 * ((t[:, None] - late[None]) / 0.06) ** 2).sum(1)
+    x = ((x - x.mean()) / x.std()).astype(np.float32)
+    valid = np.array([625])
+    inside = rhythm_features(x[None], modality="ppg", template_points=8, valid_n=valid)[0, 8:]
+    whole = rhythm_features(x[None], modality="ppg", template_points=8)[0, 8:]
+    assert np.abs(inside - whole).max() > 0.05
+    batch = random_batch(B=1, K=2)
+    batch["ppg"][0] = torch.from_numpy(x)
+    batch["ecg"][0] = torch.from_numpy(x)  # beats, but the signal is absent: no target
+    batch["mask"][0, :, 0] = False
+    batch["valid_n"] = torch.full((1, 2), 625)
+    with torch.no_grad():
+        model.template_head.weight.zero_()
+        model.template_head.bias.zero_()
+        model.template_head.bias[8:] = torch.from_numpy(inside)
+        assert model.loss(batch)[1]["template"][0] == pytest.approx(0.0, abs=1e-5)
+        model.template_head.bias[8:] = torch.from_numpy(whole)
+        assert model.loss(batch)[1]["template"][0] > 1e-4
 
 
 def test_modality_dropout_drives_cross_term() -> None:
