@@ -83,6 +83,7 @@ class M2AEConfig(ModelConfig):
     rhythm_template: int = Field(0, ge=0, le=64)  # points of the window's mean beat in that token
     template_targets: int = Field(0, ge=0, le=64)  # points of each signal's mean beat regressed
     template_weight: float = Field(1.0, ge=0)  # weight of regressing the mean beats
+    joint_templates: bool = True  # the joint view regresses them too (else one-signal views only)
     good_quality: float = Field(0.5, ge=0, le=1)  # draw_bag prefers windows with SQI >= this
 
     @model_validator(mode="after")
@@ -488,7 +489,8 @@ class M2AE(BioFPModel):
         pred = apply_flat(self.template_head, z).unflatten(-1, (2, N))  # (B, 3, K, 2, N)
         err = (pred - target[:, None].float()).pow(2).mean(-1)  # (B, 3, K, 2)
         own = torch.eye(2, dtype=torch.bool, device=z.device)  # a one-signal view: its own
-        views = torch.stack([keep & avail, avail & own[0], avail & own[1]], dim=1)  # (B,3,K,2)
+        joint = keep & avail if self.config.joint_templates else torch.zeros_like(keep)
+        views = torch.stack([joint, avail & own[0], avail & own[1]], dim=1)  # (B, 3, K, 2)
         return weighted_mean(err, views & has[:, None])
 
     # ---- data -----------------------------------------------------------------------------------

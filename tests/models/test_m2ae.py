@@ -234,6 +234,9 @@ def test_template_views_read_only_their_own_signals() -> None:
         ecg_dropped = torch.tensor([[[False, True]]])
         assert model._templates(z, ecg_dropped, both, features).item() == pytest.approx(0.0)
         assert model._templates(z, both, both, features).item() > 10.0
+        only_one = tiny(template_targets=N, joint_templates=False)  # one-signal views only
+        only_one.load_state_dict(model.state_dict())
+        assert only_one._templates(z, both, both, features).item() == pytest.approx(0.0)
 
 
 def test_template_targets_read_only_the_signal_before_padding() -> None:
