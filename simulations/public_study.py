@@ -51,6 +51,8 @@ from biofp_core.evaluation.probes import probe
 from biofp_core.fingerprints.compute import window_fingerprints
 from biofp_core.fsutil import atomic_write_text
 from biofp_core.privacy.planner import PlanError, plan_privacy
+from biofp_core.signals.types import MODALITIES as SIGNALS
+from biofp_core.signals.types import Modality
 from biofp_core.site import PrivacyBudget, load_site_config
 from biofp_core.store import WindowStore
 from biofp_core.validate import open_site_store
@@ -255,7 +257,7 @@ def has_signal(site: SiteRows, modality: str) -> np.ndarray:
     """Which rows (n,) the input `modality` has: every row for "paired"."""
     if modality == "paired":
         return np.ones(len(site.rows), dtype=bool)
-    return site.mask[:, HANDCRAFTED_BLOCKS.index(modality)]
+    return site.mask[:, SIGNALS.index(Modality(modality))]  # the store's column order
 
 
 def handcrafted_matrices(site: SiteRows) -> dict[str, np.ndarray]:
@@ -269,11 +271,12 @@ def handcrafted_matrices(site: SiteRows) -> dict[str, np.ndarray]:
     width = paired.shape[1] // len(HANDCRAFTED_BLOCKS)
     out = {}
     for modality in site_modalities(site):
-        out[modality] = paired
-        if modality != "paired":
-            out[modality] = np.zeros_like(paired)
-            at = HANDCRAFTED_BLOCKS.index(modality) * width
-            out[modality][:, at : at + width] = paired[:, at : at + width]
+        if modality == "paired":
+            out[modality] = paired
+            continue
+        at = HANDCRAFTED_BLOCKS.index(modality) * width
+        out[modality] = np.zeros_like(paired)
+        out[modality][:, at : at + width] = paired[:, at : at + width]
     return out
 
 

@@ -215,6 +215,21 @@ class M2AE(BioFPModel):
         )  # (B*S, F)
         return features.reshape(*windows.shape[:2], -1)
 
+    def _bag_features(
+        self, batch: Batch, avail: Tensor, points: int | None = None
+    ) -> list[np.ndarray]:
+        """Rhythm features (B, K, F) of each modality's windows in a batch of bags (mean beat in
+        `points`, default the token's); all 0 where the modality is absent (no beats)."""
+        present = avail.cpu().numpy()  # (B, K, 2)
+        return [
+            np.where(
+                present[:, :, m, None],
+                self._rhythm_features(m, batch[name], batch.get("valid_n"), points),
+                0.0,
+            )
+            for m, name in enumerate(MODALITIES)
+        ]
+
     def _rhythm_input(self, features: np.ndarray, like: Tensor) -> Tensor | None:
         """The rhythm token's input (B, S, F) on `like`'s device, or None without the token."""
         if not self.config.rhythm_token:
@@ -374,13 +389,7 @@ class M2AE(BioFPModel):
         seen_ok = patch_ok[:, :, None].expand(-1, -1, 2, -1).gather(3, visible)  # (B, K, 2, V)
         padded = not bool(patch_ok.all())
         modality = self.modality(B)  # (B, 2, D)
-        present = avail.cpu().numpy()[..., None]  # (B, K, 2, 1): an absent modality has no beats
-        features = [
-            np.where(
-                present[:, :, m], self._rhythm_features(m, batch[name], batch.get("valid_n")), 0.0
-            )
-            for m, name in enumerate(MODALITIES)
-        ]  # each (B, K, F)
+        features = self._bag_features(batch, avail)  # each (B, K, F)
         tokens = torch.cat(
             [
                 self._encode(
@@ -420,13 +429,10 @@ class M2AE(BioFPModel):
             + cfg.stats_weight * terms["stats"]
         )
         if cfg.template_targets:
-            if cfg.rhythm_template != cfg.template_targets:  # the token's has another size
-                features = [
-                    np.where(present[:, :, m], self._rhythm_features(
-                        m, batch[name], batch.get("valid_n"), points=cfg.template_targets), 0.0)
-                    for m, name in enumerate(MODALITIES)
-                ]  # fmt: skip
-            terms["template"] = self._templates(z, keep, avail, features)
+            beats = features  # the token's mean beats, unless it holds another size
+            if cfg.rhythm_template != cfg.template_targets:
+                beats = self._bag_features(batch, avail, points=cfg.template_targets)
+            terms["template"] = self._templates(z, keep, avail, beats)
             total = total + cfg.template_weight * terms["template"]
         return total, terms
 
